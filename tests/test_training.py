@@ -1,0 +1,191 @@
+"""Real training runs through the entry points: 1 and 2 ZeRO-3 processes (gloo),
+rank equivalence, exact resume, preemption, non-finite handling, HF export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A tiny model and a small slice of the synthetic suite keep each run to seconds.
+TINY = [
+    "model.tiny.hidden_size=64",
+    "model.tiny.num_hidden_layers=2",
+    "model.tiny.num_attention_heads=4",
+    "model.tiny.num_key_value_heads=4",
+    "model.tiny.intermediate_size=128",
+    "data.max_length=64",
+    "train.eval_every=0",
+    "train.export=false",
+    "logger.log_every=1",
+    "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    from trainer.synthetic import make_rows
+
+    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    with open(path, "w") as f:
+        for row in make_rows("sft", "train", seed=0)[:600]:
+            f.write(json.dumps({"prompt": row["prompt"], "completion": row["completion"]}) + "\n")
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("TUNEFORGE_RUN_ID", None)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_stage(run_dir: Path, *overrides: str, nproc: int = 1, stage: str = "sft", check: bool = True, timeout: int = 600):
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", f"trainer.{stage}", *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+@pytest.mark.distributed
+def test_one_and_two_process_zero3_runs_train_and_agree(tmp_path, small_data):
+    """2 ranks x micro-batch 2 and 1 rank x micro-batch 4 see the same global batches
+    and must produce the same loss curve; both runs actually learn."""
+    common = [*TINY, f"data.path={small_data}", "data.eval_path=null", "train.max_steps=8", "optim.lr=3e-3"]
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    run_stage(one, *common, "train.micro_batch_size=4")
+    run_stage(two, *common, "train.micro_batch_size=2", nproc=2)
+
+    l1, l2 = losses(one), losses(two)
+    assert sorted(l1) == list(range(1, 9)) == sorted(l2)
+    for step in l1:
+        assert l1[step] == pytest.approx(l2[step], rel=1e-4, abs=1e-5), (step, l1[step], l2[step])
+    assert l1[8] < l1[1] - 0.5, "loss did not go down"
+
+    # One run directory for both ranks; only rank 0 wrote logs and configs.
+    assert (two / "metrics.jsonl").exists() and (two / "config.yaml").exists()
+    assert json.loads((two / "train_state.json").read_text())["world_size"] == 2
+    ckpt = two / "checkpoints" / "step_00000008"
+    assert (ckpt / "COMPLETE").exists()
+    assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    ds = json.loads((two / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 4
+
+
+@pytest.mark.distributed
+def test_gradient_accumulation_matches_a_bigger_micro_batch(tmp_path, small_data):
+    common = [*TINY, f"data.path={small_data}", "data.eval_path=null", "train.max_steps=4"]
+    big, accum = tmp_path / "big", tmp_path / "accum"
+    run_stage(big, *common, "train.micro_batch_size=4")
+    run_stage(accum, *common, "train.micro_batch_size=2", "train.grad_accum=2")
+    lb, la = losses(big), losses(accum)
+    for step in lb:
+        assert lb[step] == pytest.approx(la[step], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.distributed
+def test_resume_reproduces_the_straight_run(tmp_path, small_data):
+    common = [*TINY, f"data.path={small_data}", "data.eval_path=null", "train.micro_batch_size=4", "optim.decay_steps=10"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_stage(straight, *common, "train.max_steps=10")
+    run_stage(resumed, *common, "train.max_steps=5")
+    assert (resumed / "checkpoints" / "latest").read_text() == "step_00000005"
+    proc = run_stage(resumed, *common, "train.max_steps=10", "resume=auto")
+    assert "resumed from" in proc.stdout
+
+    ls, lr = losses(straight), losses(resumed)
+    assert sorted(lr) == list(range(1, 11))
+    for step in range(1, 11):
+        assert ls[step] == pytest.approx(lr[step], rel=1e-5, abs=1e-6), (step, ls[step], lr[step])
+
+
+@pytest.mark.distributed
+def test_preemption_saves_and_resumes(tmp_path, small_data):
+    run_dir = tmp_path / "pre"
+    cmd = [sys.executable, "-m", "trainer.sft", *TINY, f"data.path={small_data}", "data.eval_path=null",
+           "train.max_steps=100000", "train.micro_batch_size=4", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    stopped_at = int(tag.split("_")[1])
+    assert stopped_at >= 3 and (run_dir / "checkpoints" / tag / "COMPLETE").exists()
+    assert "resume=auto" in out
+
+    run_stage(run_dir, *TINY, f"data.path={small_data}", "data.eval_path=null",
+              f"train.max_steps={stopped_at + 2}", "optim.decay_steps=100000", "train.micro_batch_size=4", "resume=auto")
+    assert max(losses(run_dir)) == stopped_at + 2
+
+
+@pytest.mark.distributed
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, small_data):
+    run_dir = tmp_path / "nan"
+    proc = run_stage(run_dir, *TINY, f"data.path={small_data}", "data.eval_path=null", "train.micro_batch_size=4",
+                     "train.max_steps=50", "train.save_every=1", "train.keep_last=1", "optim.warmup_steps=0",
+                     "optim.lr=1e12", "optim.max_grad_norm=0", "train.nonfinite=stop", check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: step ") and "non-finite" in last_line
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    assert (run_dir / "checkpoints" / tag / "COMPLETE").exists()
+
+
+@pytest.mark.distributed
+def test_hf_export_reloads_with_the_trained_weights(tmp_path, small_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = tmp_path / "export"
+    run_stage(run_dir, *[o for o in TINY if o != "train.export=false"], f"data.path={small_data}",
+              "data.eval_path=null", "train.max_steps=3", "train.micro_batch_size=4")
+    export = run_dir / "hf_model"
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    tok = AutoTokenizer.from_pretrained(export)
+
+    # The engine's own fp32 master weights, consolidated from the ZeRO-3 checkpoint.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000003")
+    reference = AutoModelForCausalLM.from_config(model.config).eval()
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing)
+    reference.tie_weights()
+
+    ids = tok("What is 1 2 + 3 4 ?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-6)
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1]

@@ -1,0 +1,64 @@
+"""What every Hydra entry point does before Hydra starts.
+
+- Registers the config schema and the `tf_run_id` resolver.
+- Makes every rank of a distributed run resolve the same run directory: rank 0
+  picks the id and broadcasts it (a per-rank `${now:}` would split the run).
+- Keeps ranks other than 0 from writing Hydra's files and logs.
+- Turns user errors into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable
+
+from omegaconf import OmegaConf
+
+from trainer.config import ConfigError, register_configs
+
+RUN_ID_ENV = "TUNEFORGE_RUN_ID"
+USER_ERROR_EXIT_CODE = 2
+
+
+def _run_id() -> str:
+    return os.environ.get(RUN_ID_ENV) or time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _agree_on_run_id() -> None:
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or RUN_ID_ENV in os.environ:
+        return
+    import torch.distributed as dist
+
+    from trainer.engine import init_distributed
+
+    init_distributed()
+    box = [_run_id() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    os.environ[RUN_ID_ENV] = box[0]
+
+
+def _quiet_non_zero_ranks() -> None:
+    if int(os.environ.get("RANK", 0)) != 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def launch(hydra_main: Callable[[], None]) -> None:
+    register_configs()
+    if not OmegaConf.has_resolver("tf_run_id"):
+        OmegaConf.register_new_resolver("tf_run_id", _run_id, use_cache=True)
+    _agree_on_run_id()
+    _quiet_non_zero_ranks()
+    hydra_main()
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from trainer.data import DataError
+
+    return (ConfigError, DataError, FileNotFoundError)
+
+
+def exit_with_user_error(err: BaseException) -> None:
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(USER_ERROR_EXIT_CODE)

@@ -1,0 +1,210 @@
+"""Typed configuration schemas for every supervised stage.
+
+The dataclasses here are registered in Hydra's ConfigStore as the schema that
+`conf/*.yaml` extends, so an unknown key or a value of the wrong type fails at
+start with Hydra's own message. Semantic checks (positive sizes, stage range,
+consistent batch sizes) live in `validate()` and raise `ConfigError` naming the
+key. Entry points convert the Hydra config once (`OmegaConf.to_object`) and pass
+these objects down; nothing deeper reads `cfg.foo.bar` from a DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the key."""
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config error: {key}: {msg}")
+
+
+@dataclass
+class TinyModelConfig:
+    """Architecture of the random-init Llama used when no checkpoint is given."""
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    intermediate_size: int = 688
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    # Hub name or local directory; null trains the tiny random-init default.
+    name_or_path: Optional[str] = None
+    # Tokenizer source; null means name_or_path, or the tokenizer this repo ships.
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DatasetSpec:
+    """One member of a data mixture."""
+
+    path: str = MISSING
+    weight: float = 1.0
+    format: str = "auto"
+    split: str = "train"
+    name: Optional[str] = None  # dataset config name for Hub datasets
+
+
+DATA_FORMATS = ("auto", "prompt_completion", "alpaca", "sharegpt", "messages")
+
+
+@dataclass
+class DataConfig:
+    # A file (json/jsonl/parquet), a directory, a Hub dataset name, or
+    # `synthetic:<variant>` for the suite this repo generates.
+    path: str = "synthetic:sft"
+    format: str = "auto"
+    split: str = "train"
+    name: Optional[str] = None
+    # Weighted mixture; when non-empty it replaces `path`/`format`.
+    mixture: list[DatasetSpec] = field(default_factory=list)
+    # Held-out data for eval loss and exact match; null disables eval.
+    eval_path: Optional[str] = "synthetic:sft"
+    eval_split: str = "eval"
+    eval_format: str = "auto"
+    max_length: int = 256
+    overlong: str = "truncate"  # truncate | drop
+    packing: bool = True
+    # Jinja chat template overriding the tokenizer's own (null: use the tokenizer's).
+    chat_template: Optional[str] = None
+    system_prompt: Optional[str] = None
+    num_proc: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    # Length of the warmup+cosine schedule; null means train.max_steps. Set it to
+    # extend a finished run (resume with a larger max_steps) on the same schedule.
+    decay_steps: Optional[int] = None
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    # auto picks bf16 where the accelerator supports it, fp32 otherwise.
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    # Raw keys merged last into the generated DeepSpeed JSON (expert escape hatch).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"  # wandb | none
+    project: str = "tuneforge"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    run_name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    # auto: online when WANDB_API_KEY is set, offline otherwise (never prompts).
+    mode: str = "auto"  # auto | online | offline
+    log_every: int = 10
+    num_sample_generations: int = 8
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 800
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    eval_every: int = 400
+    eval_max_batches: int = 8  # held-out loss batches per eval
+    eval_generate_samples: int = 256  # prompts scored for exact match
+    eval_max_new_tokens: int = 32
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    nonfinite: str = "skip"  # skip | stop
+    max_nonfinite_skips: int = 10
+    export: bool = True  # write a Hugging Face directory at the end
+
+
+@dataclass
+class TrainingJobConfig:
+    """Root schema shared by trainer.sft and trainer.instruct."""
+
+    stage: str = "sft"
+    seed: int = 1234
+    # auto: continue from the latest complete checkpoint in output_dir, if any.
+    # A directory: continue from that checkpoint directory. null: start fresh.
+    resume: Optional[str] = None
+    output_dir: str = "."
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
+    """Semantic checks Hydra's type checks cannot express; raise ConfigError naming the key."""
+    t, o, d, ds = cfg.train, cfg.optim, cfg.data, cfg.deepspeed
+    _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
+    _require(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
+    _require(t.grad_accum > 0, "train.grad_accum", f"must be > 0, got {t.grad_accum}")
+    _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _require(t.save_every >= 0, "train.save_every", f"must be >= 0, got {t.save_every}")
+    _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
+    _require(t.nonfinite in ("skip", "stop"), "train.nonfinite", f"must be skip|stop, got {t.nonfinite!r}")
+    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.decay_steps is None or o.decay_steps > 0, "optim.decay_steps", f"must be > 0 or null, got {o.decay_steps}")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0 disables), got {o.max_grad_norm}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two values in [0, 1), got {o.betas}")
+    _require(d.max_length > 0, "data.max_length", f"must be > 0, got {d.max_length}")
+    _require(d.overlong in ("truncate", "drop"), "data.overlong", f"must be truncate|drop, got {d.overlong!r}")
+    _require(d.format in DATA_FORMATS, "data.format", f"must be one of {'|'.join(DATA_FORMATS)}, got {d.format!r}")
+    _require(d.eval_format in DATA_FORMATS, "data.eval_format", f"must be one of {'|'.join(DATA_FORMATS)}, got {d.eval_format!r}")
+    for i, m in enumerate(d.mixture):
+        _require(m.weight > 0, f"data.mixture[{i}].weight", f"must be > 0, got {m.weight}")
+        _require(m.format in DATA_FORMATS, f"data.mixture[{i}].format", f"must be one of {'|'.join(DATA_FORMATS)}, got {m.format!r}")
+    _require(ds.stage in (0, 1, 2, 3), "deepspeed.stage", f"must be 0, 1, 2 or 3, got {ds.stage}")
+    _require(ds.precision in ("auto", "bf16", "fp16", "fp32"), "deepspeed.precision", f"must be auto|bf16|fp16|fp32, got {ds.precision!r}")
+    _require(not ds.offload_param or ds.stage == 3, "deepspeed.offload_param", "parameter offload needs deepspeed.stage=3")
+    _require(not ds.offload_optimizer or ds.stage >= 1, "deepspeed.offload_optimizer", "optimizer offload needs deepspeed.stage >= 1")
+    _require(cfg.logger.backend in ("wandb", "none"), "logger", f"must be wandb|none, got {cfg.logger.backend!r}")
+    _require(cfg.logger.mode in ("auto", "online", "offline"), "logger.mode", f"must be auto|online|offline, got {cfg.logger.mode!r}")
+    _require(cfg.logger.log_every > 0, "logger.log_every", f"must be > 0, got {cfg.logger.log_every}")
+    _require(world_size >= 1, "world_size", f"must be >= 1, got {world_size}")
+
+
+def global_batch_size(cfg: TrainingJobConfig, world_size: int) -> int:
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+
+
+def register_configs() -> None:
+    # Only the root is needed: every group file merges into a typed field of it.
+    ConfigStore.instance().store(name="training_job_schema", node=TrainingJobConfig)

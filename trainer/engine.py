@@ -1,0 +1,183 @@
+"""DeepSpeed setup: process group, precision, the generated DeepSpeed JSON, the engine.
+
+The Hydra config is the one source of truth: `build_deepspeed_config` turns it
+into DeepSpeed's JSON with no `auto` values left, and the run directory keeps a
+copy. The same code runs NCCL + bf16 on GPUs and gloo + fp32 on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trainer.config import DeepSpeedConfig, OptimConfig, TrainingJobConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def dist_backend() -> str:
+    return "nccl" if has_gpu() else "gloo"
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group set up by the launcher (deepspeed/torchrun env vars);
+    a plain `python -m` run becomes a world of one on a free loopback port."""
+    import deepspeed
+
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    if has_gpu():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if has_gpu() else torch.device("cpu")
+
+
+def resolve_precision(requested: str) -> str:
+    """`auto` is bf16 on GPUs that support it and fp32 elsewhere (CPU bf16 is slow and
+    makes the small-model equivalence checks meaningless)."""
+    if requested != "auto":
+        return requested
+    return "bf16" if has_gpu() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def build_deepspeed_config(cfg: TrainingJobConfig, world_size: int) -> dict:
+    ds: DeepSpeedConfig = cfg.deepspeed
+    precision = resolve_precision(ds.precision)
+    zero: dict = {"stage": ds.stage}
+    if ds.stage >= 1:
+        zero.update(
+            overlap_comm=ds.overlap_comm,
+            contiguous_gradients=ds.contiguous_gradients,
+            reduce_bucket_size=ds.reduce_bucket_size,
+        )
+    if ds.stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+            # Needed to gather a full state dict for the Hugging Face export.
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": has_gpu()}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": has_gpu()}
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # progress is ours (tqdm + metrics.jsonl)
+        "wall_clock_breakdown": False,
+        # Torch's AdamW on CPU; DeepSpeed only insists on its CPU Adam for offload.
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    for key, value in ds.extra.items():
+        config[key] = value
+    return config
+
+
+def lr_multiplier(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`.
+
+    `step` counts optimizer steps already taken (0 for the first update)."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    decay = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / decay)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, offload: bool):
+    # Biases and norm weights take no weight decay, as in every modern LM recipe.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+@contextlib.contextmanager
+def zero3_init_context(ds_config: dict):
+    """While active, `from_pretrained`/`from_config` build ZeRO-3 partitioned weights
+    directly (transformers reads this global), so no rank holds the whole model."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive while the model is built)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainingJobConfig, ds_config: dict, total_steps: int):
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg.optim, offload=cfg.deepspeed.offload_optimizer)
+
+    # A callable, so the schedule wraps the optimizer DeepSpeed actually steps.
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, cfg.optim, total_steps))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine

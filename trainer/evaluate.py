@@ -1,0 +1,126 @@
+"""Held-out loss and generation-based exact match, sharded over ranks.
+
+Both are collectives: every rank calls them with the same arguments. Under
+ZeRO-3 each forward gathers parameters collectively, so generation runs with
+`synced_gpus` and every rank runs the same number of batches.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from trainer.engine import DistInfo, device
+from trainer.objectives import Task
+
+
+def _shard(n: int, info: DistInfo) -> list[int]:
+    return list(range(info.rank, n, info.world_size))
+
+
+def _num_batches(n: int, info: DistInfo, batch_size: int) -> int:
+    """Batches of the largest shard: every rank runs this many (ZeRO-3 forwards are collective)."""
+    return -(-(-(-n // info.world_size)) // batch_size)
+
+
+def _sum_across_ranks(values: list[float], info: DistInfo) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if info.world_size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def eval_loss(engine, task: Task, rows: list[dict], collate: Callable, batch_size: int, max_batches: int, info: DistInfo) -> dict:
+    n = min(len(rows), batch_size * max_batches * info.world_size)
+    mine, n_batches = _shard(n, info), _num_batches(n, info, batch_size)
+    was_training = engine.module.training
+    engine.module.eval()
+    loss_sum, items = 0.0, 0.0
+    for b in range(n_batches):
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        batch_rows = [rows[i] for i in idx] or [rows[0]]
+        batch = {k: v.to(device()) for k, v in collate(batch_rows).items()}
+        loss = task.loss(engine, batch)
+        if idx:
+            loss_sum += float(loss)
+            items += task.count(batch)
+    engine.module.train(was_training)
+    loss_sum, items = _sum_across_ranks([loss_sum, items], info)
+    return {"eval/loss": loss_sum / max(items, 1.0)}
+
+
+@torch.no_grad()
+def exact_match(engine, tokenizer, prompts: list, batch_size: int, max_new_tokens: int, info: DistInfo, zero3: bool):
+    """Greedy-decode each prompt and compare the stripped text with its answer.
+
+    Returns (metrics, samples): overall EM plus EM per family and per phrasing
+    group where prompts carry them; samples are (prompt, answer, generated, match)."""
+    mine, n_batches = _shard(len(prompts), info), _num_batches(len(prompts), info, batch_size)
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    stop_ids = _stop_token_ids(tokenizer)
+    results = []
+    for b in range(n_batches):
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        batch = [prompts[i] for i in idx] or [prompts[0]]
+        input_ids, attention_mask = _left_pad([p.prompt_ids for p in batch], tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=input_ids.to(device()),
+            attention_mask=attention_mask.to(device()),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            synced_gpus=zero3 and info.world_size > 1,
+        )
+        texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+        for i, p, text in zip(idx, batch, texts):
+            results.append((i, text.strip() == p.answer.strip(), text.strip()))
+    model.train(was_training)
+
+    gathered = [None] * info.world_size
+    if info.world_size > 1:
+        dist.all_gather_object(gathered, results)
+    else:
+        gathered = [results]
+    by_index = {i: (ok, text) for part in gathered for i, ok, text in part}
+    groups: dict[str, list[bool]] = defaultdict(list)
+    samples = []
+    for i, p in enumerate(prompts):
+        ok, text = by_index[i]
+        groups["eval/exact_match"].append(ok)
+        if getattr(p, "family", None):
+            groups[f"eval/em/{p.family}"].append(ok)
+        if getattr(p, "phrasing", None):
+            groups[f"eval/em_phrasing/{p.phrasing}"].append(ok)
+            if getattr(p, "family", None):
+                groups[f"eval/em/{p.family}/{p.phrasing}"].append(ok)
+        samples.append((p.prompt_text, p.answer, text, ok))
+    metrics = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+    return metrics, samples
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s) :] = 1
+    return ids, mask
+
+
+def _stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus a chat template's end-of-turn marker, whichever the model emits first."""
+    ids = {tokenizer.eos_token_id}
+    for marker in ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)

@@ -1,0 +1,27 @@
+"""Consolidated Hugging Face export: `from_pretrained` loads it and generates with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def export_hf(engine, tokenizer, out_dir: Path, zero3: bool, extra_files: dict | None = None) -> None:
+    """Collective under ZeRO-3 (every rank gathers its partitions); rank 0 writes
+    safetensors weights, the model config and the tokenizer."""
+    if zero3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # full weights on rank 0, None elsewhere
+    else:
+        state_dict = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    if dist.get_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model = engine.module
+        model.config.use_cache = True  # inference default for whoever loads it
+        model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
+        model.config.use_cache = False
+        tokenizer.save_pretrained(str(out_dir))
+        for name, payload in (extra_files or {}).items():
+            (out_dir / name).write_text(json.dumps(payload, indent=2))
+    dist.barrier()

@@ -1,0 +1,259 @@
+"""The one training loop every supervised stage shares.
+
+`fit` owns the DeepSpeed step, gradient accumulation, global loss
+normalisation, non-finite handling, logging cadence, evaluation cadence,
+checkpoints and preemption signals. What differs between stages — the data
+rows and the loss — comes in as `rows` and a `Task`.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from trainer.checkpoint import save_checkpoint
+from trainer.config import TrainingJobConfig
+from trainer.engine import DistInfo, device
+from trainer.metrics import MetricsLogger
+from trainer.objectives import Task
+
+# Exit status of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint;
+# rerun the same command with resume=auto to continue.
+PREEMPTED_EXIT_CODE = 75
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """Counters that travel in the checkpoint's client_state."""
+
+    step: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    loss_items_seen: int = 0
+    nonfinite_skips: int = 0
+    world_size: int = 1
+    preempted: bool = False
+
+    def to_client_state(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "preempted"}
+
+    @classmethod
+    def from_client_state(cls, d: dict) -> "TrainState":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "preempted"})
+
+
+class GlobalBatchSampler:
+    """Deterministic sample order that depends only on (seed, step), never on world size.
+
+    Step s consumes positions [s*G, (s+1)*G) of an endless stream made of one seeded
+    permutation per epoch, G = micro * accum * world. Rank r's micro-batch m takes a
+    contiguous slice of that window, so 2 ranks x b and 1 rank x 2b see the same global
+    batch, and resuming needs nothing but the step counter.
+    """
+
+    def __init__(self, num_rows: int, micro: int, accum: int, world: int, seed: int):
+        self.n, self.micro, self.accum, self.world, self.seed = num_rows, micro, accum, world, seed
+        self._perms: dict[int, list[int]] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def micro_batch(self, step: int, micro_idx: int, rank: int) -> list[int]:
+        start = step * self.global_batch + (micro_idx * self.world + rank) * self.micro
+        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.micro)]
+
+    def epoch(self, step: int) -> float:
+        return step * self.global_batch / self.n
+
+
+class PreemptionFlag:
+    """SIGTERM/SIGUSR1 ask the loop to finish the current step, save and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class FitContext:
+    cfg: TrainingJobConfig
+    dist: DistInfo
+    run_dir: Path
+    logger: MetricsLogger
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    # evaluate(step) -> metrics; collective, called on every rank.
+    evaluate: Optional[Callable[[int], dict]] = None
+    total_steps: int = 0
+    extra_client_state: dict = field(default_factory=dict)
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState) -> TrainState:
+    cfg, info = ctx.cfg, ctx.dist
+    t = cfg.train
+    sampler = GlobalBatchSampler(len(rows), t.micro_batch_size, t.grad_accum, info.world_size, cfg.seed)
+    ckpt_root = ctx.run_dir / "checkpoints"
+    flag = PreemptionFlag()
+    bar = tqdm(total=t.max_steps, initial=state.step, disable=not info.is_main, desc=cfg.stage, dynamic_ncols=True)
+    window = _Window()
+    dev = device()
+    try:
+        while state.step < t.max_steps:
+            step_start = time.perf_counter()
+            micro_rows = [[rows[i] for i in sampler.micro_batch(state.step, m, info.rank)] for m in range(t.grad_accum)]
+            batches = [{k: v.to(dev) for k, v in ctx.collate(r).items()} for r in micro_rows]
+            local_items = sum(task.count(b) for b in batches)
+            local_tokens = sum(len(row["input_ids"]) for r in micro_rows for row in r)  # padding excluded
+            # One collective per step: item count for normalisation + the preemption vote.
+            global_items, global_tokens, stop_votes = _all_reduce_sum([local_items, local_tokens, float(flag.requested)])
+            global_items = max(global_items, 1.0)
+
+            local_loss_sum, skipped = _train_step(engine, task, batches, global_items, info.world_size, state.step, cfg)
+            if skipped:
+                state.nonfinite_skips += 1
+                if state.nonfinite_skips > t.max_nonfinite_skips:
+                    raise NonFiniteError(
+                        f"step {state.step}: {state.nonfinite_skips} non-finite losses skipped, more than "
+                        f"train.max_nonfinite_skips={t.max_nonfinite_skips}; stopping (last checkpoint is intact)"
+                    )
+            else:
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                    raise NonFiniteError(
+                        f"step {state.step}: gradient norm is {grad_norm}; the update is already applied, so "
+                        f"stopping without saving (last checkpoint is intact)"
+                    )
+                window.add(local_loss_sum, global_items, grad_norm)
+
+            state.step += 1
+            state.samples_seen += sampler.global_batch
+            state.tokens_seen += int(global_tokens)
+            state.loss_items_seen += int(global_items)
+            window.tokens += global_tokens
+            window.seconds += time.perf_counter() - step_start
+            bar.update(1)
+
+            if state.step % cfg.logger.log_every == 0 or state.step == t.max_steps:
+                metrics = window.flush(engine, state, sampler)
+                if metrics:
+                    ctx.logger.log(state.step, metrics)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+            if ctx.evaluate is not None and t.eval_every > 0 and (state.step % t.eval_every == 0 or state.step == t.max_steps):
+                ctx.logger.log(state.step, ctx.evaluate(state.step))
+            preempt = stop_votes > 0
+            if (t.save_every > 0 and state.step % t.save_every == 0) or state.step == t.max_steps or preempt:
+                save_checkpoint(engine, ckpt_root, state.step, {**state.to_client_state(), **ctx.extra_client_state}, t.keep_last)
+            if preempt:
+                state.preempted = True
+                break
+    finally:
+        bar.close()
+        flag.restore()
+    return state
+
+
+def _train_step(engine, task: Task, batches, global_items: float, world_size: int, step: int, cfg) -> tuple[float, bool]:
+    """Forward/backward every micro-batch and take one optimizer step.
+
+    Returns (this rank's summed loss, skipped). DeepSpeed averages
+    gradients over ranks, so the loss is scaled by world_size / global_items: the
+    result is the gradient of the per-item mean over the whole global batch."""
+    total = 0.0
+    for m, batch in enumerate(batches):
+        loss_sum = task.loss(engine, batch)
+        finite = _all_reduce_sum([float(not torch.isfinite(loss_sum).item())])[0] == 0
+        if not finite:
+            if cfg.train.nonfinite == "stop":
+                raise NonFiniteError(f"step {step}: non-finite loss; stopping (train.nonfinite=stop, last checkpoint is intact)")
+            if m > 0:
+                # Earlier micro-batches' gradients already sit in DeepSpeed's partitioned
+                # buffers and cannot be withdrawn exactly.
+                raise NonFiniteError(
+                    f"step {step}: non-finite loss in micro-batch {m} of a gradient-accumulation window; "
+                    f"cannot skip it exactly, stopping (last checkpoint is intact)"
+                )
+            return float("nan"), True
+        engine.backward(loss_sum * world_size / global_items, scale_wrt_gas=False)
+        engine.step()
+        total += float(loss_sum.detach())
+    return total, False
+
+
+@dataclass
+class _Window:
+    """Running sums between two log lines."""
+
+    loss: float = 0.0  # this rank's summed loss
+    items: float = 0.0  # global loss items
+    steps: int = 0
+    grad_norms: list = field(default_factory=list)
+    tokens: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, local_loss_sum: float, global_items: float, grad_norm) -> None:
+        self.loss += local_loss_sum
+        self.items += global_items
+        self.steps += 1
+        if grad_norm is not None:
+            self.grad_norms.append(float(grad_norm))
+
+    def flush(self, engine, state: TrainState, sampler: GlobalBatchSampler) -> dict:
+        # Each rank holds its own loss sum; one all-reduce gives the global mean.
+        loss_sum = _all_reduce_sum([self.loss])[0]
+        metrics = {}
+        if self.items > 0:
+            metrics = {
+                "train/loss": loss_sum / self.items,
+                "train/lr": engine.get_lr()[0],
+                "train/grad_norm": sum(self.grad_norms) / max(1, len(self.grad_norms)),
+                "train/tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+                "train/step_time_s": self.seconds / max(1, self.steps),
+                "train/epoch": sampler.epoch(state.step),
+                "train/tokens_seen": state.tokens_seen,
+                "train/nonfinite_skips": state.nonfinite_skips,
+                "system/memory_gb": _memory_gb(),
+            }
+        self.__init__()
+        return metrics

@@ -1,0 +1,93 @@
+"""Where the numbers people watch go: `metrics.jsonl` always, W&B when asked.
+
+Only rank 0 constructs a real logger; other ranks get one that drops everything.
+W&B runs offline when no API key is present, so it never blocks on a login
+prompt, and secrets are scrubbed from anything logged as config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.config import LoggerConfig
+
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+
+
+def scrub_secrets(obj: Any) -> Any:
+    """Replace values of secret-looking keys, recursively, before anything is logged."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else scrub_secrets(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [scrub_secrets(v) for v in obj]
+    return obj
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, config: dict, job_type: str, enabled: bool = True):
+        self.enabled = enabled
+        self.wandb_run = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a")
+        if cfg.backend == "wandb":
+            self.wandb_run = _init_wandb(run_dir, cfg, scrub_secrets(config), job_type)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def log_table(self, step: int, name: str, columns: list[str], rows: list[list]) -> None:
+        if not self.enabled or self.wandb_run is None:
+            return
+        import wandb
+
+        self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def summary(self, metrics: dict[str, float]) -> None:
+        if self.enabled and self.wandb_run is not None:
+            self.wandb_run.summary.update(metrics)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _init_wandb(run_dir: Path, cfg: LoggerConfig, config: dict, job_type: str):
+    import wandb
+
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    # A stored run id lets a requeued job continue the same W&B run.
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        group=cfg.group,
+        name=cfg.run_name,
+        tags=list(cfg.tags),
+        job_type=job_type,
+        config=config,
+        dir=str(run_dir),
+        mode=mode,
+        id=run_id,
+        resume="allow",
+        settings=wandb.Settings(silent=True, console="off"),
+    )

@@ -1,0 +1,73 @@
+"""Load or build the model and tokenizer every stage trains.
+
+A Hub name or local directory goes through `AutoModelForCausalLM.from_pretrained`;
+with no name the tiny random-init Llama of `ModelConfig.tiny` is built around the
+tokenizer this repo ships, so the default run needs no network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+
+from trainer.config import ModelConfig
+
+SHIPPED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer"
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = cfg.tokenizer or cfg.name_or_path or str(SHIPPED_TOKENIZER)
+    tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        # Padding is always loss-masked, so any existing token is a safe pad.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    t = cfg.tiny
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=t.max_position_embeddings,
+        rope_theta=t.rope_theta,
+        tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype):
+    """Build the policy model. Call inside the ZeRO-3 context (see engine.zero3_init_context)
+    so large checkpoints are loaded straight into partitions instead of whole on every rank."""
+    if cfg.name_or_path is None:
+        model = AutoModelForCausalLM.from_config(tiny_llama_config(cfg, tokenizer), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            revision=cfg.revision,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def model_config_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
+    """The architecture config without loading weights (for FLOP counts and checks)."""
+    if cfg.name_or_path is None:
+        return tiny_llama_config(cfg, tokenizer)
+    return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
