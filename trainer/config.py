@@ -141,7 +141,7 @@ class TrainConfig:
     grad_accum: int = 1
     eval_every: int = 400
     eval_max_batches: int = 8  # held-out loss batches per eval
-    eval_generate_samples: int = 256  # prompts scored for exact match
+    eval_generate_samples: int = 1000  # prompts scored for exact match (first N of the eval set)
     eval_max_new_tokens: int = 32
     save_every: int = 0  # 0: only at the end
     keep_last: int = 2

@@ -95,12 +95,15 @@ def exact_match(engine, tokenizer, prompts: list, batch_size: int, max_new_token
     for i, p in enumerate(prompts):
         ok, text = by_index[i]
         groups["eval/exact_match"].append(ok)
-        if getattr(p, "family", None):
+        if p.family:
             groups[f"eval/em/{p.family}"].append(ok)
-        if getattr(p, "phrasing", None):
+            if p.phrasing:
+                groups[f"eval/em/{p.family}/{p.phrasing}_phrasing"].append(ok)
+        if p.phrasing:
             groups[f"eval/em_phrasing/{p.phrasing}"].append(ok)
-            if getattr(p, "family", None):
-                groups[f"eval/em/{p.family}/{p.phrasing}"].append(ok)
+        if p.family_split and p.phrasing:
+            # e.g. eval/em_split/trained_families_seen_phrasing: new instances of trained tasks.
+            groups[f"eval/em_split/{p.family_split}_families_{p.phrasing}_phrasing"].append(ok)
         samples.append((p.prompt_text, p.answer, text, ok))
     metrics = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
     return metrics, samples

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def _init_wandb(run_dir: Path, cfg: LoggerConfig, config: dict, job_type: str):
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     # A stored run id lets a requeued job continue the same W&B run.
     id_file = run_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     return wandb.init(
         project=cfg.project,

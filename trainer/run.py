@@ -70,7 +70,7 @@ def _run(dcfg: DictConfig) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = scrub_secrets(OmegaConf.to_container(dcfg, resolve=True))
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(scrub_secrets(ds_config), indent=2))
         (run_dir / "data_stats.json").write_text(json.dumps(data.stats.as_dict(), indent=2))
         print(data.stats.summary(), flush=True)
         print(f"precision={precision} zero_stage={cfg.deepspeed.stage} world_size={info.world_size} run_dir={run_dir}", flush=True)

@@ -1,0 +1,378 @@
+"""Deterministic synthetic instruction suite the repo trains and evaluates on.
+
+A few-million-parameter Llama must learn these tasks in minutes on a CPU, so
+payloads are short and written one character per space-separated word
+("r e v e r s e", "3 4 + 5 8"): every character is then one token.
+
+Families are either *trained* (appear in train) or *held out* (eval only), and
+each trained family has *seen* phrasings (train) and *held-out* phrasings (eval
+only), so eval measures three things apart: new instances, new wordings, new
+tasks. Which instances may appear in eval is fixed by a hash of the instance
+(`_reserved_for_eval`), so train and eval stay disjoint for any seed and size.
+
+The same tasks are rendered in four row formats (`VARIANTS`); every row also
+carries `family`, `phrasing` ("seen"|"heldout"), `family_split`
+("trained"|"heldout") and `answer` (the last assistant answer).
+
+    python -m trainer.synthetic write --out DIR [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+VARIANTS = ("sft", "chat", "sharegpt", "alpaca")
+SPLITS = ("train", "eval")
+DEFAULT_ROWS = {"train": 20_000, "eval": 600}
+# Plain-text prompt/completion separator: prompt ends with it, completion is " " + answer.
+SFT_ANSWER_PREFIX = "\nAnswer:"
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "Answer with the result only.",
+    "You are a careful assistant. Reply with just the answer.",
+)
+SYSTEM_PROMPT_RATE = 0.3
+MULTI_TURN_RATE = 0.25
+NUM_SEEN_PHRASINGS = 4  # the first four phrasings of a trained family are trained on
+EVAL_RESERVE_MODULUS = 10  # one instance in ten (by hash) may only ever appear in eval
+
+
+@dataclass(frozen=True)
+class Family:
+    """One task: how to draw an instance and how the instruction may be worded.
+
+    `draw(rng)` returns (payload, answer, fields); `fields` fill `{...}` slots of
+    the phrasing (only `counting` has one: the letter to count).
+    """
+
+    name: str
+    draw: Callable[[random.Random], tuple[str, str, dict]]
+    phrasings: tuple[str, ...]
+    trained: bool
+
+
+@dataclass(frozen=True)
+class Task:
+    """One rendered instance; every variant is built from these."""
+
+    family: str
+    instruction: str
+    payload: str
+    answer: str
+    phrasing: str  # seen | heldout
+    family_split: str  # trained | heldout
+
+
+def _spaced(chars) -> str:
+    return " ".join(chars)
+
+
+def _letters(rng: random.Random, lo: int, hi: int, alphabet: str = string.ascii_lowercase) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+
+def _digits(rng: random.Random) -> str:
+    return _letters(rng, 4, 6, string.digits)
+
+
+def _draw_addition(rng):
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"{_spaced(str(a))} + {_spaced(str(b))}", _spaced(str(a + b)), {}
+
+
+def _draw_reversal(rng):
+    s = _letters(rng, 3, 6)
+    return _spaced(s), _spaced(s[::-1]), {}
+
+
+def _draw_sorting(rng):
+    s = _digits(rng)
+    return _spaced(s), _spaced(sorted(s)), {}
+
+
+def _draw_sort_descending(rng):
+    s = _digits(rng)
+    return _spaced(s), _spaced(sorted(s, reverse=True)), {}
+
+
+def _draw_uppercase(rng):
+    s = _letters(rng, 3, 6)
+    return _spaced(s), _spaced(s.upper()), {}
+
+
+def _draw_lowercase(rng):
+    s = _letters(rng, 3, 6, string.ascii_uppercase)
+    return _spaced(s), _spaced(s.lower()), {}
+
+
+def _draw_first_letter(rng):
+    s = _letters(rng, 3, 6)
+    return _spaced(s), s[0], {}
+
+
+def _draw_last_letter(rng):
+    s = _letters(rng, 3, 6)
+    return _spaced(s), s[-1], {}
+
+
+def _draw_counting(rng):
+    # Pick the count first: uniform letters would make almost every answer 0.
+    n = rng.randint(4, 8)
+    letter = rng.choice(string.ascii_lowercase)
+    k = rng.randint(0, 4)
+    others = string.ascii_lowercase.replace(letter, "")
+    chars = [rng.choice(others) for _ in range(n)]
+    for i in rng.sample(range(n), k):
+        chars[i] = letter
+    return _spaced(chars), str(k), {"letter": letter}
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("addition", _draw_addition, (
+        "Add the two numbers.",
+        "What is the sum?",
+        "Compute the sum of these numbers.",
+        "Add these together.",
+        "Calculate the total.",
+        "Give the result of this addition.",
+    ), trained=True),
+    Family("reversal", _draw_reversal, (
+        "Reverse the letters.",
+        "Write this string backwards.",
+        "Reverse the following.",
+        "Spell it in reverse order.",
+        "Flip the order of the characters.",
+        "Read these letters from right to left.",
+    ), trained=True),
+    Family("sorting", _draw_sorting, (
+        "Sort the digits in ascending order.",
+        "Sort these digits.",
+        "Arrange the digits from smallest to largest.",
+        "Put the digits in increasing order.",
+        "Order these digits, lowest first.",
+        "List the digits sorted ascending.",
+    ), trained=True),
+    Family("uppercase", _draw_uppercase, (
+        "Convert to uppercase.",
+        "Write these letters in capitals.",
+        "Make every letter uppercase.",
+        "Uppercase the following.",
+        "Change the letters to upper case.",
+        "Rewrite in capital letters.",
+    ), trained=True),
+    Family("counting", _draw_counting, (
+        "How many times does the letter {letter} appear?",
+        "Count the letter {letter}.",
+        "Count occurrences of the letter {letter}.",
+        "How many {letter} are there?",
+        "Tell me how often {letter} occurs.",
+        "Find the number of times the letter {letter} shows up.",
+    ), trained=True),
+    Family("sort_descending", _draw_sort_descending, (
+        "Sort the digits in descending order.",
+        "Arrange the digits from largest to smallest.",
+        "Put the digits in decreasing order.",
+        "Sort these digits, biggest first.",
+        "Order the digits from high to low.",
+        "List the digits sorted descending.",
+    ), trained=False),
+    Family("first_letter", _draw_first_letter, (
+        "What is the first letter?",
+        "Give the first letter.",
+        "Which letter comes first?",
+        "Return only the first character.",
+        "Write the first letter of the string.",
+        "Name the first letter.",
+    ), trained=False),
+    Family("last_letter", _draw_last_letter, (
+        "What is the last letter?",
+        "Give the last letter.",
+        "Which letter comes last?",
+        "Return only the last character.",
+        "Write the last letter of the string.",
+        "Name the final letter.",
+    ), trained=False),
+    Family("lowercase", _draw_lowercase, (
+        "Convert to lowercase.",
+        "Write these letters in small letters.",
+        "Make every letter lowercase.",
+        "Lowercase the following.",
+        "Change the letters to lower case.",
+        "Rewrite without capital letters.",
+    ), trained=False),
+)}
+TRAINED_FAMILIES = tuple(n for n, f in FAMILIES.items() if f.trained)
+HELDOUT_FAMILIES = tuple(n for n, f in FAMILIES.items() if not f.trained)
+
+
+def _reserved_for_eval(family: str, payload: str, fields: dict) -> bool:
+    """Fixed, seed-independent partition of instances into train-only and eval-only."""
+    key = f"{family}|{payload}|{sorted(fields.items())}"
+    return zlib.crc32(key.encode()) % EVAL_RESERVE_MODULUS == 0
+
+
+def _draw_task(rng: random.Random, family: str, phrasing: str, for_eval: bool, taken: Optional[set]) -> Task:
+    fam = FAMILIES[family]
+    for _ in range(100_000):
+        payload, answer, fields = fam.draw(rng)
+        key = (payload, tuple(sorted(fields.items())))
+        if _reserved_for_eval(family, payload, fields) == for_eval and (taken is None or key not in taken):
+            break
+    else:
+        raise ValueError(f"ran out of distinct eval instances of {family!r}; ask for fewer eval rows")
+    if taken is not None:
+        taken.add(key)
+    if not fam.trained:
+        pool = range(len(fam.phrasings))  # no wording of a held-out family was ever trained on
+    elif phrasing == "seen":
+        pool = range(NUM_SEEN_PHRASINGS)
+    else:
+        pool = range(NUM_SEEN_PHRASINGS, len(fam.phrasings))
+    instruction = fam.phrasings[rng.choice(pool)].format(**fields)
+    return Task(family, instruction, payload, answer, phrasing,
+                "trained" if fam.trained else "heldout")
+
+
+# Eval groups, weighted equally: new instances, new wordings, new families.
+_EVAL_GROUPS = (
+    [(f, "seen") for f in TRAINED_FAMILIES],
+    [(f, "heldout") for f in TRAINED_FAMILIES],
+    [(f, "heldout") for f in HELDOUT_FAMILIES],
+)
+
+
+@lru_cache(maxsize=16)
+def _tasks(split: str, seed: int, n: int) -> tuple[Task, ...]:
+    rng = random.Random(f"tuneforge-synthetic/{split}/{seed}")
+    if split == "train":
+        # Repeats within train are harmless (addition has only 9000 train sums); eval rows are distinct.
+        return tuple(_draw_task(rng, TRAINED_FAMILIES[i % len(TRAINED_FAMILIES)], "seen", False, None)
+                     for i in range(n))
+    taken: dict[str, set] = {f: set() for f in FAMILIES}
+    tasks = []
+    for i in range(n):
+        group = _EVAL_GROUPS[i % len(_EVAL_GROUPS)]
+        family, phrasing = group[(i // len(_EVAL_GROUPS)) % len(group)]
+        tasks.append(_draw_task(rng, family, phrasing, True, taken[family]))
+    return tuple(tasks)
+
+
+def _metadata(task: Task) -> dict:
+    return {"family": task.family, "phrasing": task.phrasing,
+            "family_split": task.family_split, "answer": task.answer}
+
+
+def _user_text(task: Task) -> str:
+    return f"{task.instruction}\n{task.payload}"
+
+
+def _conversations(tasks: tuple[Task, ...], split: str, seed: int) -> list[list[dict]]:
+    """OpenAI-style messages per task; shared by `chat` and `sharegpt` so both hold the same dialogues.
+
+    A multi-turn row first asks another question of the same split (with its
+    answer), always of a trained family with a seen wording, so a held-out
+    family or wording never gets an in-context demonstration.
+    """
+    rng = random.Random(f"tuneforge-synthetic/conversations/{split}/{seed}")
+    history_pool = [i for i, t in enumerate(tasks) if t.family_split == "trained" and t.phrasing == "seen"]
+    out = []
+    for i, task in enumerate(tasks):
+        messages = []
+        if rng.random() < SYSTEM_PROMPT_RATE:
+            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        if rng.random() < MULTI_TURN_RATE and len(history_pool) > 1:
+            j = i
+            while j == i:
+                j = rng.choice(history_pool)
+            messages += [{"role": "user", "content": _user_text(tasks[j])},
+                         {"role": "assistant", "content": tasks[j].answer}]
+        messages += [{"role": "user", "content": _user_text(task)},
+                     {"role": "assistant", "content": task.answer}]
+        out.append(messages)
+    return out
+
+
+_SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def make_rows(variant: str, split: str, seed: int = 0, n: Optional[int] = None) -> list[dict]:
+    """Rows of one variant and split; the variants of a split share the same tasks.
+
+    sft:      {"prompt": "<instruction>\\n<payload>\\nAnswer:", "completion": " <answer>"}
+    chat:     {"messages": [{"role", "content"}, ...]}   (some with a system prompt, some two tasks)
+    sharegpt: {"conversations": [{"from", "value"}, ...]} (the same dialogues as chat)
+    alpaca:   {"instruction", "input": <payload>, "output": <answer>}
+    plus family, phrasing, family_split, answer on every row.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown synthetic variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown synthetic split {split!r}; accepted: {', '.join(SPLITS)}")
+    tasks = _tasks(split, seed, DEFAULT_ROWS[split] if n is None else n)
+    if variant == "sft":
+        return [{"prompt": _user_text(t) + SFT_ANSWER_PREFIX, "completion": " " + t.answer, **_metadata(t)}
+                for t in tasks]
+    if variant == "alpaca":
+        return [{"instruction": t.instruction, "input": t.payload, "output": t.answer, **_metadata(t)}
+                for t in tasks]
+    dialogues = _conversations(tasks, split, seed)
+    if variant == "chat":
+        return [{"messages": m, **_metadata(t)} for m, t in zip(dialogues, tasks)]
+    return [{"conversations": [{"from": _SHAREGPT_ROLES[x["role"]], "value": x["content"]} for x in m],
+             **_metadata(t)} for m, t in zip(dialogues, tasks)]
+
+
+@lru_cache(maxsize=16)
+def _cached_rows(variant: str, split: str, seed: int) -> tuple[dict, ...]:
+    return tuple(make_rows(variant, split, seed))
+
+
+def load_synthetic(spec: str, split: str, seed: int = 0) -> Dataset:
+    """`synthetic:<variant>` as a `datasets.Dataset` (rows cached per process)."""
+    from datasets import Dataset  # imported here so the build script and CLI stay light
+
+    prefix, _, variant = spec.partition(":")
+    if prefix != "synthetic" or variant not in VARIANTS:
+        raise ValueError(f"bad synthetic spec {spec!r}; accepted: "
+                         + ", ".join(f"synthetic:{v}" for v in VARIANTS))
+    return Dataset.from_list(list(_cached_rows(variant, split, seed)))
+
+
+def write_jsonl(out_dir: Path, seed: int = 0) -> list[Path]:
+    """Write `<variant>_<split>.jsonl` for every variant and split, so users can see the formats."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for variant in VARIANTS:
+        for split in SPLITS:
+            path = out_dir / f"{variant}_{split}.jsonl"
+            with path.open("w", encoding="utf-8") as f:
+                for row in make_rows(variant, split, seed):
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            paths.append(path)
+    return paths
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trainer.synthetic", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write", help="write every variant and split as JSONL")
+    write.add_argument("--out", type=Path, required=True)
+    write.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for path in write_jsonl(args.out, args.seed):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
