@@ -165,6 +165,29 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
 
 
 @pytest.mark.distributed
+def test_non_finite_losses_are_skipped_and_counted_then_stop(tmp_path, small_data):
+    """A diverged model keeps producing non-finite losses: each is skipped without an
+    update until train.max_nonfinite_skips is exceeded."""
+    run_dir = tmp_path / "skip"
+    proc = run_stage(run_dir, *TINY, f"data.path={small_data}", "data.eval_path=null", "train.micro_batch_size=4",
+                     "train.max_steps=50", "optim.warmup_steps=0", "optim.lr=1e12", "optim.max_grad_norm=0",
+                     "train.nonfinite=skip", "train.max_nonfinite_skips=2", check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "3 non-finite losses skipped, more than train.max_nonfinite_skips=2" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, small_data):
+    common = [*TINY, f"data.path={small_data}", "data.eval_path=null", "train.max_steps=3", "train.micro_batch_size=4"]
+    plain, ckpt = tmp_path / "plain", tmp_path / "gc"
+    run_stage(plain, *common)
+    run_stage(ckpt, *common, "model.gradient_checkpointing=true")
+    lp, lc = losses(plain), losses(ckpt)
+    for step in lp:
+        assert lp[step] == pytest.approx(lc[step], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.distributed
 def test_hf_export_reloads_with_the_trained_weights(tmp_path, small_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

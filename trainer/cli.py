@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from typing import Callable
 
 from omegaconf import OmegaConf
@@ -44,7 +45,14 @@ def _quiet_non_zero_ranks() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
+def _silence_library_noise() -> None:
+    # DeepSpeed calls torch's deprecated collective names on every step; the
+    # warning floods stderr and breaks the progress bar without telling users anything.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
+
+
 def launch(hydra_main: Callable[[], None]) -> None:
+    _silence_library_noise()
     register_configs()
     if not OmegaConf.has_resolver("tf_run_id"):
         OmegaConf.register_new_resolver("tf_run_id", _run_id, use_cache=True)

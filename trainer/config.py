@@ -23,18 +23,18 @@ class ConfigError(ValueError):
 
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
-        raise ConfigError(f"config error: {key}: {msg}")
+        raise ConfigError(f"{key}: {msg}")
 
 
 @dataclass
 class TinyModelConfig:
     """Architecture of the random-init Llama used when no checkpoint is given."""
 
-    hidden_size: int = 256
+    hidden_size: int = 192
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
-    intermediate_size: int = 688
+    intermediate_size: int = 512
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
@@ -92,11 +92,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     # Length of the warmup+cosine schedule; null means train.max_steps. Set it to
     # extend a finished run (resume with a larger max_steps) on the same schedule.

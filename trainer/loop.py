@@ -111,8 +111,6 @@ class FitContext:
     collate: Callable[[list[dict]], dict[str, torch.Tensor]]
     # evaluate(step) -> metrics; collective, called on every rank.
     evaluate: Optional[Callable[[int], dict]] = None
-    total_steps: int = 0
-    extra_client_state: dict = field(default_factory=dict)
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
@@ -184,7 +182,7 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
                 ctx.logger.log(state.step, ctx.evaluate(state.step))
             preempt = stop_votes > 0
             if (t.save_every > 0 and state.step % t.save_every == 0) or state.step == t.max_steps or preempt:
-                save_checkpoint(engine, ckpt_root, state.step, {**state.to_client_state(), **ctx.extra_client_state}, t.keep_last)
+                save_checkpoint(engine, ckpt_root, state.step, state.to_client_state(), t.keep_last)
             if preempt:
                 state.preempted = True
                 break

@@ -59,16 +59,16 @@ def _run(dcfg: DictConfig) -> int:
     data = build_supervised_data(cfg.data, tokenizer, seed=cfg.seed)
     if len(data.train) < cfg.train.micro_batch_size:
         raise ConfigError(
-            f"config error: train.micro_batch_size: {cfg.train.micro_batch_size} is larger than the "
+            f"train.micro_batch_size: {cfg.train.micro_batch_size} is larger than the "
             f"{len(data.train)} training sequences"
         )
     ds_config = build_deepspeed_config(cfg, info.world_size)
     precision = resolve_precision(cfg.deepspeed.precision)
     resume = find_resume_dir(cfg.resume, run_dir)
 
+    resolved = scrub_secrets(OmegaConf.to_container(dcfg, resolve=True))
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = scrub_secrets(OmegaConf.to_container(dcfg, resolve=True))
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         (run_dir / "deepspeed_config.json").write_text(json.dumps(scrub_secrets(ds_config), indent=2))
         (run_dir / "data_stats.json").write_text(json.dumps(data.stats.as_dict(), indent=2))
@@ -86,15 +86,13 @@ def _run(dcfg: DictConfig) -> int:
         state = TrainState.from_client_state(client_state)
         if state.world_size != info.world_size:
             raise ConfigError(
-                f"config error: resume: checkpoint {resume[0] / resume[1]} was written by {state.world_size} ranks, "
+                f"resume: checkpoint {resume[0] / resume[1]} was written by {state.world_size} ranks, "
                 f"this run has {info.world_size}; ZeRO checkpoints resume on the same world size"
             )
         if info.is_main:
             print(f"resumed from {resume[0] / resume[1]} at step {state.step}", flush=True)
 
-    logger = MetricsLogger(
-        run_dir, cfg.logger, scrub_secrets(OmegaConf.to_container(dcfg, resolve=True)), job_type=cfg.stage, enabled=info.is_main
-    )
+    logger = MetricsLogger(run_dir, cfg.logger, resolved, job_type=cfg.stage, enabled=info.is_main)
     task = CausalLMTask()
 
     def pad_collate(rows):
@@ -127,7 +125,6 @@ def _run(dcfg: DictConfig) -> int:
         logger=logger,
         collate=pad_collate,
         evaluate=evaluate if (data.eval or data.eval_prompts) else None,
-        total_steps=total_steps,
     )
     try:
         state = fit(engine, task, data.train, ctx, state)

@@ -53,7 +53,7 @@ class Family:
     """One task: how to draw an instance and how the instruction may be worded.
 
     `draw(rng)` returns (payload, answer, fields); `fields` fill `{...}` slots of
-    the phrasing (only `counting` has one: the letter to count).
+    the phrasing (none of the current families needs one).
     """
 
     name: str
@@ -82,17 +82,29 @@ def _letters(rng: random.Random, lo: int, hi: int, alphabet: str = string.ascii_
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
 
 
+# Payloads are short (3-5 symbols) so that a model of a few million parameters
+# learns every trained family within a few CPU minutes.
+MIN_LEN, MAX_LEN = 3, 5
+
+
 def _digits(rng: random.Random) -> str:
-    return _letters(rng, 4, 6, string.digits)
+    return _letters(rng, MIN_LEN, MAX_LEN, string.digits)
 
 
 def _draw_addition(rng):
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    # Two-digit sums without carries: digit-wise addition generalises to unseen
+    # operand pairs compositionally, which a tiny model learns in minutes (carries
+    # take it far longer).
+    tens_a = rng.randint(1, 9)
+    tens_b = rng.randint(0, 9 - tens_a)
+    ones_a = rng.randint(0, 9)
+    ones_b = rng.randint(0, 9 - ones_a)
+    a, b = 10 * tens_a + ones_a, 10 * tens_b + ones_b
     return f"{_spaced(str(a))} + {_spaced(str(b))}", _spaced(str(a + b)), {}
 
 
 def _draw_reversal(rng):
-    s = _letters(rng, 3, 6)
+    s = _letters(rng, MIN_LEN, MAX_LEN)
     return _spaced(s), _spaced(s[::-1]), {}
 
 
@@ -107,35 +119,30 @@ def _draw_sort_descending(rng):
 
 
 def _draw_uppercase(rng):
-    s = _letters(rng, 3, 6)
+    s = _letters(rng, MIN_LEN, MAX_LEN)
     return _spaced(s), _spaced(s.upper()), {}
 
 
 def _draw_lowercase(rng):
-    s = _letters(rng, 3, 6, string.ascii_uppercase)
+    s = _letters(rng, MIN_LEN, MAX_LEN, string.ascii_uppercase)
     return _spaced(s), _spaced(s.lower()), {}
 
 
 def _draw_first_letter(rng):
-    s = _letters(rng, 3, 6)
+    s = _letters(rng, MIN_LEN, MAX_LEN)
     return _spaced(s), s[0], {}
 
 
 def _draw_last_letter(rng):
-    s = _letters(rng, 3, 6)
+    s = _letters(rng, MIN_LEN, MAX_LEN)
     return _spaced(s), s[-1], {}
 
 
 def _draw_counting(rng):
-    # Pick the count first: uniform letters would make almost every answer 0.
-    n = rng.randint(4, 8)
-    letter = rng.choice(string.ascii_lowercase)
-    k = rng.randint(0, 4)
-    others = string.ascii_lowercase.replace(letter, "")
-    chars = [rng.choice(others) for _ in range(n)]
-    for i in rng.sample(range(n), k):
-        chars[i] = letter
-    return _spaced(chars), str(k), {"letter": letter}
+    # Counting the symbols of the payload: counting occurrences of a named letter
+    # needed far more steps than the few CPU minutes the default run has.
+    s = _letters(rng, MIN_LEN, MAX_LEN + 3)
+    return _spaced(s), str(len(s)), {}
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -172,12 +179,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         "Rewrite in capital letters.",
     ), trained=True),
     Family("counting", _draw_counting, (
-        "How many times does the letter {letter} appear?",
-        "Count the letter {letter}.",
-        "Count occurrences of the letter {letter}.",
-        "How many {letter} are there?",
-        "Tell me how often {letter} occurs.",
-        "Find the number of times the letter {letter} shows up.",
+        "How many letters are there?",
+        "Count the letters.",
+        "Count how many characters there are.",
+        "What is the length of this string?",
+        "Tell me the number of letters.",
+        "How long is this sequence?",
     ), trained=True),
     Family("sort_descending", _draw_sort_descending, (
         "Sort the digits in descending order.",
