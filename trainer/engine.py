@@ -149,7 +149,9 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, offload: bool):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    # The fused kernel (CPU and CUDA) replaces a Python loop over tensors; on small
+    # models that loop was up to a fifth of a step.
+    return torch.optim.AdamW(groups, fused=True, **kwargs)
 
 
 @contextlib.contextmanager
