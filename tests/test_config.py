@@ -8,11 +8,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trainer.config import ConfigError, TrainingJobConfig, register_configs, validate
+from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, register_configs, validate
 from trainer.engine import build_deepspeed_config, lr_multiplier
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
+CONF = CONF_DIR
 
 
 def _compose(name: str, overrides=()):

@@ -11,10 +11,15 @@ these objects down; nothing deeper reads `cfg.foo.bar` from a DictConfig.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+# The Hydra config tree every entry point composes from.
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 class ConfigError(ValueError):

@@ -35,7 +35,7 @@ import jinja2
 import numpy as np
 import torch
 
-from trainer.config import DataConfig, DatasetSpec
+from trainer.config import CONF_DIR, DataConfig, DatasetSpec
 
 IGNORE_INDEX = -100
 FORMAT_FIELDS = {
@@ -654,7 +654,7 @@ def compose_job_config(config_name: str, overrides: list[str]):
     register_configs()
     if not OmegaConf.has_resolver("tf_run_id"):
         OmegaConf.register_new_resolver("tf_run_id", lambda: "preview")
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name, overrides=overrides)
     if OmegaConf.is_interpolation(cfg, "output_dir"):
         cfg.output_dir = "."  # it names the Hydra run directory, which exists only inside a Hydra run; preview writes nothing

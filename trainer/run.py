@@ -15,7 +15,7 @@ from transformers import set_seed
 
 from trainer.checkpoint import find_resume_dir, load_checkpoint
 from trainer.cli import exit_with_user_error, user_errors
-from trainer.config import ConfigError, TrainingJobConfig, validate
+from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, validate
 from trainer.data import build_supervised_data, collate
 from trainer.engine import (
     build_deepspeed_config,
@@ -141,3 +141,14 @@ def _run(dcfg: DictConfig) -> int:
         logger.close()
         dist.barrier()
     return 0
+
+
+def stage_main(config_name: str):
+    """The Hydra entry function of a supervised stage whose primary config is `conf/<config_name>.yaml`."""
+    import hydra
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        run_stage(cfg)
+
+    return main

@@ -1,21 +1,12 @@
-"""Supervised fine-tuning on prompt/completion data.
+"""Supervised fine-tuning on prompt/completion data (primary config: conf/sft.yaml).
 
     python -m trainer.sft [hydra overrides]
-    deepspeed --no_local_rank --num_gpus N -m trainer.sft [overrides]
     torchrun --nproc_per_node N -m trainer.sft [overrides]
+    deepspeed --no_local_rank --num_gpus N --module trainer.sft [overrides]
 """
 
-import hydra
-from omegaconf import DictConfig
-
 from trainer.cli import launch
-from trainer.run import run_stage
-
-
-@hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run_stage(cfg)
-
+from trainer.run import stage_main
 
 if __name__ == "__main__":
-    launch(main)
+    launch(stage_main("sft"))
