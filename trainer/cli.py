@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 from omegaconf import OmegaConf
@@ -51,8 +53,18 @@ def _silence_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
 
 
+def _per_environment_extension_cache() -> None:
+    # DeepSpeed JIT-builds a CPU communication op into torch's shared extension cache
+    # under a file lock. Two Python environments on one machine would rebuild it over
+    # each other, and a run killed mid-build leaves a lock that hangs every later start,
+    # so each environment gets its own cache.
+    tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{tag}"))
+
+
 def launch(hydra_main: Callable[[], None]) -> None:
     _silence_library_noise()
+    _per_environment_extension_cache()
     register_configs()
     if not OmegaConf.has_resolver("tf_run_id"):
         OmegaConf.register_new_resolver("tf_run_id", _run_id, use_cache=True)
