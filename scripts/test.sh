@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set everything up and run the whole test suite (CPU, ~10 minutes on 2 cores).
+# Set everything up and run the whole test suite (CPU, 7-11 minutes of tests on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
