@@ -258,3 +258,17 @@ def test_multirun_sweep_gives_each_member_its_own_directory(tmp_path, small_data
 
     lrs = [OmegaConf.load(m / "config.yaml").optim.lr for m in members]
     assert lrs == [1e-3, 2e-3]
+
+
+@pytest.mark.distributed
+def test_eval_reports_loss_and_exact_match_per_family(tmp_path, small_data):
+    run_dir = tmp_path / "eval"
+    overrides = [o for o in TINY if o != "train.eval_every=0"]
+    run_stage(run_dir, *overrides, f"data.path={small_data}", "data.eval_path=synthetic:sft", "train.max_steps=2",
+              "train.micro_batch_size=4", "train.eval_every=2", "train.eval_generate_samples=60",
+              "train.eval_max_new_tokens=4")
+    metrics = json.loads((run_dir / "eval_metrics.json").read_text())
+    assert metrics["step"] == 2 and metrics["eval/loss"] > 0
+    assert 0.0 <= metrics["eval/exact_match"] <= 1.0
+    assert any(k.startswith("eval/em/") for k in metrics)
+    assert any(k.startswith("eval/em_split/") for k in metrics)

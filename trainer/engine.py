@@ -70,6 +70,14 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if has_gpu() else torch.device("cpu")
 
 
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few scalars over all ranks in one collective (a no-op in a world of one)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def resolve_precision(requested: str) -> str:
     """`auto` is bf16 on GPUs that support it and fp32 elsewhere (CPU bf16 is slow and
     makes the small-model equivalence checks meaningless)."""

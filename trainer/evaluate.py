@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from trainer.engine import DistInfo, device
+from trainer.engine import DistInfo, all_reduce_sum, device
 from trainer.objectives import Task
 
 
@@ -24,13 +24,6 @@ def _shard(n: int, info: DistInfo) -> list[int]:
 def _num_batches(n: int, info: DistInfo, batch_size: int) -> int:
     """Batches of the largest shard: every rank runs this many (ZeRO-3 forwards are collective)."""
     return -(-(-(-n // info.world_size)) // batch_size)
-
-
-def _sum_across_ranks(values: list[float], info: DistInfo) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device())
-    if info.world_size > 1:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 @torch.no_grad()
@@ -49,7 +42,7 @@ def eval_loss(engine, task: Task, rows: list[dict], collate: Callable, batch_siz
             loss_sum += float(loss)
             items += task.count(batch)
     engine.module.train(was_training)
-    loss_sum, items = _sum_across_ranks([loss_sum, items], info)
+    loss_sum, items = all_reduce_sum([loss_sum, items])
     return {"eval/loss": loss_sum / max(items, 1.0)}
 
 
@@ -124,6 +117,6 @@ def _stop_token_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     for marker in ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>"):
         tid = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from trainer.checkpoint import save_checkpoint
 from trainer.config import TrainingJobConfig
-from trainer.engine import DistInfo, device
+from trainer.engine import DistInfo, all_reduce_sum, device
 from trainer.metrics import MetricsLogger
 from trainer.objectives import Task
 
@@ -113,13 +112,6 @@ class FitContext:
     evaluate: Optional[Callable[[int], dict]] = None
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def _memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -145,7 +137,7 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
             local_items = sum(task.count(b) for b in batches)
             local_tokens = sum(len(row["input_ids"]) for r in micro_rows for row in r)  # padding excluded
             # One collective per step: item count for normalisation + the preemption vote.
-            global_items, global_tokens, stop_votes = _all_reduce_sum([local_items, local_tokens, float(flag.requested)])
+            global_items, global_tokens, stop_votes = all_reduce_sum([local_items, local_tokens, float(flag.requested)])
             global_items = max(global_items, 1.0)
 
             local_loss_sum, skipped = _train_step(engine, task, batches, global_items, info.world_size, state.step, cfg)
@@ -201,7 +193,7 @@ def _train_step(engine, task: Task, batches, global_items: float, world_size: in
     total = 0.0
     for m, batch in enumerate(batches):
         loss_sum = task.loss(engine, batch)
-        finite = _all_reduce_sum([float(not torch.isfinite(loss_sum).item())])[0] == 0
+        finite = all_reduce_sum([float(not torch.isfinite(loss_sum).item())])[0] == 0
         if not finite:
             if cfg.train.nonfinite == "stop":
                 raise NonFiniteError(f"step {step}: non-finite loss; stopping (train.nonfinite=stop, last checkpoint is intact)")
@@ -239,7 +231,7 @@ class _Window:
 
     def flush(self, engine, state: TrainState, sampler: GlobalBatchSampler) -> dict:
         # Each rank holds its own loss sum; one all-reduce gives the global mean.
-        loss_sum = _all_reduce_sum([self.loss])[0]
+        loss_sum = all_reduce_sum([self.loss])[0]
         metrics = {}
         if self.items > 0:
             metrics = {
