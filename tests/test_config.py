@@ -30,7 +30,7 @@ def _typed(dcfg) -> TrainingJobConfig:
     return cfg
 
 
-@pytest.mark.parametrize("name", ["sft", "instruct"])
+@pytest.mark.parametrize("name", ["sft", "instruct", "reward"])
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "deepspeed").glob("*.yaml")))
 def test_every_deepspeed_preset_composes_and_validates(name, preset):
     cfg = _typed(_compose(name, [f"deepspeed={preset}"]))
@@ -47,9 +47,10 @@ def test_every_group_option_composes(group):
         overrides = [f"{group}={option}"]
         if option == "hf":
             overrides.append("model.name_or_path=some/model")
-        if option == "jsonl":
+        if option.endswith("jsonl"):
             overrides.append("data.path=some.jsonl")
-        cfg = _typed(_compose("sft", overrides))
+        root = "reward" if "preference" in option else "sft"
+        cfg = _typed(_compose(root, overrides))
         validate(cfg)
 
 
@@ -101,3 +102,40 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_multiplier(60, o, 110) == pytest.approx(0.55)
     assert lr_multiplier(110, o, 110) == pytest.approx(0.1)
     assert lr_multiplier(500, o, 110) == pytest.approx(0.1)
+
+
+def test_each_stage_accepts_only_its_own_data_formats():
+    validate(_typed(_compose("reward", ["data.format=preference_conversations"])))
+    with pytest.raises(ConfigError, match=r"data\.format: must be one of auto\|preference_text"):
+        validate(_typed(_compose("reward", ["data.format=prompt_completion"])))
+    with pytest.raises(ConfigError, match=r"data\.format"):
+        validate(_typed(_compose("sft", ["data.format=preference_text"])))
+
+
+def test_prompt_sharing_needs_packing_and_a_4d_mask_attention():
+    validate(_typed(_compose("reward", ["data.packing=false", "reward.share_prompt=false"])))
+    with pytest.raises(ConfigError, match=r"reward\.share_prompt: needs data\.packing=true"):
+        validate(_typed(_compose("reward", ["data.packing=false"])))
+    with pytest.raises(ConfigError, match=r"reward\.share_prompt: needs model\.attn_implementation"):
+        validate(_typed(_compose("reward", ["model.attn_implementation=flash_attention_2"])))
+
+
+def test_latest_export_is_the_newest_finished_run(tmp_path):
+    from trainer.config import latest_export
+
+    assert latest_export(str(tmp_path / "missing")) is None
+    for run, finished in (("2026-01-01_10-00-00", True), ("2026-01-02_10-00-00", True), ("2026-01-03_10-00-00", False)):
+        (tmp_path / run / "hf_model").mkdir(parents=True)
+        if finished:  # train_state.json is written after the export completes
+            (tmp_path / run / "train_state.json").write_text("{}")
+    assert latest_export(str(tmp_path)) == str(tmp_path / "2026-01-02_10-00-00" / "hf_model")
+
+
+def test_reward_default_model_falls_back_to_tiny_without_an_sft_export(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no outputs/sft here
+    cfg = _typed(_compose("reward"))
+    assert cfg.model.name_or_path is None and cfg.stage == "reward"
+    (tmp_path / "outputs/sft/2026-01-01_10-00-00/hf_model").mkdir(parents=True)
+    (tmp_path / "outputs/sft/2026-01-01_10-00-00/train_state.json").write_text("{}")
+    cfg = _typed(_compose("reward"))
+    assert cfg.model.name_or_path == "outputs/sft/2026-01-01_10-00-00/hf_model"

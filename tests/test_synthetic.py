@@ -12,7 +12,16 @@ import pytest
 from transformers import AutoTokenizer
 
 from trainer import synthetic
-from trainer.synthetic import FAMILIES, HELDOUT_FAMILIES, SFT_ANSWER_PREFIX, VARIANTS, load_synthetic, make_rows
+from trainer.synthetic import (
+    FAMILIES,
+    HELDOUT_FAMILIES,
+    PREFERENCE_KINDS,
+    PREFERENCE_VARIANTS,
+    SFT_ANSWER_PREFIX,
+    VARIANTS,
+    load_synthetic,
+    make_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_TOKENIZER = ROOT / "trainer" / "assets" / "tokenizer"
@@ -184,9 +193,69 @@ def test_load_synthetic_parses_spec_and_caches():
 def test_cli_writes_every_variant_and_split(tmp_path):
     synthetic.main(["write", "--out", str(tmp_path), "--seed", "1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"{v}_{s}.jsonl" for v in VARIANTS for s in ("train", "eval"))
-    lines = (tmp_path / "chat_eval.jsonl").read_text(encoding="utf-8").splitlines()
-    assert [json.loads(x) for x in lines] == make_rows("chat", "eval", seed=1)
+        f"{v}_{s}.jsonl" for v in VARIANTS + PREFERENCE_VARIANTS for s in ("train", "eval"))
+    for variant in ("chat", "preference"):
+        lines = (tmp_path / f"{variant}_eval.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(x) for x in lines] == make_rows(variant, "eval", seed=1)
+
+
+# ------------------------------------------------------------------------------------------- preference pairs
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return {s: make_rows("preference", s) for s in ("train", "eval")}
+
+
+def symbols(response: str) -> list[str]:
+    return response.split()
+
+
+def test_preference_pairs_are_the_sft_tasks_with_the_correct_answer_chosen(rows, pairs):
+    for split in ("train", "eval"):
+        assert len(pairs[split]) == len(rows["sft", split])
+        for pair, sft in zip(pairs[split], rows["sft", split]):
+            assert set(pair) == {"prompt", "chosen", "rejected", "kind", "family", "phrasing", "family_split"}
+            assert pair["prompt"] == sft["prompt"] and pair["chosen"] == sft["completion"] == " " + sft["answer"]
+            assert {k: pair[k] for k in ("family", "phrasing", "family_split")} == \
+                {k: sft[k] for k in ("family", "phrasing", "family_split")}
+            assert pair["rejected"].startswith(" ") and pair["rejected"] != pair["chosen"]
+    assert all(p["family_split"] == "trained" and p["phrasing"] == "seen" for p in pairs["train"])
+    train = {instance_key(p) for p in pairs["train"]}
+    assert not train & {instance_key(p) for p in pairs["eval"]}, "eval pairs are new instances"
+
+
+def test_preference_kinds_are_balanced_and_follow_the_rule(pairs):
+    for split, rs in pairs.items():
+        kinds = Counter(p["kind"] for p in rs)
+        assert set(kinds) == set(PREFERENCE_KINDS)
+        assert all(0.4 < n / len(rs) < 0.6 for n in kinds.values()), (split, kinds)
+    longer = Counter()
+    for p in pairs["train"] + pairs["eval"]:
+        instruction, payload = split_sft_prompt(p["prompt"])
+        answer = solve(p["family"], payload, parse_instruction(p["family"], instruction)[1])
+        rejected = p["rejected"][1:]
+        if p["kind"] == "wrong_answer":
+            # Same layout, wrong content: one symbol per word, and as many symbols as the answer.
+            assert rejected != answer and all(len(w) == 1 for w in symbols(rejected)), p
+            assert len(symbols(rejected)) == len(symbols(answer)), p
+        else:
+            # The right answer, with chatter around it or with the wrong separator.
+            assert "".join(symbols(answer)) in rejected.replace(" ", "").replace(",", ""), p
+            assert rejected != answer and (len(rejected) > len(answer) or " " not in rejected), p
+        longer[p["kind"], len(p["rejected"]) > len(p["chosen"])] += 1
+    # Not learnable by length alone: in format pairs the rejected response is sometimes the shorter one.
+    assert longer["format", False] > 0.1 * longer["format", True]
+    assert longer["wrong_answer", True] < 0.1 * longer["wrong_answer", False]
+
+
+def test_preference_pairs_are_deterministic():
+    first = make_rows("preference", "eval", seed=3)
+    synthetic._tasks.cache_clear()
+    assert make_rows("preference", "eval", seed=3) == first
+    assert make_rows("preference", "eval", seed=4) != first
+    ds = load_synthetic("synthetic:preference", "eval")
+    assert len(ds) == 600 and ds[0] == make_rows("preference", "eval")[0]
 
 
 def test_shipped_tokenizer_round_trips_every_answer(rows, tok):

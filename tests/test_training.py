@@ -4,7 +4,6 @@ rank equivalence, exact resume, preemption, non-finite handling, HF export."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,21 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-
-# A tiny model and a small slice of the synthetic suite keep each run to seconds.
-TINY = [
-    "model.tiny.hidden_size=64",
-    "model.tiny.num_hidden_layers=2",
-    "model.tiny.num_attention_heads=4",
-    "model.tiny.num_key_value_heads=4",
-    "model.tiny.intermediate_size=128",
-    "data.max_length=64",
-    "train.eval_every=0",
-    "train.export=false",
-    "logger.log_every=1",
-    "optim.warmup_steps=2",
-]
+from runs import REPO, TINY, losses, run_env, run_stage
 
 
 @pytest.fixture(scope="module")
@@ -40,33 +25,6 @@ def small_data(tmp_path_factory) -> Path:
         for row in make_rows("sft", "train", seed=0)[:600]:
             f.write(json.dumps({"prompt": row["prompt"], "completion": row["completion"]}) + "\n")
     return path
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("TUNEFORGE_RUN_ID", None)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return env
-
-
-def run_stage(run_dir: Path, *overrides: str, nproc: int = 1, stage: str = "sft", check: bool = True, timeout: int = 600):
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", f"trainer.{stage}", *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
-    return out
 
 
 @pytest.mark.distributed
@@ -127,7 +85,7 @@ def test_preemption_saves_and_resumes(tmp_path, small_data):
     run_dir = tmp_path / "pre"
     cmd = [sys.executable, "-m", "trainer.sft", *TINY, f"data.path={small_data}", "data.eval_path=null",
            "train.max_steps=100000", "train.micro_batch_size=4", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -217,7 +175,7 @@ def test_hf_export_reloads_with_the_trained_weights(tmp_path, small_data):
 def test_wandb_offline_run_logs_config_and_metrics_without_secrets(tmp_path, small_data):
     secret = "sk-test-0123456789abcdef"
     run_dir = tmp_path / "wb"
-    env = _env()
+    env = run_env()
     env.update(WANDB_API_KEY=secret, HF_TOKEN=secret)
     env.pop("WANDB_MODE", None)
     cmd = [sys.executable, "-m", "trainer.sft", *TINY, f"data.path={small_data}", "data.eval_path=null",
@@ -250,7 +208,7 @@ def test_multirun_sweep_gives_each_member_its_own_directory(tmp_path, small_data
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "trainer.sft", "-m", *TINY, f"data.path={small_data}", "data.eval_path=null",
            "train.max_steps=2", "train.micro_batch_size=4", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     members = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
     assert [m.name for m in members] == ["0", "1"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 # The Hydra config tree every entry point composes from.
@@ -35,11 +35,11 @@ def _require(cond: bool, key: str, msg: str) -> None:
 class TinyModelConfig:
     """Architecture of the random-init Llama used when no checkpoint is given."""
 
-    hidden_size: int = 192
+    hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
-    intermediate_size: int = 512
+    intermediate_size: int = 344
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
@@ -70,6 +70,9 @@ class DatasetSpec:
 
 
 DATA_FORMATS = ("auto", "prompt_completion", "alpaca", "sharegpt", "messages")
+# Preference pairs (trainer.reward): prompt/chosen/rejected strings; a messages prompt with
+# assistant-message answers; or two full conversations sharing a prompt (UltraFeedback layout).
+PREFERENCE_FORMATS = ("auto", "preference_text", "preference_messages", "preference_conversations")
 
 
 @dataclass
@@ -119,6 +122,10 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
+    # ZeRO-3 gathers each transformer block (the model's `_no_split_modules`) as one unit,
+    # the granularity FSDP wraps at, instead of hooking every Linear and norm inside it:
+    # fewer, larger all-gathers and less hook overhead. false: DeepSpeed's per-module default.
+    stage3_gather_per_block: bool = True
     # auto picks bf16 where the accelerator supports it, fp32 otherwise.
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     # Raw keys merged last into the generated DeepSpeed JSON (expert escape hatch).
@@ -156,8 +163,20 @@ class TrainConfig:
 
 
 @dataclass
+class RewardConfig:
+    # Weight of mean((r_chosen + r_rejected)^2), TRL's `center_rewards_coefficient`:
+    # keeps scores centred on 0 so PPO can use them without a learned offset. 0 disables.
+    center_coef: float = 0.0
+    # With data.packing: lay each pair out once as [shared prompt | chosen tail | rejected tail]
+    # under a mask that hides the tails from each other, so the prompt is computed once. Scores
+    # are those of each sequence on its own (tested). Needs attention that takes a 4D mask
+    # (sdpa, eager), not flash_attention_2.
+    share_prompt: bool = True
+
+
+@dataclass
 class TrainingJobConfig:
-    """Root schema shared by trainer.sft and trainer.instruct."""
+    """Root schema of every supervised stage (sft, instruct, reward)."""
 
     stage: str = "sft"
     seed: int = 1234
@@ -171,11 +190,18 @@ class TrainingJobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Used by stage=reward only.
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+STAGES = ("sft", "instruct", "reward")
 
 
 def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     """Semantic checks Hydra's type checks cannot express; raise ConfigError naming the key."""
     t, o, d, ds = cfg.train, cfg.optim, cfg.data, cfg.deepspeed
+    _require(cfg.stage in STAGES, "stage", f"must be one of {'|'.join(STAGES)}, got {cfg.stage!r}")
+    formats = PREFERENCE_FORMATS if cfg.stage == "reward" else DATA_FORMATS
     _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
     _require(t.grad_accum > 0, "train.grad_accum", f"must be > 0, got {t.grad_accum}")
@@ -191,11 +217,11 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two values in [0, 1), got {o.betas}")
     _require(d.max_length > 0, "data.max_length", f"must be > 0, got {d.max_length}")
     _require(d.overlong in ("truncate", "drop"), "data.overlong", f"must be truncate|drop, got {d.overlong!r}")
-    _require(d.format in DATA_FORMATS, "data.format", f"must be one of {'|'.join(DATA_FORMATS)}, got {d.format!r}")
-    _require(d.eval_format in DATA_FORMATS, "data.eval_format", f"must be one of {'|'.join(DATA_FORMATS)}, got {d.eval_format!r}")
+    _require(d.format in formats, "data.format", f"must be one of {'|'.join(formats)}, got {d.format!r}")
+    _require(d.eval_format in formats, "data.eval_format", f"must be one of {'|'.join(formats)}, got {d.eval_format!r}")
     for i, m in enumerate(d.mixture):
         _require(m.weight > 0, f"data.mixture[{i}].weight", f"must be > 0, got {m.weight}")
-        _require(m.format in DATA_FORMATS, f"data.mixture[{i}].format", f"must be one of {'|'.join(DATA_FORMATS)}, got {m.format!r}")
+        _require(m.format in formats, f"data.mixture[{i}].format", f"must be one of {'|'.join(formats)}, got {m.format!r}")
     _require(ds.stage in (0, 1, 2, 3), "deepspeed.stage", f"must be 0, 1, 2 or 3, got {ds.stage}")
     _require(ds.precision in ("auto", "bf16", "fp16", "fp32"), "deepspeed.precision", f"must be auto|bf16|fp16|fp32, got {ds.precision!r}")
     _require(not ds.offload_param or ds.stage == 3, "deepspeed.offload_param", "parameter offload needs deepspeed.stage=3")
@@ -204,12 +230,31 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     _require(cfg.logger.mode in ("auto", "online", "offline"), "logger.mode", f"must be auto|online|offline, got {cfg.logger.mode!r}")
     _require(cfg.logger.log_every > 0, "logger.log_every", f"must be > 0, got {cfg.logger.log_every}")
     _require(world_size >= 1, "world_size", f"must be >= 1, got {world_size}")
+    _require(cfg.reward.center_coef >= 0, "reward.center_coef", f"must be >= 0, got {cfg.reward.center_coef}")
+    if cfg.stage == "reward":
+        _require(not d.mixture, "data.mixture", "is not supported by the reward stage; use data.path")
+        _require(not cfg.reward.share_prompt or d.packing, "reward.share_prompt",
+                 "needs data.packing=true (or set reward.share_prompt=false)")
+        _require(not (cfg.reward.share_prompt and cfg.model.attn_implementation not in ("sdpa", "eager")),
+                 "reward.share_prompt", f"needs model.attn_implementation=sdpa|eager (a 4D attention mask), got "
+                 f"{cfg.model.attn_implementation!r}; set reward.share_prompt=false")
 
 
 def global_batch_size(cfg: TrainingJobConfig, world_size: int) -> int:
     return cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
 
 
+def latest_export(runs_dir: str) -> Optional[str]:
+    """The `hf_model` directory of the newest finished run under `runs_dir` (run directories
+    are named by start time, so the last in name order), or None when there is none.
+    `${tf_latest_export:outputs/sft}` in a config chains a stage onto the previous one."""
+    # train_state.json is written after the export completes, so a half-written export never counts.
+    runs = sorted(p.parent for p in Path(runs_dir).glob("*/train_state.json") if (p.parent / "hf_model").is_dir())
+    return str(runs[-1] / "hf_model") if runs else None
+
+
 def register_configs() -> None:
     # Only the root is needed: every group file merges into a typed field of it.
     ConfigStore.instance().store(name="training_job_schema", node=TrainingJobConfig)
+    if not OmegaConf.has_resolver("tf_latest_export"):
+        OmegaConf.register_new_resolver("tf_latest_export", latest_export, use_cache=True)

@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import datasets
 import jinja2
@@ -178,7 +178,8 @@ def _check_format(row: dict, fmt: str) -> str:
     return fmt
 
 
-def _message(role, content, where: str) -> dict:
+def checked_message(role, content, where: str) -> dict:
+    """{role, content} with both checked to be strings (null content is empty); errors name `where`."""
     if not isinstance(role, str):
         raise DataError(f"{where}: message role must be a string, got {role!r}")
     if content is None:
@@ -191,7 +192,7 @@ def _message(role, content, where: str) -> dict:
 def to_messages(row: dict, fmt: str, system_prompt: Optional[str] = None) -> list[dict]:
     """A conversational row as [{role, content}]; `system_prompt` is added where the row has no system turn."""
     if fmt == "messages":
-        messages = [_message(m.get("role"), m.get("content"), "messages") for m in row["messages"]]
+        messages = [checked_message(m.get("role"), m.get("content"), "messages") for m in row["messages"]]
     elif fmt == "sharegpt":
         turns = row["conversations"] if isinstance(row.get("conversations"), list) else row["messages"]
         messages = []
@@ -200,14 +201,14 @@ def to_messages(row: dict, fmt: str, system_prompt: Optional[str] = None) -> lis
             if role is None:
                 raise DataError(f"unknown sharegpt speaker {turn.get('from')!r}; accepted: "
                                 f"{', '.join(_SHAREGPT_ROLES)}")
-            messages.append(_message(role, turn.get("value"), "conversations"))
+            messages.append(checked_message(role, turn.get("value"), "conversations"))
     elif fmt == "alpaca":
         user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        messages = [{"role": "user", "content": user}, _message("assistant", row["output"], "output")]
+        messages = [{"role": "user", "content": user}, checked_message("assistant", row["output"], "output")]
     elif fmt == "prompt_completion":
         if not (isinstance(row["prompt"], list) and isinstance(row["completion"], list)):
             raise DataError("prompt and completion must both be strings or both be lists of messages")
-        messages = [_message(m.get("role"), m.get("content"), "prompt/completion")
+        messages = [checked_message(m.get("role"), m.get("content"), "prompt/completion")
                     for m in row["prompt"] + row["completion"]]
     else:
         raise DataError(f"unknown format {fmt!r}; accepted formats: {_accepted_formats()}")
@@ -228,7 +229,7 @@ class _Pieces:
 
 
 @dataclass(frozen=True)
-class _Templater:
+class Templater:
     """What splitting rows into pieces needs from a tokenizer, looked up once per batch.
 
     `render` is the tokenizer's compiled chat template called the way `apply_chat_template(tokenize=False)`
@@ -250,13 +251,13 @@ class _Templater:
             **self.special_tokens)
 
 
-def _templater(tokenizer) -> _Templater:
+def templater(tokenizer) -> Templater:
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     try:
         template = tokenizer.get_chat_template()  # resolves a dict of named templates to the default one
     except ValueError:
         template = None
-    return _Templater(template, dict(tokenizer.special_tokens_map),
+    return Templater(template, dict(tokenizer.special_tokens_map),
                       [] if bos is None else [bos], [] if eos is None else [eos], tuple(tokenizer.all_special_tokens))
 
 
@@ -265,7 +266,7 @@ def _first_difference(a: str, b: str) -> str:
     return f"at character {i}: {a[max(0, i - 20):i + 20]!r} vs {b[max(0, i - 20):i + 20]!r}"
 
 
-def _chat_pieces(messages: list[dict], t: _Templater) -> Optional[_Pieces]:
+def _chat_pieces(messages: list[dict], t: Templater) -> Optional[_Pieces]:
     # An opening assistant turn (a greeting) has nothing to answer, so it is context, not a target.
     assistant = [k for k, m in enumerate(messages) if m["role"] == "assistant" and k > 0]
     if not any(messages[k]["content"].strip() for k in assistant):
@@ -292,7 +293,7 @@ def _chat_pieces(messages: list[dict], t: _Templater) -> Optional[_Pieces]:
     return _Pieces([p for p in pieces if p[0]], messages[assistant[-1]]["content"])
 
 
-def _example_pieces(row: dict, fmt: str, t: _Templater, system_prompt: Optional[str]) -> Optional[_Pieces]:
+def example_pieces(row: dict, fmt: str, t: Templater, system_prompt: Optional[str]) -> Optional[_Pieces]:
     """Split a row into pieces; None when it has nothing to learn (no completion / assistant text)."""
     if fmt == "prompt_completion" and isinstance(row["prompt"], str):
         prompt, completion = row["prompt"], row["completion"]
@@ -313,7 +314,7 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _encode_pieces(tokenizer, examples: list[_Pieces]) -> list[list[tuple[list[int], bool]]]:
+def encode_pieces(tokenizer, examples: list[_Pieces]) -> list[list[tuple[list[int], bool]]]:
     """Tokenize the text pieces of many examples in one call."""
     texts = [p for ex in examples for p, _ in ex.pieces if isinstance(p, str)]
     ids = iter(_encode(tokenizer, texts))
@@ -348,10 +349,10 @@ def _prompt_ids(pieces: list[tuple[list[int], bool]]) -> list[int]:
 def tokenize_example(row: dict, fmt: str, tokenizer, max_length: int, overlong: str,
                      system_prompt: Optional[str] = None) -> Optional[dict]:
     """{"input_ids", "labels"} for one row (labels -100 on untrained tokens), or None when it is dropped."""
-    planned = _example_pieces(row, _check_format(row, fmt), _templater(tokenizer), system_prompt)
+    planned = example_pieces(row, _check_format(row, fmt), templater(tokenizer), system_prompt)
     if planned is None:
         return None
-    return _assemble(_encode_pieces(tokenizer, [planned])[0], max_length, overlong)[0]
+    return _assemble(encode_pieces(tokenizer, [planned])[0], max_length, overlong)[0]
 
 
 def _tokenize_batch(batch: dict, *, fmt, tokenizer, max_length, overlong, system_prompt, with_prompts,
@@ -361,21 +362,9 @@ def _tokenize_batch(batch: dict, *, fmt, tokenizer, max_length, overlong, system
     `code_hash` is unused here: it is in the arguments so that datasets' cache of this map (for file-backed
     data) is invalidated when this module changes; datasets hashes module functions by name, not code.
     """
-    t = _templater(tokenizer)
-    columns = {k: batch[k] for k in batch}
-    planned, errors = [], []
-    for values in zip(*columns.values()):
-        row = dict(zip(columns, values))
-        try:
-            planned.append(_example_pieces(row, _check_format(row, fmt), t, system_prompt))
-            errors.append("")
-        except DataError as e:
-            planned.append(None)
-            errors.append(str(e))
-        except jinja2.TemplateError as e:  # e.g. the template's raise_exception("roles must alternate")
-            planned.append(None)
-            errors.append(f"chat template error: {e}")
-    encoded = iter(_encode_pieces(tokenizer, [p for p in planned if p is not None]))
+    t = templater(tokenizer)
+    planned, errors = plan_rows(batch, lambda row: example_pieces(row, _check_format(row, fmt), t, system_prompt))
+    encoded = iter(encode_pieces(tokenizer, [p for p in planned if p is not None]))
     out = {"input_ids": [], "labels": [], "status": [], "error": errors}
     if with_prompts:
         out.update(prompt_ids=[], answer=[])
@@ -391,7 +380,7 @@ def _tokenize_batch(batch: dict, *, fmt, tokenizer, max_length, overlong, system
     return out
 
 
-def _check_generation_prompt(t: _Templater) -> None:
+def _check_generation_prompt(t: Templater) -> None:
     """A template that ignores add_generation_prompt would train on the assistant header and never prompt for it."""
     probe = [{"role": "user", "content": "hi"}]
     try:
@@ -408,19 +397,48 @@ def _tokenize_dataset(ds: datasets.Dataset, fmt: str, tokenizer, cfg: DataConfig
     """Tokenize every row (datasets.map, cfg.num_proc processes); columns as Python lists."""
     if len(ds) == 0:
         raise DataError(f"{source}: no rows")
-    t = _templater(tokenizer)
+    t = templater(tokenizer)
     if t.template is not None and not isinstance(ds[0].get("prompt"), str):  # rows that go through the template
         _check_generation_prompt(t)
     features = {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
-                "status": datasets.Value("string"), "error": datasets.Value("string")}
+                "status": datasets.Value("string")}
     if with_prompts:
         features.update(prompt_ids=datasets.Sequence(datasets.Value("int32")), answer=datasets.Value("string"))
     fn = functools.partial(_tokenize_batch, fmt=fmt, tokenizer=tokenizer, max_length=cfg.max_length,
                            overlong=cfg.overlong, system_prompt=cfg.system_prompt, with_prompts=with_prompts,
                            code_hash=_CODE_HASH)
+    return map_rows(ds, fn, features, cfg.num_proc, source)
+
+
+def plan_rows(batch: dict[str, list], plan: Callable[[dict], Any]) -> tuple[list, list[str]]:
+    """`plan(row)` for every row of a datasets batch, and per row an error text ("" when fine).
+
+    A DataError or chat template error becomes that row's error instead of being raised, so that `map_rows`
+    can name the row (inside datasets.map the row index is unknown).
+    """
+    results, errors = [], []
+    for values in zip(*batch.values()):
+        row = dict(zip(batch, values))
+        try:
+            results.append(plan(row))
+            errors.append("")
+        except DataError as e:
+            results.append(None)
+            errors.append(str(e))
+        except jinja2.TemplateError as e:  # e.g. the template's raise_exception("roles must alternate")
+            results.append(None)
+            errors.append(f"chat template error: {e}")
+    return results, errors
+
+
+def map_rows(ds: datasets.Dataset, fn: Callable[[dict], dict], features: dict, num_proc: int,
+             source: str) -> dict[str, list]:
+    """`ds.map(fn)` in batches (num_proc processes) into `features` plus the string column `error` that `fn`
+    returns per row; columns as Python lists. The first row with an error raises a DataError naming `source`
+    and the row index."""
     out = ds.map(fn, batched=True, batch_size=_MAP_BATCH, remove_columns=ds.column_names,
-                 features=datasets.Features(features), num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                 desc=f"tokenizing {source}")[:]
+                 features=datasets.Features({**features, "error": datasets.Value("string")}),
+                 num_proc=num_proc if num_proc > 1 else None, desc=f"tokenizing {source}")[:]
     bad = [i for i, e in enumerate(out["error"]) if e]
     if bad:
         more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
@@ -436,28 +454,32 @@ def _single_row(example: dict) -> dict:
     return {"input_ids": list(example["input_ids"]), "labels": list(example["labels"]), "position_ids": list(range(n))}
 
 
-def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
-    """Pack examples into rows of <= max_length tokens; position_ids restart at 0 for every example.
+def best_fit_rows(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Group items of the given lengths into rows of <= max_length: the indices in each row.
 
-    Best fit in input order (each example goes to the open row it fills most tightly), so the result is
+    Best fit in input order (each item goes to the open row it fills most tightly), so the result is
     deterministic and rows keep roughly the input's (shuffled) order.
     """
-    rows: list[list[dict]] = []
+    rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, row index), sorted
-    for ex in examples:
-        n = len(ex["input_ids"])
+    for i, n in enumerate(lengths):
         if n > max_length:
             raise ValueError(f"example of {n} tokens does not fit max_length {max_length}; truncate or drop it first")
         j = bisect.bisect_left(free, (n, -1))
         room, r = free.pop(j) if j < len(free) else (max_length, len(rows))
         if r == len(rows):
             rows.append([])
-        rows[r].append(ex)
+        rows[r].append(i)
         if room > n:
             bisect.insort(free, (room - n, r))
+    return rows
+
+
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Pack examples into rows of <= max_length tokens (`best_fit_rows`); position_ids restart at 0 for every example."""
     packed = []
-    for members in rows:
-        parts = [_single_row(ex) for ex in members]
+    for members in best_fit_rows([len(ex["input_ids"]) for ex in examples], max_length):
+        parts = [_single_row(examples[i]) for i in members]
         packed.append({k: [t for p in parts for t in p[k]] for k in ("input_ids", "labels", "position_ids")})
     return packed
 
@@ -560,7 +582,7 @@ class SupervisedData:
     stats: DataStats
 
 
-def _describe(path: str, split: str) -> str:
+def describe_source(path: str, split: str) -> str:
     """How errors name a source: a local file is its own split."""
     return path if Path(path).expanduser().exists() else f"{path} [{split}]"
 
@@ -571,7 +593,7 @@ def build_supervised_data(cfg: DataConfig, tokenizer, seed: int) -> SupervisedDa
         tokenizer.chat_template = cfg.chat_template  # also what an exported model will carry
     members = cfg.mixture or [DatasetSpec(path=cfg.path, format=cfg.format, split=cfg.split, name=cfg.name)]
     loaded = [load_rows(m.path, m.split, m.name) for m in members]
-    tokenized = [_tokenize_dataset(ds, m.format, tokenizer, cfg, _describe(m.path, m.split))
+    tokenized = [_tokenize_dataset(ds, m.format, tokenizer, cfg, describe_source(m.path, m.split))
                  for ds, m in zip(loaded, members)]
     stats = DataStats(members=[{"path": m.path, "split": m.split, "weight": m.weight, "rows": 0, "kept": 0}
                                for m in members])
@@ -604,7 +626,7 @@ def _build_eval(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[EvalPrompt
     if cfg.eval_path is None:
         return [], []
     ds = load_rows(cfg.eval_path, cfg.eval_split, cfg.name if cfg.eval_path == cfg.path else None)
-    out = _tokenize_dataset(ds, cfg.eval_format, tokenizer, cfg, _describe(cfg.eval_path, cfg.eval_split),
+    out = _tokenize_dataset(ds, cfg.eval_format, tokenizer, cfg, describe_source(cfg.eval_path, cfg.eval_split),
                             with_prompts=True)
     rows = [_single_row({"input_ids": ids, "labels": labels})
             for ids, labels, status in zip(out["input_ids"], out["labels"], out["status"]) if status not in DROP_REASONS]
@@ -668,6 +690,11 @@ def preview(config_name: str, n: int, overrides: list[str]) -> None:
     job = compose_job_config(config_name, overrides)
     validate(job)
     tokenizer = load_tokenizer(job.model)
+    if job.stage == "reward":
+        from trainer.preference import preview_pairs  # preference builds on this module
+
+        preview_pairs(job.data, tokenizer, job.seed, n)
+        return
     data = build_supervised_data(job.data, tokenizer, job.seed)
     examples = (ex for row in data.train for ex in unpack_row(row))
     for i, ex in enumerate(itertools.islice(examples, n)):
@@ -682,7 +709,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.data", description="Inspect what the model will train on.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("preview", help="print tokenized examples with trained spans marked, then data stats")
-    p.add_argument("--config", default="sft", help="config name under conf/ (sft, instruct)")
+    p.add_argument("--config", default="sft", help="config name under conf/ (sft, instruct, reward)")
     p.add_argument("--n", type=int, default=3, help="examples to print")
     p.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data.path=my.jsonl")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Held-out loss and generation-based exact match, sharded over ranks.
+"""Held-out loss, generation-based exact match and reward-model pair metrics, sharded over ranks.
 
 Both are collectives: every rank calls them with the same arguments. Under
 ZeRO-3 each forward gathers parameters collectively, so generation runs with
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.engine import DistInfo, all_reduce_sum, device
-from trainer.objectives import Task
+from trainer.objectives import Task, bradley_terry_loss_sum, pair_scores
 
 
 def _shard(n: int, info: DistInfo) -> list[int]:
@@ -100,6 +100,65 @@ def exact_match(engine, tokenizer, prompts: list, batch_size: int, max_new_token
         samples.append((p.prompt_text, p.answer, text, ok))
     metrics = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
     return metrics, samples
+
+
+def _pair_groups(row: dict) -> list[str]:
+    """The accuracy groups of an eval pair: its kind, its split of the synthetic suite, and both."""
+    groups = []
+    if row.get("family_split") and row.get("phrasing"):
+        # e.g. trained_families_seen_phrasing: new instances of the trained distribution
+        groups.append(f"{row['family_split']}_families_{row['phrasing']}_phrasing")
+    if row.get("kind"):
+        groups += [row["kind"]] + [f"{row['kind']}/{g}" for g in groups]
+    return groups
+
+
+@torch.no_grad()
+def pairwise_metrics(engine, rows: list[dict], collate: Callable, batch_size: int, info: DistInfo) -> dict:
+    """Reward-model metrics on held-out preference pairs.
+
+    eval/accuracy (r_chosen > r_rejected), eval/margin (mean r_chosen - r_rejected),
+    eval/loss (Bradley-Terry with each pair's margin, no centering term), eval/reward_mean
+    and eval/reward_std over every chosen and rejected score, and eval/accuracy/<group>
+    for the groups of `_pair_groups` where rows carry them."""
+    groups = sorted({g for r in rows for g in _pair_groups(r)})
+    mine, n_batches = _shard(len(rows), info), _num_batches(len(rows), info, batch_size)
+    was_training = engine.module.training
+    engine.module.eval()
+    # n, correct, margin, loss, sum r, sum r^2, then (n, correct) per group
+    sums = torch.zeros(6 + 2 * len(groups), dtype=torch.float64)
+    for b in range(n_batches):
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        batch_rows = [rows[i] for i in idx] or [rows[0]]
+        batch = {k: v.to(device()) for k, v in collate(batch_rows).items()}
+        chosen, rejected = (s.float().cpu() for s in pair_scores(engine, batch))
+        if not idx:
+            continue  # a padding batch: this rank's shard ran out, the forward kept ZeRO-3 in step
+        correct = (chosen > rejected).double()
+        scores = torch.cat([chosen, rejected]).double()
+        sums[:6] += torch.stack([
+            torch.tensor(float(len(idx))), correct.sum(), (chosen - rejected).double().sum(),
+            bradley_terry_loss_sum(chosen, rejected, batch["margin"].cpu()).double(), scores.sum(), (scores**2).sum(),
+        ])
+        for row, ok in zip(batch_rows, correct):
+            for g in _pair_groups(row):
+                k = 6 + 2 * groups.index(g)
+                sums[k] += 1
+                sums[k + 1] += ok
+    engine.module.train(was_training)
+    sums = torch.tensor(all_reduce_sum(sums.tolist()), dtype=torch.float64)
+    n = max(float(sums[0]), 1.0)
+    mean = float(sums[4]) / (2 * n)
+    metrics = {
+        "eval/accuracy": float(sums[1]) / n,
+        "eval/margin": float(sums[2]) / n,
+        "eval/loss": float(sums[3]) / n,
+        "eval/reward_mean": mean,
+        "eval/reward_std": max(float(sums[5]) / (2 * n) - mean**2, 0.0) ** 0.5,
+    }
+    for i, g in enumerate(groups):
+        metrics[f"eval/accuracy/{g}"] = float(sums[7 + 2 * i]) / max(float(sums[6 + 2 * i]), 1.0)
+    return metrics
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,6 +112,12 @@ class FitContext:
     evaluate: Optional[Callable[[int], dict]] = None
 
 
+def _row_tokens(row: dict) -> int:
+    """Real (unpadded) tokens of a data row: `input_ids` of a causal-LM row, or
+    `chosen_input_ids` + `rejected_input_ids` of a preference pair."""
+    return sum(len(v) for k, v in row.items() if k.endswith("input_ids"))
+
+
 def _memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -135,7 +141,7 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
             micro_rows = [[rows[i] for i in sampler.micro_batch(state.step, m, info.rank)] for m in range(t.grad_accum)]
             batches = [{k: v.to(dev) for k, v in ctx.collate(r).items()} for r in micro_rows]
             local_items = sum(task.count(b) for b in batches)
-            local_tokens = sum(len(row["input_ids"]) for r in micro_rows for row in r)  # padding excluded
+            local_tokens = sum(_row_tokens(row) for r in micro_rows for row in r)
             # One collective per step: item count for normalisation + the preemption vote.
             global_items, global_tokens, stop_votes = all_reduce_sum([local_items, local_tokens, float(flag.requested)])
             global_items = max(global_items, 1.0)
@@ -239,6 +245,8 @@ class _Window:
                 "train/lr": engine.get_lr()[0],
                 "train/grad_norm": sum(self.grad_norms) / max(1, len(self.grad_norms)),
                 "train/tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+                # rows per second: packed sequences (sft, instruct) or preference pairs (reward)
+                "train/samples_per_s": self.steps * sampler.global_batch / max(self.seconds, 1e-9),
                 "train/step_time_s": self.seconds / max(1, self.steps),
                 "train/epoch": sampler.epoch(state.step),
                 "train/tokens_seen": state.tokens_seen,

@@ -1,7 +1,8 @@
 """Load or build the model and tokenizer every stage trains.
 
-A Hub name or local directory goes through `AutoModelForCausalLM.from_pretrained`;
-with no name the tiny random-init Llama of `ModelConfig.tiny` is built around the
+A Hub name or local directory goes through `AutoModelForCausalLM.from_pretrained`
+(`AutoModelForSequenceClassification` with one label for reward models); with no
+name the tiny random-init Llama of `ModelConfig.tiny` is built around the
 tokenizer this repo ships, so the default run needs no network.
 """
 
@@ -10,7 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+)
 
 from trainer.config import ModelConfig
 
@@ -48,15 +56,32 @@ def tiny_llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> L
 def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype):
     """Build the policy model. Call inside the ZeRO-3 context (see engine.zero3_init_context)
     so large checkpoints are loaded straight into partitions instead of whole on every rank."""
+    return _build(AutoModelForCausalLM, cfg, tokenizer, dtype, {})
+
+
+def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype):
+    """A backbone with a scalar head (`num_labels=1`). Starting from a causal-LM checkpoint
+    (an SFT export) keeps the backbone and initialises the head fresh. The score is read at
+    the last non-padding token, which the model finds through `config.pad_token_id`."""
+    model = _build(AutoModelForSequenceClassification, cfg, tokenizer, dtype, {"num_labels": 1})
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _build(auto_class, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, extra: dict):
     if cfg.name_or_path is None:
-        model = AutoModelForCausalLM.from_config(tiny_llama_config(cfg, tokenizer), dtype=dtype)
+        config = tiny_llama_config(cfg, tokenizer)
+        for key, value in extra.items():
+            setattr(config, key, value)
+        model = auto_class.from_config(config, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             cfg.name_or_path,
             revision=cfg.revision,
             dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
+            **extra,
         )
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))

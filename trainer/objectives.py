@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from trainer.config import ConfigError
+
 IGNORE_INDEX = -100
 
 
@@ -49,3 +51,60 @@ class CausalLMTask:
         # transformers build a block-diagonal mask, isolating packed examples.
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         return token_nll_sum(logits, batch["labels"])
+
+
+def bradley_terry_loss_sum(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, center_coef: float = 0.0
+) -> torch.Tensor:
+    """Summed pairwise loss of a reward model.
+
+    chosen, rejected, margin: (B,) scores and required margins. Per pair:
+    -logsigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)^2.
+    Returns a scalar (sum over pairs); `fit` divides by the global pair count."""
+    chosen, rejected = chosen.float(), rejected.float()
+    loss = -F.logsigmoid(chosen - rejected - margin)
+    if center_coef:
+        loss = loss + center_coef * (chosen + rejected) ** 2
+    return loss.sum()
+
+
+def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores, each (B,), of a batch from `collate_pairs`: both halves go
+    through the model in one forward pass (chosen sequences first).
+
+    A padded batch uses the model's own pooling (the last non-padding token). A packed batch
+    holds several sequences per row, so the per-token scores of the head (`model.score`, the
+    scalar head of `AutoModelForSequenceClassification` decoders) are caught on their way out
+    and read at each sequence's last token (`score_index`)."""
+    if "score_index" not in batch:
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return scores.squeeze(-1).chunk(2)  # (2B, 1) -> 2 x (B,)
+    head = getattr(getattr(model, "module", model), "score", None)
+    if head is None:
+        raise ConfigError("data.packing: packed preference batches need a model with a `score` head "
+                         "(AutoModelForSequenceClassification of a decoder); set data.packing=false")
+    caught = []
+    handle = head.register_forward_hook(lambda _module, _inputs, out: caught.append(out))
+    try:
+        # attention_mask is None (sequences isolated by restarting position_ids) or, with a shared
+        # prompt, a (R, 1, T, T) mask that transformers passes to attention as it is.
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+              attention_mask=batch.get("attention_mask"), use_cache=False)
+    finally:
+        handle.remove()
+    per_token = caught[0].reshape(-1)  # (R * T,): one score per position of every packed row
+    return per_token[batch["score_index"]].chunk(2)
+
+
+class RewardTask:
+    """Bradley-Terry preference loss for a scalar-head reward model."""
+
+    def __init__(self, center_coef: float = 0.0):
+        self.center_coef = center_coef
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["margin"].numel()
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        chosen, rejected = pair_scores(model, batch)
+        return bradley_terry_loss_sum(chosen, rejected, batch["margin"], self.center_coef)

@@ -1,6 +1,7 @@
 """Assemble and run one supervised stage: config -> data -> model -> engine -> fit -> export.
 
-The entry points (`trainer.sft`, `trainer.instruct`) are this plus a config name.
+The entry points (`trainer.sft`, `trainer.instruct`, `trainer.reward`) are this plus a
+config name; what differs between them comes from `trainer.stages`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from transformers import set_seed
 from trainer.checkpoint import find_resume_dir, load_checkpoint
 from trainer.cli import exit_with_user_error, user_errors
 from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, validate
-from trainer.data import build_supervised_data, collate
 from trainer.engine import (
     build_deepspeed_config,
     build_engine,
@@ -25,12 +25,10 @@ from trainer.engine import (
     torch_dtype,
     zero3_init_context,
 )
-from trainer.evaluate import eval_loss, exact_match
-from trainer.export import export_hf
 from trainer.loop import PREEMPTED_EXIT_CODE, FitContext, NonFiniteError, TrainState, fit
 from trainer.metrics import MetricsLogger, scrub_secrets
-from trainer.model import build_causal_lm, load_tokenizer
-from trainer.objectives import CausalLMTask
+from trainer.model import load_tokenizer
+from trainer.stages import build_stage
 
 NONFINITE_EXIT_CODE = 3
 
@@ -56,11 +54,11 @@ def _run(dcfg: DictConfig) -> int:
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    data = build_supervised_data(cfg.data, tokenizer, seed=cfg.seed)
-    if len(data.train) < cfg.train.micro_batch_size:
+    parts = build_stage(cfg, tokenizer, info)
+    if len(parts.train) < cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.micro_batch_size: {cfg.train.micro_batch_size} is larger than the "
-            f"{len(data.train)} training sequences"
+            f"{len(parts.train)} training rows"
         )
     ds_config = build_deepspeed_config(cfg, info.world_size)
     precision = resolve_precision(cfg.deepspeed.precision)
@@ -71,12 +69,14 @@ def _run(dcfg: DictConfig) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         (run_dir / "deepspeed_config.json").write_text(json.dumps(scrub_secrets(ds_config), indent=2))
-        (run_dir / "data_stats.json").write_text(json.dumps(data.stats.as_dict(), indent=2))
-        print(data.stats.summary(), flush=True)
-        print(f"precision={precision} zero_stage={cfg.deepspeed.stage} world_size={info.world_size} run_dir={run_dir}", flush=True)
+        (run_dir / "data_stats.json").write_text(json.dumps(parts.stats.as_dict(), indent=2))
+        print(parts.stats.summary(), flush=True)
+        source = cfg.model.name_or_path or "tiny random init (model.tiny)"
+        print(f"model={source} precision={precision} zero_stage={cfg.deepspeed.stage} "
+              f"world_size={info.world_size} run_dir={run_dir}", flush=True)
 
     with zero3_init_context(ds_config):
-        model = build_causal_lm(cfg.model, tokenizer, torch_dtype(precision))
+        model = parts.build_model(torch_dtype(precision))
     total_steps = cfg.optim.decay_steps or cfg.train.max_steps
     engine = build_engine(model, cfg, ds_config, total_steps)
 
@@ -93,47 +93,24 @@ def _run(dcfg: DictConfig) -> int:
             print(f"resumed from {resume[0] / resume[1]} at step {state.step}", flush=True)
 
     logger = MetricsLogger(run_dir, cfg.logger, resolved, job_type=cfg.stage, enabled=info.is_main)
-    task = CausalLMTask()
-
-    def pad_collate(rows):
-        return collate(rows, tokenizer.pad_token_id)
+    stage_evaluate = parts.make_evaluate(engine, logger) if parts.make_evaluate else None
 
     def evaluate(step: int) -> dict:
-        metrics = {}
-        if data.eval:
-            metrics.update(
-                eval_loss(engine, task, data.eval, pad_collate, cfg.train.micro_batch_size, cfg.train.eval_max_batches, info)
-            )
-        if data.eval_prompts and cfg.train.eval_generate_samples > 0:
-            prompts = data.eval_prompts[: cfg.train.eval_generate_samples]
-            em, samples = exact_match(
-                engine, tokenizer, prompts, 64, cfg.train.eval_max_new_tokens, info, zero3=cfg.deepspeed.stage == 3
-            )
-            metrics.update(em)
-            logger.log_table(
-                step, "eval/samples", ["prompt", "answer", "generated", "match"],
-                [list(s) for s in samples[: cfg.logger.num_sample_generations]],
-            )
+        metrics = stage_evaluate(step)
         if info.is_main:
             (run_dir / "eval_metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
         return metrics
 
-    ctx = FitContext(
-        cfg=cfg,
-        dist=info,
-        run_dir=run_dir,
-        logger=logger,
-        collate=pad_collate,
-        evaluate=evaluate if (data.eval or data.eval_prompts) else None,
-    )
+    ctx = FitContext(cfg=cfg, dist=info, run_dir=run_dir, logger=logger, collate=parts.collate,
+                     evaluate=evaluate if stage_evaluate else None)
     try:
-        state = fit(engine, task, data.train, ctx, state)
+        state = fit(engine, parts.task, parts.train, ctx, state)
         if state.preempted:
             if info.is_main:
                 print(f"preempted: checkpoint saved at step {state.step}; rerun with resume=auto", flush=True)
             return PREEMPTED_EXIT_CODE
         if cfg.train.export:
-            export_hf(engine, tokenizer, run_dir / "hf_model", zero3=cfg.deepspeed.stage == 3)
+            parts.export(engine, run_dir / "hf_model", state.step)
         if info.is_main:
             (run_dir / "train_state.json").write_text(json.dumps(state.to_client_state(), indent=2))
             print(f"done: step {state.step}, outputs in {run_dir}", flush=True)

@@ -14,6 +14,26 @@ The same tasks are rendered in four row formats (`VARIANTS`); every row also
 carries `family`, `phrasing` ("seen"|"heldout"), `family_split`
 ("trained"|"heldout") and `answer` (the last assistant answer).
 
+`preference` (`PREFERENCE_VARIANTS`) turns the same tasks into preference pairs
+for a reward model, in the `sft` layout: {prompt, chosen, rejected} strings, the
+responses being " " + text. The rule a reward model has to learn: **prefer the
+correct answer written exactly in the suite's layout (one symbol per
+space-separated word) and nothing else.** Every chosen response is the suite's
+answer; `kind` says how the rejected one breaks the rule:
+
+- `wrong_answer`: a plausible wrong answer in the same layout with as many
+  symbols: a sum off by 1, 2 or 10, a count off by 1 or 2, two sorted digits
+  swapped, the letters not reversed or two of them swapped, one letter left in
+  the wrong case, another letter of the word for first/last letter.
+- `format`: the correct answer with chatter before or after it ("The answer is
+  ...", "... Hope this helps!"; longer than the chosen one) or with the wrong
+  separator ("5,7" longer, "57" as many tokens as "5 7"), so a preference for
+  the shorter response does not pass for the rule.
+
+The kind and the corruption are drawn per task from their own seeded stream, so
+the other variants are unchanged by it; train pairs come from the train tasks
+(trained families and wordings only), eval pairs from the eval tasks.
+
     python -m trainer.synthetic write --out DIR [--seed S]
 """
 
@@ -33,6 +53,9 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 VARIANTS = ("sft", "chat", "sharegpt", "alpaca")
+# Kept apart from VARIANTS: those are the supervised formats the shipped tokenizer is built from.
+PREFERENCE_VARIANTS = ("preference",)
+PREFERENCE_KINDS = ("wrong_answer", "format")
 SPLITS = ("train", "eval")
 DEFAULT_ROWS = {"train": 20_000, "eval": 600}
 # Plain-text prompt/completion separator: prompt ends with it, completion is " " + answer.
@@ -311,6 +334,72 @@ def _conversations(tasks: tuple[Task, ...], split: str, seed: int) -> list[list[
 
 
 _SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+_CHATTER_BEFORE = ("The answer is", "Sure! The result is", "Here you go:")
+_CHATTER_AFTER = ("Hope this helps!", "That is the answer.", "Easy.")
+
+
+def _nudged(symbol: str, rng: random.Random) -> str:
+    """A neighbouring symbol of the same kind (digit, lowercase or uppercase letter)."""
+    alphabet = next(a for a in (string.digits, string.ascii_lowercase, string.ascii_uppercase) if symbol in a)
+    return alphabet[(alphabet.index(symbol) + rng.choice((-1, 1))) % len(alphabet)]
+
+
+def _swapped(symbols: list[str], rng: random.Random) -> Optional[list[str]]:
+    """`symbols` with two different ones exchanged; None when all are equal."""
+    pairs = [(i, j) for i in range(len(symbols)) for j in range(i + 1, len(symbols)) if symbols[i] != symbols[j]]
+    if not pairs:
+        return None
+    i, j = rng.choice(pairs)
+    out = list(symbols)
+    out[i], out[j] = out[j], out[i]
+    return out
+
+
+def _wrong_answer(task: Task, rng: random.Random) -> str:
+    """A plausible wrong answer to `task` in the suite's layout, as long as the right one where possible."""
+    right = task.answer.split(" ")
+    payload = task.payload.split(" ")
+    wrong: Optional[list[str]] = None
+    if task.family in ("addition", "counting"):
+        n = int("".join(right))
+        near = [n + d for d in (-2, -1, 1, 2, -10, 10) if n + d > 0 and len(str(n + d)) == len(str(n))]
+        wrong = list(str(rng.choice(near))) if near else None
+    elif task.family in ("sorting", "sort_descending"):
+        wrong = _swapped(right, rng)
+    elif task.family == "reversal":
+        wrong = payload if payload != right and rng.random() < 0.5 else _swapped(right, rng)
+    elif task.family in ("uppercase", "lowercase"):
+        i = rng.randrange(len(right))
+        wrong = right[:i] + [right[i].swapcase()] + right[i + 1:]
+    elif task.family in ("first_letter", "last_letter"):
+        others = sorted(set(payload) - set(right))
+        wrong = [rng.choice(others)] if others else None
+    if wrong is None:  # no plausible mistake of the family's own kind (e.g. "5 5 5" sorted): change one symbol
+        i = rng.randrange(len(right))
+        wrong = right[:i] + [_nudged(right[i], rng)] + right[i + 1:]
+    return " ".join(wrong)
+
+
+def _badly_formatted(answer: str, rng: random.Random) -> str:
+    """The correct answer with chatter around it or with the wrong separator."""
+    forms = ["before", "after"] + (["joined", "commas"] if " " in answer else [])
+    form = rng.choice(forms)
+    if form == "before":
+        return f"{rng.choice(_CHATTER_BEFORE)} {answer}"
+    if form == "after":
+        return f"{answer} {rng.choice(_CHATTER_AFTER)}"
+    return answer.replace(" ", "" if form == "joined" else ",")
+
+
+def _preference_rows(tasks: tuple[Task, ...], split: str, seed: int) -> list[dict]:
+    rng = random.Random(f"tuneforge-synthetic/preference/{split}/{seed}")
+    rows = []
+    for t in tasks:
+        kind = rng.choice(PREFERENCE_KINDS)
+        rejected = _wrong_answer(t, rng) if kind == "wrong_answer" else _badly_formatted(t.answer, rng)
+        rows.append({"prompt": _user_text(t) + SFT_ANSWER_PREFIX, "chosen": " " + t.answer, "rejected": " " + rejected,
+                     "kind": kind, "family": t.family, "phrasing": t.phrasing, "family_split": t.family_split})
+    return rows
 
 
 def make_rows(variant: str, split: str, seed: int = 0, n: Optional[int] = None) -> list[dict]:
@@ -321,12 +410,17 @@ def make_rows(variant: str, split: str, seed: int = 0, n: Optional[int] = None) 
     sharegpt: {"conversations": [{"from", "value"}, ...]} (the same dialogues as chat)
     alpaca:   {"instruction", "input": <payload>, "output": <answer>}
     plus family, phrasing, family_split, answer on every row.
+
+    preference: {"prompt" (as sft), "chosen": " <answer>", "rejected": " <worse response>",
+                 "kind": wrong_answer|format, family, phrasing, family_split} (no `answer`: it is `chosen`)
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown synthetic variant {variant!r}; accepted: {', '.join(VARIANTS)}")
+    if variant not in VARIANTS + PREFERENCE_VARIANTS:
+        raise ValueError(f"unknown synthetic variant {variant!r}; accepted: {', '.join(VARIANTS + PREFERENCE_VARIANTS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown synthetic split {split!r}; accepted: {', '.join(SPLITS)}")
     tasks = _tasks(split, seed, DEFAULT_ROWS[split] if n is None else n)
+    if variant == "preference":
+        return _preference_rows(tasks, split, seed)
     if variant == "sft":
         return [{"prompt": _user_text(t) + SFT_ANSWER_PREFIX, "completion": " " + t.answer, **_metadata(t)}
                 for t in tasks]
@@ -350,9 +444,9 @@ def load_synthetic(spec: str, split: str, seed: int = 0) -> Dataset:
     from datasets import Dataset  # imported here so the build script and CLI stay light
 
     prefix, _, variant = spec.partition(":")
-    if prefix != "synthetic" or variant not in VARIANTS:
+    if prefix != "synthetic" or variant not in VARIANTS + PREFERENCE_VARIANTS:
         raise ValueError(f"bad synthetic spec {spec!r}; accepted: "
-                         + ", ".join(f"synthetic:{v}" for v in VARIANTS))
+                         + ", ".join(f"synthetic:{v}" for v in VARIANTS + PREFERENCE_VARIANTS))
     return Dataset.from_list(list(_cached_rows(variant, split, seed)))
 
 
@@ -360,7 +454,7 @@ def write_jsonl(out_dir: Path, seed: int = 0) -> list[Path]:
     """Write `<variant>_<split>.jsonl` for every variant and split, so users can see the formats."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for variant in VARIANTS:
+    for variant in VARIANTS + PREFERENCE_VARIANTS:
         for split in SPLITS:
             path = out_dir / f"{variant}_{split}.jsonl"
             with path.open("w", encoding="utf-8") as f:

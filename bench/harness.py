@@ -1,0 +1,421 @@
+"""What every tuneforge-vs-TRL benchmark shares: runs, timing, medians, tables and the result file.
+
+A benchmark (`sft_vs_trl.py`, `reward_vs_trl.py`) writes its data file, composes tuneforge's config from the
+shared overrides, replays tuneforge's sampler for exact per-step counts, and hands `compare` a function that runs
+one system once. `compare` runs every system `--repeats` times in alternation, each as its own process, measures
+throughput from wall-clock step ends, and writes medians, tuneforge/TRL ratios, the machine and every run to one
+JSON file. What a benchmark counts per step and how its tables show it is its `Comparison`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Architectures for --model-size, as `model.tiny.*` overrides (tiny = tuneforge's default, conf/model/tiny.yaml).
+MODEL_SIZES = {
+    "tiny": {},
+    "small": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8,
+              "intermediate_size": 1376},
+}
+# The frame that holds a system's training loop: profiles are summarised below it.
+LOOP_FRAMES = {"tuneforge": "fit (trainer/loop.py", "trl": "Trainer._inner_training_loop (transformers/trainer.py"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """What one benchmark trains, runs, counts per step and shows."""
+
+    name: str  # the module under bench/ and the result file's stem
+    stage: str  # tuneforge's entry point `trainer.<stage>` and its config `conf/<stage>.yaml`
+    data: str  # the synthetic suite's variant whose train split both sides train on
+    data_columns: tuple[str, ...]  # the columns written for them (all either side reads)
+    tuneforge_overrides: tuple[str, ...]  # on top of `tuneforge_overrides`: what equality with TRL needs
+    systems: tuple[str, ...]  # run order within a repeat: tuneforge and TRL alternate, so load drift hits all alike
+    trl_systems: tuple[str, ...]
+    # Per-step counts in every record -> their unit in tables; each is reported per second (compared as a
+    # tuneforge/TRL ratio) and per step.
+    counts: dict[str, str]
+    sizes: dict[str, int]  # defaults of --steps, --micro-batch-size, --max-length (as "steps", ...)
+    size_help: dict[str, str]  # what --micro-batch-size and --max-length mean for this stage
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+
+
+def parse_args(c: Comparison, doc: str, argv: Optional[list[str]],
+               add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+    """The flags every benchmark takes, plus what `add_arguments` adds."""
+    p = argparse.ArgumentParser(prog=f"python -m bench.{c.name}", description=doc.splitlines()[0])
+    p.add_argument("--steps", type=int, default=c.sizes["steps"], help="optimizer steps per run")
+    p.add_argument("--micro-batch-size", type=int, default=c.sizes["micro_batch_size"],
+                   help=c.size_help["micro_batch_size"])
+    p.add_argument("--max-length", type=int, default=c.sizes["max_length"], help=c.size_help["max_length"])
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds of every system")
+    p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP/MKL/torch threads for every run")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="lr warmup steps; 0 (default) makes both schedules identical: Transformers warms up "
+                        "from lr 0 at the first step, tuneforge from lr/warmup, so any warmup puts TRL one step behind")
+    p.add_argument("--skip-steps", type=int, default=5, help="first steps left out of the throughput (warm-up)")
+    p.add_argument("--loss-window", type=int, default=10, help="final loss = mean over this many last steps")
+    p.add_argument("--systems", nargs="+", choices=c.systems, default=list(c.systems), help="what to run")
+    if add_arguments is not None:
+        add_arguments(p)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"result JSON (default: bench/results/{c.name}.json; {c.name}_profile.json with --profile)")
+    p.add_argument("--keep-runs", type=Path, default=None, help="keep run directories here (default: a temp dir)")
+    p.add_argument("--profile", action="store_true",
+                   help="sample every run with py-spy and store the hottest functions of its training loop "
+                        "(timings of profiled runs include the sampler's cost)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = ROOT / "bench" / "results" / (f"{c.name}_profile.json" if args.profile else f"{c.name}.json")
+    if args.skip_steps < 1:
+        p.error("--skip-steps must be >= 1 (the first step has no previous step end to time it from)")
+    if args.steps <= args.skip_steps:
+        p.error(f"--steps must exceed --skip-steps ({args.skip_steps})")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Setup:
+    work: Path  # the data file and run directories
+    data_path: Path  # the JSONL both sides train on
+    rows: int  # its row count
+    overrides: list[str]  # every tuneforge run's (the ZeRO preset and run dir are added per run)
+    job: object  # trainer.config.TrainingJobConfig they compose to
+
+
+@contextlib.contextmanager
+def prepared(args: argparse.Namespace, c: Comparison) -> Iterator[Setup]:
+    """Write the data file and compose tuneforge's config, in --keep-runs or a temp dir removed at the end."""
+    with tempfile.TemporaryDirectory(prefix=f"{c.name}_") as tmp:
+        work = args.keep_runs or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        os.environ["HF_DATASETS_CACHE"] = str(work / "datasets_cache")  # before `datasets` is imported
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from trainer.data import compose_job_config
+        from trainer.synthetic import make_rows
+
+        data_path = work / f"{c.data}_train.jsonl"
+        rows = make_rows(c.data, "train")
+        with data_path.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({k: row[k] for k in c.data_columns}) + "\n")
+        overrides = [*c.tuneforge_overrides, *tuneforge_overrides(args, data_path)]
+        yield Setup(work, data_path, len(rows), overrides, compose_job_config(c.stage, overrides))
+
+
+def tuneforge_overrides(args: argparse.Namespace, data_path: Path) -> list[str]:
+    """Hydra overrides shared by every tuneforge run (the ZeRO preset and run dir are added per run)."""
+    overrides = [
+        f"data.path={data_path}",
+        "data.eval_path=null",  # no eval data built: TRL gets none either
+        f"data.max_length={args.max_length}",
+        f"train.max_steps={args.steps}",
+        f"train.micro_batch_size={args.micro_batch_size}",
+        "train.grad_accum=1",
+        "train.eval_every=0",
+        "train.export=false",
+        "logger.log_every=1",
+        f"optim.warmup_steps={args.warmup_steps}",
+        f"seed={args.seed}",
+    ]
+    overrides += [f"model.tiny.{k}={v}" for k, v in MODEL_SIZES[args.model_size].items()]
+    return overrides
+
+
+def replay_steps(rows: list[dict], job) -> list[list[dict]]:
+    """The rows of every step of a one-process tuneforge run, in order.
+
+    The sample order depends only on (seed, step), so walking tuneforge's own sampler over the same rows gives
+    each step's batch exactly; a benchmark counts what it needs from them (checked against the run's log)."""
+    from trainer.loop import GlobalBatchSampler
+
+    t = job.train
+    sampler = GlobalBatchSampler(len(rows), t.micro_batch_size, t.grad_accum, 1, job.seed)
+    return [[rows[i] for m in range(t.grad_accum) for i in sampler.micro_batch(step, m, 0)]
+            for step in range(t.max_steps)]
+
+
+def trl_spec(job, data_path: Path, threads: int) -> dict:
+    """What a TRL runner (bench/trl_*.py) needs, taken from tuneforge's resolved config."""
+    return {
+        "data_path": str(data_path),
+        "seed": job.seed,
+        "steps": job.train.max_steps,
+        "micro_batch_size": job.train.micro_batch_size,
+        "grad_accum": job.train.grad_accum,
+        "max_length": job.data.max_length,
+        "lr": job.optim.lr,
+        "betas": list(job.optim.betas),
+        "eps": job.optim.eps,
+        "weight_decay": job.optim.weight_decay,
+        "warmup_steps": job.optim.warmup_steps,
+        "min_lr_ratio": job.optim.min_lr_ratio,
+        "max_grad_norm": job.optim.max_grad_norm,
+        "model": dataclasses.asdict(job.model),
+        "threads": threads,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+
+def child_env(threads: int, run_dir: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        # A fresh datasets cache per run: every run tokenizes from scratch, so wall times compare.
+        HF_DATASETS_CACHE=str(run_dir / "datasets_cache"),
+        PYTHONWARNINGS="ignore",
+    )
+    return env
+
+
+def run_child(cmd: list[str], run_dir: Path, threads: int, profile: bool) -> float:
+    """Run one training process to completion; its output goes to run_dir/output.log. Returns wall seconds.
+
+    With `profile`, py-spy samples it into run_dir/profile.txt (collapsed stacks, one "stack count" per line)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if profile:
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        out = str(run_dir / "profile.txt")
+        cmd = [py_spy, "record", "--rate", "50", "--format", "raw", "--output", out, "--", *cmd]
+    start = time.perf_counter()
+    with (run_dir / "output.log").open("w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(threads, run_dir), stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = (run_dir / "output.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"error: {' '.join(cmd)} exited with {proc.returncode}; end of its output:\n{tail}")
+    return wall
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_tuneforge(stage: str, zero: str, run_dir: Path, overrides: list[str], steps: list[dict], threads: int,
+                  profile: bool) -> tuple[list[dict], float]:
+    """Run `python -m trainer.<stage>` once under deepspeed=<zero>; its per-step records carry the replayed counts
+    `steps[step - 1]`.
+
+    Every step's replayed "tokens" must equal what the run logged, or the replay no longer matches trainer.loop."""
+    cmd = [sys.executable, "-m", f"trainer.{stage}", *overrides, f"deepspeed={zero}", f"hydra.run.dir={run_dir}"]
+    wall = run_child(cmd, run_dir, threads, profile)
+    records, seen = [], 0
+    for r in read_jsonl(run_dir / "metrics.jsonl"):
+        if "train/loss" not in r:
+            continue
+        counts = steps[r["step"] - 1]
+        if r["train/tokens_seen"] - seen != counts["tokens"]:
+            raise SystemExit(f"error: {run_dir}: step {r['step']} logged {r['train/tokens_seen'] - seen} tokens, "
+                             f"the replayed sampler says {counts['tokens']}; the replay no longer matches trainer.loop")
+        seen = r["train/tokens_seen"]
+        records.append({"step": r["step"], "time": r["time"], "loss": r["train/loss"], "lr": r["train/lr"], **counts})
+    return records, wall
+
+
+def run_trl(runner: str, run_dir: Path, spec: dict, threads: int, profile: bool) -> tuple[list[dict], float]:
+    """Run `python -m bench.<runner> spec.json` once (see bench/trl_harness.py for what it writes)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = run_dir / "spec.json"
+    spec_path.write_text(json.dumps({**spec, "output_dir": str(run_dir)}, indent=2))
+    wall = run_child([sys.executable, "-m", f"bench.{runner}", str(spec_path)], run_dir, threads, profile)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    for r in records:
+        if r["trl_num_tokens"] is not None and r["trl_num_tokens"] != sum(x["tokens"] for x in records[: r["step"]]):
+            raise SystemExit(f"error: {run_dir}: step {r['step']}: our token count disagrees with TRL's num_tokens")
+    return records, wall
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+def steady_state(records: list[dict], skip: int, loss_window: int, counts: Iterable[str]) -> dict:
+    """Throughput of every count over steps skip+1..N from wall-clock step ends; mean loss of the last steps."""
+    records = sorted(records, key=lambda r: r["step"])
+    if len(records) <= skip:
+        raise SystemExit(f"error: --skip-steps {skip} leaves no measured steps out of {len(records)}")
+    measured = records[skip:]  # step s takes from the end of step s-1 to its own end
+    seconds = measured[-1]["time"] - records[skip - 1]["time"]
+    totals = {c: sum(r[c] for r in measured) for c in counts}
+    tail = records[-loss_window:]
+    return {
+        "measured_steps": len(measured),
+        **{f"{c}_per_s": n / seconds for c, n in totals.items()},
+        "step_time_s": seconds / len(measured),
+        **{f"{c}_per_step": n / len(measured) for c, n in totals.items()},
+        "final_loss": sum(r["loss"] for r in tail) / len(tail),
+        "loss_curve": [round(r["loss"], 4) for r in records],
+    }
+
+
+def profile_summary(collapsed: Path, loop_frame: str, top: int = 30) -> dict:
+    """Share of training-loop samples per function: inclusive (on the stack) and self (innermost frame)."""
+    inclusive, own, total = Counter(), Counter(), 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not any(f.startswith(loop_frame) for f in frames):
+            continue
+        n = int(count)
+        total += n
+        for f in set(frames):
+            inclusive[f] += n
+        own[frames[-1]] += n
+
+    def share(c):
+        return [[round(100 * n / max(total, 1), 1), f] for f, n in c.most_common(top)]
+    return {"samples": total, "inclusive_pct": share(inclusive), "self_pct": share(own)}
+
+
+def machine_info(threads: int) -> dict:
+    import deepspeed
+    import torch
+    import transformers
+    import trl
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "threads": threads,
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": deepspeed.__version__,
+    }
+
+
+def code_version() -> dict:
+    """The tuneforge commit benchmarked, and the files that differed from it (benchmark files aside)."""
+    def git(*cmd):
+        out = subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True, text=True)
+        # rstrip only: a porcelain status line starts with a space when the index is unchanged.
+        return out.stdout.rstrip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain")
+    return {"commit": git("rev-parse", "HEAD"),
+            "changed_files": None if status is None else
+            [line[3:] for line in status.splitlines() if not line[3:].startswith(("bench/", "docs/benchmarks.md"))]}
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+
+
+def median_keys(c: Comparison) -> list[str]:
+    return [*(f"{k}_per_s" for k in c.counts), "step_time_s", *(f"{k}_per_step" for k in c.counts), "final_loss",
+            "wall_s"]
+
+
+def summarize(runs: list[dict], c: Comparison) -> dict:
+    """Medians per system over repeats, and every tuneforge/TRL ratio of medians."""
+    medians = {}
+    for name in dict.fromkeys(r["system"] for r in runs):
+        mine = [r for r in runs if r["system"] == name]
+        medians[name] = {key: statistics.median(r[key] for r in mine) for key in median_keys(c)}
+        medians[name]["repeats"] = len(mine)
+    ratios = {}
+    for tf in (n for n in medians if n not in c.trl_systems):
+        for trl in (n for n in medians if n in c.trl_systems):
+            a, b = medians[tf], medians[trl]
+            ratios.setdefault(tf, {})[trl] = {
+                **{f"{k}_per_s": a[f"{k}_per_s"] / b[f"{k}_per_s"] for k in c.counts},
+                "final_loss_rel_diff": (a["final_loss"] - b["final_loss"]) / b["final_loss"],
+            }
+    return {"medians": medians, "vs_trl": ratios}
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def format_tables(summary: dict, c: Comparison) -> str:
+    headers = [*(f"{unit}/s" for unit in c.counts.values()), "s/step", *(f"{unit}/step" for unit in c.counts.values()),
+               "final loss", "wall s"]
+    formats = [*(".1f" for _ in c.counts), ".3f", *(".0f" for _ in c.counts), ".4f", ".0f"]
+    medians = markdown_table(
+        ["system", *headers],
+        [[name, *(format(s[key], fmt) for key, fmt in zip(median_keys(c), formats))]
+         for name, s in summary["medians"].items()])
+    ratios = markdown_table(
+        ["tuneforge", "vs", *(f"{unit}/s" for unit in c.counts.values()), "final loss"],
+        [[tf, trl, *(f"{r[f'{k}_per_s']:.2f}x" for k in c.counts), f"{r['final_loss_rel_diff']:+.1%}"]
+         for tf, by_trl in summary["vs_trl"].items() for trl, r in by_trl.items()])
+    return medians + "\n\n" + ratios
+
+
+def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
+            run_system: Callable[[str, Path], tuple[list[dict], float]], *, recorded: dict,
+            argv: Optional[list[str]]) -> None:
+    """Run every selected system `--repeats` times in alternation, print and write the results.
+
+    run_system(system, run_dir) -> (per-step records with "step", "time", "loss" and every count, wall seconds).
+    `recorded` goes into the result file as it is (what the TRL runs were given)."""
+    machine = machine_info(args.threads)
+    code = code_version()
+    print(f"{machine['cpu']}, {machine['logical_cores']} cores, {args.threads} threads; torch {machine['torch']}, "
+          f"trl {machine['trl']}; {setup.rows} rows; {args.steps} steps x {args.repeats} repeats", flush=True)
+
+    runs = []
+    for repeat in range(args.repeats):
+        for system in (s for s in c.systems if s in args.systems):
+            run_dir = setup.work / "runs" / f"{system}-r{repeat}"
+            records, wall = run_system(system, run_dir)
+            result = {"system": system, "repeat": repeat, "wall_s": wall,
+                      **steady_state(records, args.skip_steps, args.loss_window, c.counts)}
+            if args.profile:
+                result["profile"] = profile_summary(run_dir / "profile.txt", LOOP_FRAMES[system.split("-")[0]])
+            runs.append(result)
+            rates = " ".join(f"{result[f'{k}_per_s']:8.1f} {unit}/s" for k, unit in c.counts.items())
+            print(f"[{repeat + 1}/{args.repeats}] {system:<16} {rates}  {result['step_time_s']:.3f} s/step  "
+                  f"loss {result['final_loss']:.4f}  wall {wall:.0f} s", flush=True)
+
+    summary = summarize(runs, c)
+    machine["load_average_at_end"] = os.getloadavg()
+    result = {
+        "command": " ".join([f"python -m bench.{c.name}", *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "tuneforge_overrides": [o for o in setup.overrides if not o.startswith("data.path=")],
+        **recorded,
+        "machine": machine,
+        "code": code,
+        **summary,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_tables(summary, c))
+    print(f"wrote {args.out}")

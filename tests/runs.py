@@ -1,0 +1,52 @@
+"""Running the real entry points as subprocesses, shared by the training tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A tiny model and a small slice of the synthetic suite keep each run to seconds.
+TINY = [
+    "model.tiny.hidden_size=64",
+    "model.tiny.num_hidden_layers=2",
+    "model.tiny.num_attention_heads=4",
+    "model.tiny.num_key_value_heads=4",
+    "model.tiny.intermediate_size=128",
+    "data.max_length=64",
+    "train.eval_every=0",
+    "train.export=false",
+    "logger.log_every=1",
+    "optim.warmup_steps=2",
+]
+
+
+def run_env() -> dict:
+    env = dict(os.environ)
+    env.pop("TUNEFORGE_RUN_ID", None)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_stage(run_dir: Path, *overrides: str, nproc: int = 1, stage: str = "sft", check: bool = True, timeout: int = 600):
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", f"trainer.{stage}", *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out

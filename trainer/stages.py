@@ -1,0 +1,129 @@
+"""What differs between the supervised stages: data, model, loss, evaluation and export.
+
+`run.py` assembles everything the stages share (distributed setup, DeepSpeed engine,
+resume, logging, `fit`); it asks `build_stage` for the parts below. SFT and
+instruction tuning are one causal-LM stage with different configs; the reward
+stage trains a scalar-head model on preference pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from trainer.config import TrainingJobConfig
+from trainer.data import build_supervised_data, collate
+from trainer.engine import DistInfo
+from trainer.evaluate import eval_loss, exact_match, pairwise_metrics
+from trainer.export import export_hf
+from trainer.metrics import MetricsLogger
+from trainer.model import build_causal_lm, build_reward_model
+from trainer.objectives import CausalLMTask, RewardTask, Task
+from trainer.preference import build_preference_data, collate_pairs
+
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+@dataclass
+class StageParts:
+    train: list[dict]  # rows `collate` turns into a batch
+    stats: Any  # DataStats | PreferenceStats: summary(), as_dict()
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    task: Task
+    build_model: Callable[[torch.dtype], torch.nn.Module]  # called inside the ZeRO-3 init context
+    # (engine, logger) -> evaluate(step) -> metrics; None when the stage has nothing to evaluate on.
+    make_evaluate: Optional[Callable[[Any, MetricsLogger], Callable[[int], dict]]]
+    export: Callable[[Any, Path, int], None]  # (engine, out_dir, step); collective
+
+
+def build_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> StageParts:
+    if cfg.stage == "reward":
+        return _reward_stage(cfg, tokenizer, info)
+    return _causal_lm_stage(cfg, tokenizer, info)
+
+
+def _causal_lm_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> StageParts:
+    data = build_supervised_data(cfg.data, tokenizer, seed=cfg.seed)
+    task = CausalLMTask()
+    zero3 = cfg.deepspeed.stage == 3
+
+    def pad_collate(rows):
+        return collate(rows, tokenizer.pad_token_id)
+
+    def make_evaluate(engine, logger: MetricsLogger):
+        def evaluate(step: int) -> dict:
+            t = cfg.train
+            metrics = {}
+            if data.eval:
+                metrics.update(eval_loss(engine, task, data.eval, pad_collate, t.micro_batch_size, t.eval_max_batches, info))
+            if data.eval_prompts and t.eval_generate_samples > 0:
+                prompts = data.eval_prompts[: t.eval_generate_samples]
+                em, samples = exact_match(engine, tokenizer, prompts, 64, t.eval_max_new_tokens, info, zero3=zero3)
+                metrics.update(em)
+                logger.log_table(
+                    step, "eval/samples", ["prompt", "answer", "generated", "match"],
+                    [list(s) for s in samples[: cfg.logger.num_sample_generations]],
+                )
+            return metrics
+
+        return evaluate
+
+    return StageParts(
+        train=data.train,
+        stats=data.stats,
+        collate=pad_collate,
+        task=task,
+        build_model=lambda dtype: build_causal_lm(cfg.model, tokenizer, dtype),
+        make_evaluate=make_evaluate if (data.eval or data.eval_prompts) else None,
+        export=lambda engine, out_dir, step: export_hf(engine, tokenizer, out_dir, zero3=zero3),
+    )
+
+
+def _reward_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> StageParts:
+    data = build_preference_data(cfg.data, tokenizer, seed=cfg.seed)
+    task = RewardTask(cfg.reward.center_coef)
+    last: dict = {}  # the latest eval: {"step", "metrics"}
+
+    pack_length = cfg.data.max_length if cfg.data.packing else None
+
+    def pair_collate(rows):
+        return collate_pairs(rows, tokenizer.pad_token_id, pack_length=pack_length,
+                             share_prompt=cfg.reward.share_prompt)
+
+    def make_evaluate(engine, logger: MetricsLogger):
+        def evaluate(step: int) -> dict:
+            metrics = pairwise_metrics(engine, data.eval, pair_collate, cfg.train.micro_batch_size, info)
+            last.update(step=step, metrics=metrics)
+            return metrics
+
+        return evaluate
+
+    def export(engine, out_dir: Path, step: int) -> None:
+        # PPO normalises rewards with the final model's score statistics: on held-out
+        # pairs when there are some, else on (at most 1024) training pairs.
+        rows = data.eval or data.train[:1024]
+        if not data.eval or last.get("step") != step:
+            metrics = pairwise_metrics(engine, rows, pair_collate, cfg.train.micro_batch_size, info)
+        else:
+            metrics = last["metrics"]
+        stats = {
+            "mean": metrics["eval/reward_mean"],
+            "std": metrics["eval/reward_std"],
+            "pairs": len(rows),
+            "split": "eval" if data.eval else "train",
+            "accuracy": metrics["eval/accuracy"],
+        }
+        export_hf(engine, tokenizer, out_dir, zero3=cfg.deepspeed.stage == 3, extra_files={REWARD_STATS_FILE: stats})
+
+    return StageParts(
+        train=data.train,
+        stats=data.stats,
+        collate=pair_collate,
+        task=task,
+        build_model=lambda dtype: build_reward_model(cfg.model, tokenizer, dtype),
+        make_evaluate=make_evaluate if data.eval else None,
+        export=export,
+    )
