@@ -259,7 +259,7 @@ def _trl_trainer(model, tokenizer, out_dir: Path, train_path: Path, eval_path: P
     ds = load_dataset("json", data_files=files).select_columns(["prompt", "chosen", "rejected"])
     args = RewardConfig(
         output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=8, per_device_eval_batch_size=16,
-        learning_rate=3e-3, report_to="none", use_cpu=True, bf16=False,
+        learning_rate=3e-3, report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
         save_strategy="no", logging_steps=1, max_length=64,
     )
     return RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=ds["train"],
