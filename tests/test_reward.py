@@ -309,3 +309,4 @@ def test_a_trl_reward_trainer_output_trains_here(tmp_path, pairs):
     ours = json.loads((run_dir / "eval_metrics.json").read_text())
     assert ours["eval/accuracy"] == pytest.approx(trl_eval["eval_accuracy"], abs=1e-6)
     assert ours["eval/reward_mean"] == pytest.approx(trl_eval["eval_mean_reward"], abs=1e-4)
+

@@ -230,3 +230,21 @@ def test_eval_reports_loss_and_exact_match_per_family(tmp_path, small_data):
     assert 0.0 <= metrics["eval/exact_match"] <= 1.0
     assert any(k.startswith("eval/em/") for k in metrics)
     assert any(k.startswith("eval/em_split/") for k in metrics)
+
+
+def test_zero3_gathers_each_transformer_block_as_one_unit():
+    """stage3_gather_per_block marks exactly the model's `_no_split_modules` as ZeRO-3 leaves."""
+    from deepspeed.utils import z3_leaf_module
+    from transformers import AutoModelForCausalLM
+
+    from trainer.config import ModelConfig, TinyModelConfig
+    from trainer.engine import gather_per_block
+    from trainer.model import load_tokenizer, tiny_llama_config
+
+    tokenizer = load_tokenizer(ModelConfig())
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(ModelConfig(tiny=TinyModelConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)),
+        tokenizer))
+    gather_per_block(model)
+    leaves = [name for name, m in model.named_modules() if z3_leaf_module(m)]
+    assert leaves == ["model.layers.0", "model.layers.1"]

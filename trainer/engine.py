@@ -178,15 +178,14 @@ def zero3_init_context(ds_config: dict):
         unset_hf_deepspeed_config()
 
 
-def gather_per_block(model: torch.nn.Module) -> list[str]:
-    """Mark the model's transformer blocks as ZeRO-3 leaf modules (one parameter fetch
-    per block); returns the block class names, empty when the model declares none."""
+def gather_per_block(model: torch.nn.Module) -> None:
+    """Mark the model's transformer blocks (its `_no_split_modules`) as ZeRO-3 leaf modules:
+    one parameter fetch per block. A model that declares no blocks keeps per-module hooks."""
     from deepspeed.utils import set_z3_leaf_modules
 
     blocks = list(getattr(model, "_no_split_modules", None) or [])
     if blocks:
         set_z3_leaf_modules(model, blocks, raise_if_not_found=False)
-    return blocks
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainingJobConfig, ds_config: dict, total_steps: int):

@@ -1,14 +1,15 @@
 """Held-out loss, generation-based exact match and reward-model pair metrics, sharded over ranks.
 
-Both are collectives: every rank calls them with the same arguments. Under
+All are collectives: every rank calls them with the same arguments. Under
 ZeRO-3 each forward gathers parameters collectively, so generation runs with
-`synced_gpus` and every rank runs the same number of batches.
+`synced_gpus` and every rank runs the same number of batches (`_rank_batches`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -17,31 +18,38 @@ from trainer.engine import DistInfo, all_reduce_sum, device
 from trainer.objectives import Task, bradley_terry_loss_sum, pair_scores
 
 
-def _shard(n: int, info: DistInfo) -> list[int]:
-    return list(range(info.rank, n, info.world_size))
+def _rank_batches(items: list, info: DistInfo, batch_size: int) -> Iterator[tuple[list[int], list]]:
+    """This rank's share of `items` as (indices, batch). Every rank yields as many batches as the largest
+    share needs (ZeRO-3 forwards are collective); past the end of its share a rank gets ([], [items[0]]),
+    a batch to run and ignore."""
+    mine = list(range(info.rank, len(items), info.world_size))
+    n_batches = -(-(-(-len(items) // info.world_size)) // batch_size)
+    for b in range(n_batches):
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        yield idx, [items[i] for i in idx] or [items[0]]
 
 
-def _num_batches(n: int, info: DistInfo, batch_size: int) -> int:
-    """Batches of the largest shard: every rank runs this many (ZeRO-3 forwards are collective)."""
-    return -(-(-(-n // info.world_size)) // batch_size)
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 @torch.no_grad()
 def eval_loss(engine, task: Task, rows: list[dict], collate: Callable, batch_size: int, max_batches: int, info: DistInfo) -> dict:
-    n = min(len(rows), batch_size * max_batches * info.world_size)
-    mine, n_batches = _shard(n, info), _num_batches(n, info, batch_size)
-    was_training = engine.module.training
-    engine.module.eval()
+    rows = rows[: batch_size * max_batches * info.world_size]
     loss_sum, items = 0.0, 0.0
-    for b in range(n_batches):
-        idx = mine[b * batch_size : (b + 1) * batch_size]
-        batch_rows = [rows[i] for i in idx] or [rows[0]]
-        batch = {k: v.to(device()) for k, v in collate(batch_rows).items()}
-        loss = task.loss(engine, batch)
-        if idx:
-            loss_sum += float(loss)
-            items += task.count(batch)
-    engine.module.train(was_training)
+    with _eval_mode(engine.module):
+        for idx, batch_rows in _rank_batches(rows, info, batch_size):
+            batch = {k: v.to(device()) for k, v in collate(batch_rows).items()}
+            loss = task.loss(engine, batch)
+            if idx:
+                loss_sum += float(loss)
+                items += task.count(batch)
     loss_sum, items = all_reduce_sum([loss_sum, items])
     return {"eval/loss": loss_sum / max(items, 1.0)}
 
@@ -52,30 +60,25 @@ def exact_match(engine, tokenizer, prompts: list, batch_size: int, max_new_token
 
     Returns (metrics, samples): overall EM plus EM per family and per phrasing
     group where prompts carry them; samples are (prompt, answer, generated, match)."""
-    mine, n_batches = _shard(len(prompts), info), _num_batches(len(prompts), info, batch_size)
     model = engine.module
-    was_training = model.training
-    model.eval()
     stop_ids = _stop_token_ids(tokenizer)
     results = []
-    for b in range(n_batches):
-        idx = mine[b * batch_size : (b + 1) * batch_size]
-        batch = [prompts[i] for i in idx] or [prompts[0]]
-        input_ids, attention_mask = _left_pad([p.prompt_ids for p in batch], tokenizer.pad_token_id)
-        out = model.generate(
-            input_ids=input_ids.to(device()),
-            attention_mask=attention_mask.to(device()),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-            synced_gpus=zero3 and info.world_size > 1,
-        )
-        texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-        for i, p, text in zip(idx, batch, texts):
-            results.append((i, text.strip() == p.answer.strip(), text.strip()))
-    model.train(was_training)
+    with _eval_mode(model):
+        for idx, batch in _rank_batches(prompts, info, batch_size):
+            input_ids, attention_mask = _left_pad([p.prompt_ids for p in batch], tokenizer.pad_token_id)
+            out = model.generate(
+                input_ids=input_ids.to(device()),
+                attention_mask=attention_mask.to(device()),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+                synced_gpus=zero3 and info.world_size > 1,
+            )
+            texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+            for i, p, text in zip(idx, batch, texts):
+                results.append((i, text.strip() == p.answer.strip(), text.strip()))
 
     gathered = [None] * info.world_size
     if info.world_size > 1:
@@ -122,30 +125,25 @@ def pairwise_metrics(engine, rows: list[dict], collate: Callable, batch_size: in
     and eval/reward_std over every chosen and rejected score, and eval/accuracy/<group>
     for the groups of `_pair_groups` where rows carry them."""
     groups = sorted({g for r in rows for g in _pair_groups(r)})
-    mine, n_batches = _shard(len(rows), info), _num_batches(len(rows), info, batch_size)
-    was_training = engine.module.training
-    engine.module.eval()
     # n, correct, margin, loss, sum r, sum r^2, then (n, correct) per group
     sums = torch.zeros(6 + 2 * len(groups), dtype=torch.float64)
-    for b in range(n_batches):
-        idx = mine[b * batch_size : (b + 1) * batch_size]
-        batch_rows = [rows[i] for i in idx] or [rows[0]]
-        batch = {k: v.to(device()) for k, v in collate(batch_rows).items()}
-        chosen, rejected = (s.float().cpu() for s in pair_scores(engine, batch))
-        if not idx:
-            continue  # a padding batch: this rank's shard ran out, the forward kept ZeRO-3 in step
-        correct = (chosen > rejected).double()
-        scores = torch.cat([chosen, rejected]).double()
-        sums[:6] += torch.stack([
-            torch.tensor(float(len(idx))), correct.sum(), (chosen - rejected).double().sum(),
-            bradley_terry_loss_sum(chosen, rejected, batch["margin"].cpu()).double(), scores.sum(), (scores**2).sum(),
-        ])
-        for row, ok in zip(batch_rows, correct):
-            for g in _pair_groups(row):
-                k = 6 + 2 * groups.index(g)
-                sums[k] += 1
-                sums[k + 1] += ok
-    engine.module.train(was_training)
+    with _eval_mode(engine.module):
+        for idx, batch_rows in _rank_batches(rows, info, batch_size):
+            batch = {k: v.to(device()) for k, v in collate(batch_rows).items()}
+            chosen, rejected = (s.float().cpu() for s in pair_scores(engine, batch))
+            if not idx:
+                continue  # the padding batch of a rank whose share ran out
+            correct = (chosen > rejected).double()
+            scores = torch.cat([chosen, rejected]).double()
+            sums[:6] += torch.stack([
+                torch.tensor(float(len(idx))), correct.sum(), (chosen - rejected).double().sum(),
+                bradley_terry_loss_sum(chosen, rejected, batch["margin"].cpu()).double(), scores.sum(), (scores**2).sum(),
+            ])
+            for row, ok in zip(batch_rows, correct):
+                for g in _pair_groups(row):
+                    k = 6 + 2 * groups.index(g)
+                    sums[k] += 1
+                    sums[k + 1] += ok
     sums = torch.tensor(all_reduce_sum(sums.tolist()), dtype=torch.float64)
     n = max(float(sums[0]), 1.0)
     mean = float(sums[4]) / (2 * n)

@@ -110,7 +110,7 @@ def _run(dcfg: DictConfig) -> int:
                 print(f"preempted: checkpoint saved at step {state.step}; rerun with resume=auto", flush=True)
             return PREEMPTED_EXIT_CODE
         if cfg.train.export:
-            parts.export(engine, run_dir / "hf_model", state.step)
+            parts.export(engine, run_dir / "hf_model")
         if info.is_main:
             (run_dir / "train_state.json").write_text(json.dumps(state.to_client_state(), indent=2))
             print(f"done: step {state.step}, outputs in {run_dir}", flush=True)

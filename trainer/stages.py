@@ -36,7 +36,7 @@ class StageParts:
     build_model: Callable[[torch.dtype], torch.nn.Module]  # called inside the ZeRO-3 init context
     # (engine, logger) -> evaluate(step) -> metrics; None when the stage has nothing to evaluate on.
     make_evaluate: Optional[Callable[[Any, MetricsLogger], Callable[[int], dict]]]
-    export: Callable[[Any, Path, int], None]  # (engine, out_dir, step); collective
+    export: Callable[[Any, Path], None]  # (engine, out_dir); collective
 
 
 def build_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> StageParts:
@@ -78,14 +78,13 @@ def _causal_lm_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> Stage
         task=task,
         build_model=lambda dtype: build_causal_lm(cfg.model, tokenizer, dtype),
         make_evaluate=make_evaluate if (data.eval or data.eval_prompts) else None,
-        export=lambda engine, out_dir, step: export_hf(engine, tokenizer, out_dir, zero3=zero3),
+        export=lambda engine, out_dir: export_hf(engine, tokenizer, out_dir, zero3=zero3),
     )
 
 
 def _reward_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> StageParts:
     data = build_preference_data(cfg.data, tokenizer, seed=cfg.seed)
     task = RewardTask(cfg.reward.center_coef)
-    last: dict = {}  # the latest eval: {"step", "metrics"}
 
     pack_length = cfg.data.max_length if cfg.data.packing else None
 
@@ -95,20 +94,15 @@ def _reward_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> StagePar
 
     def make_evaluate(engine, logger: MetricsLogger):
         def evaluate(step: int) -> dict:
-            metrics = pairwise_metrics(engine, data.eval, pair_collate, cfg.train.micro_batch_size, info)
-            last.update(step=step, metrics=metrics)
-            return metrics
+            return pairwise_metrics(engine, data.eval, pair_collate, cfg.train.micro_batch_size, info)
 
         return evaluate
 
-    def export(engine, out_dir: Path, step: int) -> None:
+    def export(engine, out_dir: Path) -> None:
         # PPO normalises rewards with the final model's score statistics: on held-out
         # pairs when there are some, else on (at most 1024) training pairs.
         rows = data.eval or data.train[:1024]
-        if not data.eval or last.get("step") != step:
-            metrics = pairwise_metrics(engine, rows, pair_collate, cfg.train.micro_batch_size, info)
-        else:
-            metrics = last["metrics"]
+        metrics = pairwise_metrics(engine, rows, pair_collate, cfg.train.micro_batch_size, info)
         stats = {
             "mean": metrics["eval/reward_mean"],
             "std": metrics["eval/reward_std"],
