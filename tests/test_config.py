@@ -35,7 +35,8 @@ def _typed(dcfg) -> TrainingJobConfig:
 def test_every_deepspeed_preset_composes_and_validates(name, preset):
     cfg = _typed(_compose(name, [f"deepspeed={preset}"]))
     validate(cfg, world_size=2)
-    ds = build_deepspeed_config(cfg, world_size=2)
+    ds = build_deepspeed_config(cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum, 2,
+                                cfg.optim.max_grad_norm)
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.stage
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
     assert "auto" not in str(ds)

@@ -62,9 +62,14 @@ def _per_environment_extension_cache() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{tag}"))
 
 
-def launch(hydra_main: Callable[[], None]) -> None:
+def prepare_process() -> None:
+    """What every process that builds DeepSpeed engines needs, entry points and Ray actors alike."""
     _silence_library_noise()
     _per_environment_extension_cache()
+
+
+def launch(hydra_main: Callable[[], None]) -> None:
+    prepare_process()
     register_configs()
     if not OmegaConf.has_resolver("tf_run_id"):
         OmegaConf.register_new_resolver("tf_run_id", _run_id, use_cache=True)
@@ -74,9 +79,12 @@ def launch(hydra_main: Callable[[], None]) -> None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from omegaconf.errors import InterpolationResolutionError
+
     from trainer.data import DataError
 
-    return (ConfigError, DataError, FileNotFoundError)
+    # InterpolationResolutionError: a resolver such as tf_require_export refused (its message says why).
+    return (ConfigError, DataError, FileNotFoundError, InterpolationResolutionError)
 
 
 def exit_with_user_error(err: BaseException) -> None:

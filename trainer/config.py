@@ -200,6 +200,7 @@ STAGES = ("sft", "instruct", "reward")
 def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     """Semantic checks Hydra's type checks cannot express; raise ConfigError naming the key."""
     t, o, d, ds = cfg.train, cfg.optim, cfg.data, cfg.deepspeed
+    validate_model(cfg.model)
     _require(cfg.stage in STAGES, "stage", f"must be one of {'|'.join(STAGES)}, got {cfg.stage!r}")
     formats = PREFERENCE_FORMATS if cfg.stage == "reward" else DATA_FORMATS
     _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
@@ -209,12 +210,7 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     _require(t.save_every >= 0, "train.save_every", f"must be >= 0, got {t.save_every}")
     _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _require(t.nonfinite in ("skip", "stop"), "train.nonfinite", f"must be skip|stop, got {t.nonfinite!r}")
-    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    _require(o.decay_steps is None or o.decay_steps > 0, "optim.decay_steps", f"must be > 0 or null, got {o.decay_steps}")
-    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    _require(o.max_grad_norm >= 0, "optim.max_grad_norm", f"must be >= 0 (0 disables), got {o.max_grad_norm}")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two values in [0, 1), got {o.betas}")
+    validate_optim(o)
     _require(d.max_length > 0, "data.max_length", f"must be > 0, got {d.max_length}")
     _require(d.overlong in ("truncate", "drop"), "data.overlong", f"must be truncate|drop, got {d.overlong!r}")
     _require(d.format in formats, "data.format", f"must be one of {'|'.join(formats)}, got {d.format!r}")
@@ -222,10 +218,7 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     for i, m in enumerate(d.mixture):
         _require(m.weight > 0, f"data.mixture[{i}].weight", f"must be > 0, got {m.weight}")
         _require(m.format in formats, f"data.mixture[{i}].format", f"must be one of {'|'.join(formats)}, got {m.format!r}")
-    _require(ds.stage in (0, 1, 2, 3), "deepspeed.stage", f"must be 0, 1, 2 or 3, got {ds.stage}")
-    _require(ds.precision in ("auto", "bf16", "fp16", "fp32"), "deepspeed.precision", f"must be auto|bf16|fp16|fp32, got {ds.precision!r}")
-    _require(not ds.offload_param or ds.stage == 3, "deepspeed.offload_param", "parameter offload needs deepspeed.stage=3")
-    _require(not ds.offload_optimizer or ds.stage >= 1, "deepspeed.offload_optimizer", "optimizer offload needs deepspeed.stage >= 1")
+    validate_deepspeed(ds)
     _require(cfg.logger.backend in ("wandb", "none"), "logger", f"must be wandb|none, got {cfg.logger.backend!r}")
     _require(cfg.logger.mode in ("auto", "online", "offline"), "logger.mode", f"must be auto|online|offline, got {cfg.logger.mode!r}")
     _require(cfg.logger.log_every > 0, "logger.log_every", f"must be > 0, got {cfg.logger.log_every}")
@@ -238,6 +231,31 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
         _require(not (cfg.reward.share_prompt and cfg.model.attn_implementation not in ("sdpa", "eager")),
                  "reward.share_prompt", f"needs model.attn_implementation=sdpa|eager (a 4D attention mask), got "
                  f"{cfg.model.attn_implementation!r}; set reward.share_prompt=false")
+
+
+def validate_optim(o: OptimConfig, key: str = "optim") -> None:
+    _require(o.lr > 0, f"{key}.lr", f"must be > 0, got {o.lr}")
+    _require(o.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.decay_steps is None or o.decay_steps > 0, f"{key}.decay_steps", f"must be > 0 or null, got {o.decay_steps}")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.max_grad_norm >= 0, f"{key}.max_grad_norm", f"must be >= 0 (0 disables), got {o.max_grad_norm}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"{key}.betas",
+             f"must be two values in [0, 1), got {o.betas}")
+
+
+def validate_deepspeed(ds: DeepSpeedConfig, key: str = "deepspeed") -> None:
+    _require(ds.stage in (0, 1, 2, 3), f"{key}.stage", f"must be 0, 1, 2 or 3, got {ds.stage}")
+    _require(ds.precision in ("auto", "bf16", "fp16", "fp32"), f"{key}.precision",
+             f"must be auto|bf16|fp16|fp32, got {ds.precision!r}")
+    _require(not ds.offload_param or ds.stage == 3, f"{key}.offload_param", f"parameter offload needs {key}.stage=3")
+    _require(not ds.offload_optimizer or ds.stage >= 1, f"{key}.offload_optimizer",
+             f"optimizer offload needs {key}.stage >= 1")
+
+
+def validate_model(m: ModelConfig, key: str = "model") -> None:
+    _require(m.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+             f"{key}.attn_implementation", f"must be sdpa|eager|flash_attention_2|flash_attention_3|flex_attention, "
+             f"got {m.attn_implementation!r}")
 
 
 def global_batch_size(cfg: TrainingJobConfig, world_size: int) -> int:
@@ -253,8 +271,20 @@ def latest_export(runs_dir: str) -> Optional[str]:
     return str(runs[-1] / "hf_model") if runs else None
 
 
+def require_export(runs_dir: str) -> str:
+    """`latest_export`, or a ConfigError saying which stage to run first (`${tf_require_export:outputs/sft}`)."""
+    path = latest_export(runs_dir)
+    if path is None:
+        stage = Path(runs_dir).name
+        raise ConfigError(f"no finished {stage} run with an exported model under {runs_dir}/: run "
+                          f"`python -m trainer.{stage}` first, or set this role's model.name_or_path")
+    return path
+
+
 def register_configs() -> None:
     # Only the root is needed: every group file merges into a typed field of it.
     ConfigStore.instance().store(name="training_job_schema", node=TrainingJobConfig)
     if not OmegaConf.has_resolver("tf_latest_export"):
         OmegaConf.register_new_resolver("tf_latest_export", latest_export, use_cache=True)
+    if not OmegaConf.has_resolver("tf_require_export"):
+        OmegaConf.register_new_resolver("tf_require_export", require_export, use_cache=True)

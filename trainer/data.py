@@ -630,15 +630,28 @@ def _build_eval(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[EvalPrompt
                             with_prompts=True)
     rows = [_single_row({"input_ids": ids, "labels": labels})
             for ids, labels, status in zip(out["input_ids"], out["labels"], out["status"]) if status not in DROP_REASONS]
+    return rows, _eval_prompts(ds, out, tokenizer, cfg.max_length)
+
+
+def build_prompts(cfg: DataConfig, tokenizer, path: str, split: str, fmt: str = "auto",
+                  name: Optional[str] = None) -> list[EvalPrompt]:
+    """The prompts of a dataset in any supported format, templated exactly as SFT templates them,
+    each with its reference answer (what PPO samples from and scores exact match against).
+    Prompts of `cfg.max_length` tokens or more are left out."""
+    ds = load_rows(path, split, name)
+    out = _tokenize_dataset(ds, fmt, tokenizer, cfg, describe_source(path, split), with_prompts=True)
+    prompts = _eval_prompts(ds, out, tokenizer, cfg.max_length)
+    if not prompts:
+        raise DataError(f"{describe_source(path, split)}: no prompts shorter than data.max_length={cfg.max_length}")
+    return prompts
+
+
+def _eval_prompts(ds: datasets.Dataset, out: dict, tokenizer, max_length: int) -> list[EvalPrompt]:
     meta = {k: list(ds[k]) if k in ds.column_names else [None] * len(ds) for k in ("family", "phrasing", "family_split")}
-    prompts = [EvalPrompt(ids, answer, tokenizer.decode(ids), family, phrasing, family_split)
-               for ids, answer, family, phrasing, family_split
-               in zip(out["prompt_ids"], out["answer"], meta["family"], meta["phrasing"], meta["family_split"])
-               if ids and len(ids) < cfg.max_length]
-    return rows, prompts
-
-
-# ---------------------------------------------------------------------------------------------------- preview CLI
+    return [EvalPrompt(ids, answer, tokenizer.decode(ids), family, phrasing, family_split)
+            for ids, answer, family, phrasing, family_split
+            in zip(out["prompt_ids"], out["answer"], meta["family"], meta["phrasing"], meta["family_split"])
+            if ids and len(ids) < max_length]
 
 
 def format_trained_spans(row: dict, tokenizer) -> str:

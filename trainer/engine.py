@@ -11,11 +11,12 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from trainer.config import DeepSpeedConfig, OptimConfig, TrainingJobConfig
+from trainer.config import DeepSpeedConfig, OptimConfig
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,10 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def build_deepspeed_config(cfg: TrainingJobConfig, world_size: int) -> dict:
-    ds: DeepSpeedConfig = cfg.deepspeed
+def build_deepspeed_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, world_size: int,
+                           max_grad_norm: float) -> dict:
+    """DeepSpeed's JSON for one engine: a supervised stage's, or a PPO role's (frozen roles
+    pass grad_accum=1; their optimizer keys are unused)."""
     precision = resolve_precision(ds.precision)
     zero: dict = {"stage": ds.stage}
     if ds.stage >= 1:
@@ -112,10 +115,10 @@ def build_deepspeed_config(cfg: TrainingJobConfig, world_size: int) -> dict:
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": has_gpu()}
     config = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.max_grad_norm,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
@@ -188,16 +191,21 @@ def gather_per_block(model: torch.nn.Module) -> None:
         set_z3_leaf_modules(model, blocks, raise_if_not_found=False)
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainingJobConfig, ds_config: dict, total_steps: int):
+def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: Optional[OptimConfig], ds_config: dict,
+                 total_steps: int = 0):
+    """A training engine, or with `optim=None` an inference-only one (a frozen PPO role under ZeRO-3)."""
     import deepspeed
 
-    if cfg.deepspeed.stage == 3 and cfg.deepspeed.stage3_gather_per_block:
+    if ds.stage == 3 and ds.stage3_gather_per_block:
         gather_per_block(model)  # before initialize, which installs the hooks
-    optimizer = build_optimizer(model, cfg.optim, offload=cfg.deepspeed.offload_optimizer)
+    if optim is None:
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        return engine
+    optimizer = build_optimizer(model, optim, offload=ds.offload_optimizer)
 
     # A callable, so the schedule wraps the optimizer DeepSpeed actually steps.
     def scheduler(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, cfg.optim, total_steps))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, optim, total_steps))
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config

@@ -61,11 +61,11 @@ def exact_match(engine, tokenizer, prompts: list, batch_size: int, max_new_token
     Returns (metrics, samples): overall EM plus EM per family and per phrasing
     group where prompts carry them; samples are (prompt, answer, generated, match)."""
     model = engine.module
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     results = []
     with _eval_mode(model):
         for idx, batch in _rank_batches(prompts, info, batch_size):
-            input_ids, attention_mask = _left_pad([p.prompt_ids for p in batch], tokenizer.pad_token_id)
+            input_ids, attention_mask = left_pad([p.prompt_ids for p in batch], tokenizer.pad_token_id)
             out = model.generate(
                 input_ids=input_ids.to(device()),
                 attention_mask=attention_mask.to(device()),
@@ -77,19 +77,26 @@ def exact_match(engine, tokenizer, prompts: list, batch_size: int, max_new_token
                 synced_gpus=zero3 and info.world_size > 1,
             )
             texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-            for i, p, text in zip(idx, batch, texts):
-                results.append((i, text.strip() == p.answer.strip(), text.strip()))
+            results += zip(idx, texts)
 
     gathered = [None] * info.world_size
     if info.world_size > 1:
         dist.all_gather_object(gathered, results)
     else:
         gathered = [results]
-    by_index = {i: (ok, text) for part in gathered for i, ok, text in part}
+    by_index = dict(pair for part in gathered for pair in part)
+    return exact_match_metrics(prompts, [by_index[i] for i in range(len(prompts))])
+
+
+def exact_match_metrics(prompts: list, generated: list[str]) -> tuple[dict, list[tuple]]:
+    """Exact match of each generated text (stripped) with its prompt's answer: overall, per
+    family, per phrasing group and per split of the synthetic suite where prompts carry them.
+    Returns (metrics, samples) with samples (prompt, answer, generated, match)."""
     groups: dict[str, list[bool]] = defaultdict(list)
     samples = []
-    for i, p in enumerate(prompts):
-        ok, text = by_index[i]
+    for p, text in zip(prompts, generated):
+        text = text.strip()
+        ok = text == p.answer.strip()
         groups["eval/exact_match"].append(ok)
         if p.family:
             groups[f"eval/em/{p.family}"].append(ok)
@@ -159,7 +166,7 @@ def pairwise_metrics(engine, rows: list[dict], collate: Callable, batch_size: in
     return metrics
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -169,7 +176,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _stop_token_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
     """EOS plus a chat template's end-of-turn marker, whichever the model emits first."""
     ids = {tokenizer.eos_token_id}
     for marker in ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>"):

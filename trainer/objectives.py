@@ -79,21 +79,31 @@ def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     if "score_index" not in batch:
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return scores.squeeze(-1).chunk(2)  # (2B, 1) -> 2 x (B,)
+    # attention_mask is None (sequences isolated by restarting position_ids) or, with a shared
+    # prompt, a (R, 1, T, T) mask that transformers passes to attention as it is.
+    per_token = per_token_scores(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                 attention_mask=batch.get("attention_mask"))
+    return per_token.reshape(-1)[batch["score_index"]].chunk(2)  # (R * T,) -> 2 x (B,)
+
+
+def per_token_scores(model, **inputs) -> torch.Tensor:
+    """(R, T) float scores of a scalar-head model (`AutoModelForSequenceClassification` of a
+    decoder, head `score`) at every position, not only the one the model pools at: a packed
+    reward batch reads one per sequence, a PPO critic reads one per response token.
+
+    The head's output is caught on its way out by a forward hook, so any model with a
+    `score` layer works, under ZeRO-3 too."""
     head = getattr(getattr(model, "module", model), "score", None)
     if head is None:
-        raise ConfigError("data.packing: packed preference batches need a model with a `score` head "
-                         "(AutoModelForSequenceClassification of a decoder); set data.packing=false")
+        raise ConfigError("this needs a model with a `score` head (AutoModelForSequenceClassification of a "
+                          "decoder): packed preference batches (set data.packing=false) and PPO critics/rewards")
     caught = []
     handle = head.register_forward_hook(lambda _module, _inputs, out: caught.append(out))
     try:
-        # attention_mask is None (sequences isolated by restarting position_ids) or, with a shared
-        # prompt, a (R, 1, T, T) mask that transformers passes to attention as it is.
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-              attention_mask=batch.get("attention_mask"), use_cache=False)
+        model(**inputs, use_cache=False)
     finally:
         handle.remove()
-    per_token = caught[0].reshape(-1)  # (R * T,): one score per position of every packed row
-    return per_token[batch["score_index"]].chunk(2)
+    return caught[0].squeeze(-1).float()
 
 
 class RewardTask:

@@ -60,7 +60,8 @@ def _run(dcfg: DictConfig) -> int:
             f"train.micro_batch_size: {cfg.train.micro_batch_size} is larger than the "
             f"{len(parts.train)} training rows"
         )
-    ds_config = build_deepspeed_config(cfg, info.world_size)
+    ds_config = build_deepspeed_config(cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                       info.world_size, cfg.optim.max_grad_norm)
     precision = resolve_precision(cfg.deepspeed.precision)
     resume = find_resume_dir(cfg.resume, run_dir)
 
@@ -78,7 +79,7 @@ def _run(dcfg: DictConfig) -> int:
     with zero3_init_context(ds_config):
         model = parts.build_model(torch_dtype(precision))
     total_steps = cfg.optim.decay_steps or cfg.train.max_steps
-    engine = build_engine(model, cfg, ds_config, total_steps)
+    engine = build_engine(model, cfg.deepspeed, cfg.optim, ds_config, total_steps)
 
     state = TrainState(world_size=info.world_size)
     if resume is not None:

@@ -1,0 +1,121 @@
+"""The policy: generates rollouts, scores its own log-probs, and trains with the clipped surrogate.
+
+Generation under ZeRO-3 would re-gather every layer for every new token. With
+`rollout.generation=replica` (default) each rank keeps a plain copy of the policy that generates
+with a KV cache and no ZeRO hooks; it is refreshed from the engine (one gather of the parameters)
+after every update. `rollout.generation=zero3` generates through the engine itself, for comparison
+and for models too large to hold whole on one device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlhf.algorithms import kl_estimate, policy_loss
+from rlhf.experience import Experience, cut_at_stop
+from rlhf.worker import RoleWorker
+from trainer.engine import device
+from trainer.evaluate import left_pad, stop_token_ids
+from trainer.model import build_causal_lm
+
+
+class PolicyWorker(RoleWorker):
+    trains = True
+
+    def setup(self) -> None:
+        self.build(build_causal_lm, total_steps=self.total_optimizer_steps(), grad_accum=self.grad_accum())
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.replica = None
+        if self.cfg.rollout.generation == "replica":
+            from transformers import AutoModelForCausalLM
+
+            config = self.engine.module.config
+            self.replica = AutoModelForCausalLM.from_config(config, dtype=next(self._engine_params()).dtype)
+            self.replica.requires_grad_(False)
+            self.replica.to(device()).eval()
+            self.refresh_replica()
+
+    def _engine_params(self):
+        return self.engine.module.parameters()
+
+    def refresh_replica(self) -> float:
+        """Copy the engine's current weights into the generation replica (gathered once under ZeRO-3)."""
+        if self.replica is None:
+            return 0.0
+        t0 = time.perf_counter()
+        params = dict(self.engine.module.named_parameters())
+        with self._gathered(list(params.values())):
+            for name, p in self.replica.named_parameters():
+                p.data.copy_(params[name].data)
+        return time.perf_counter() - t0
+
+    def _gathered(self, params):
+        import contextlib
+
+        if self.role_cfg.deepspeed.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], iteration: int, greedy: bool = False) -> tuple[list[list[int]], float]:
+        """Responses (token ids, cut after the first stop token) for this rank's prompts, and the seconds taken.
+        Sampling is seeded by (seed, iteration, rank), so a resumed run draws the same rollouts."""
+        t0 = time.perf_counter()
+        r = self.cfg.rollout
+        torch.manual_seed(self.cfg.seed * 1_000_003 + iteration * 1009 + self.rank)
+        zero3 = self.replica is None
+        model = self.engine.module if zero3 else self.replica
+        input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        sampling = {} if greedy else dict(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+        out = model.generate(
+            input_ids=input_ids.to(device()),
+            attention_mask=attention_mask.to(device()),
+            max_new_tokens=r.max_new_tokens,
+            do_sample=not greedy,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+            synced_gpus=zero3 and self.world_size > 1,
+            **{k: v for k, v in sampling.items() if k != "do_sample"},
+        )
+        stops = set(self.stop_ids)
+        responses = [cut_at_stop(row.tolist(), stops) for row in out[:, input_ids.shape[1]:].cpu()]
+        return responses, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def log_probs(self, exp: Experience) -> torch.Tensor:
+        """(B, T) log-probs of this rank's shard under the current policy (the PPO 'old' log-probs)."""
+        t = self.cfg.rollout.temperature
+        return self._stack(self._forward_micro(exp, lambda m: self.response_logprobs(m, t)), exp.responses.shape[1])
+
+    def train(self, exp: Experience, iteration: int, kl_coef: float) -> dict:
+        """One PPO update on this rank's shard; `kl_coef` weighs the KL term when algo.kl_in=loss."""
+        a, temperature = self.cfg.algo, self.cfg.rollout.temperature
+
+        def loss_fn(m: Experience):
+            logp, entropy = self.response_logprobs(m, temperature, with_entropy=True)
+            mask = m.response_mask
+            tokens = mask.sum()
+            loss, stats = policy_loss(logp, m.old_logp, m.advantages, mask, a.clip_eps)
+            loss = loss * tokens
+            ent = (entropy * mask).sum()
+            out = {"clip_frac": stats["clip_frac"] * tokens, "approx_kl": stats["approx_kl"] * tokens,
+                   "entropy": ent.detach()}
+            if a.entropy_coef:
+                loss = loss - a.entropy_coef * ent
+            if a.kl_in == "loss":
+                kl = (kl_estimate(logp, m.ref_logp, a.kl_estimator) * mask).sum()
+                loss = loss + kl_coef * kl
+                out["kl_loss"] = kl.detach()
+            return loss, out
+
+        metrics = self.ppo_update(exp, iteration, loss_fn)
+        metrics["replica_refresh_s"] = self.refresh_replica()
+        return metrics
+
+    def after_load(self) -> None:
+        self.refresh_replica()

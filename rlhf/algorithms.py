@@ -1,0 +1,285 @@
+"""Pure tensor math for PPO on language models: masked statistics, log-probs, KL, GAE, losses.
+
+No I/O, no distributed calls, nothing that knows about Ray or DeepSpeed; every function maps tensors to tensors.
+
+Shapes: B = rollouts in a batch, T = padded response length, V = vocabulary size. `mask` is a (B, T) float tensor,
+1.0 on real response tokens (up to and including EOS or the truncation point) and 0.0 after. Per-token tensors
+(log-probs, values, rewards) are aligned to response tokens: entry t belongs to response token t. Every "mean" is
+a token mean over all masked entries of the batch, sum(x * mask) / max(sum(mask), 1), so an empty mask gives 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_CONTROLLERS = ("fixed", "adaptive")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masked statistics
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over entries where `mask` is non-zero, over all entries (dim=None) or along `dim`.
+
+    Entries outside the mask are excluded even when they hold inf/NaN (padding is often garbage).
+    """
+    masked = torch.where(mask != 0, x * mask, 0.0)  # (B, T)
+    if dim is None:
+        return masked.sum() / mask.sum().clamp(min=1)
+    return masked.sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` over all masked entries (scalar). With n <= 1 masked entries it is 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)  # Bessel; n in {0, 1} leaves the (zero) variance alone
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise `x` (B, T) to unit variance (and zero mean if `shift_mean`) over the batch's masked entries.
+
+    Returns (B, T) with masked-out entries set to 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)  # (B, T)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask != 0, whitened, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-probs and entropy
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[labels]: logits (B, T, V), labels (B, T) int -> (B, T) float32 (or float64).
+
+    V may be ~150k, so avoid a full-batch float copy of the logits: for fp32/fp64 subtract a per-row logsumexp
+    (autograd saves only the original logits); for bf16/fp16 upcast one row of B at a time, so without grad
+    (rollout, reference model) the peak is one row's float copy. With grad, log_softmax still saves each row's
+    float output for backward; a fused cross-entropy kernel would be the next step if that matters.
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (B, T)
+        return picked - lse
+    rows = []
+    for row, lab in zip(logits, labels):
+        row_logp = torch.log_softmax(row.float(), dim=-1)  # (T, V), one row's float copy at a time
+        rows.append(row_logp.gather(-1, lab.unsqueeze(-1)).squeeze(-1))  # (T,)
+    return torch.stack(rows)  # (B, T)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits): (B, T, V) -> (B, T) float32, one row of B at a time to bound memory.
+
+    H = logsumexp(l) - sum_v p_v * l_v, which avoids log(p) of underflowed probabilities.
+    """
+    rows = []
+    for row in logits:
+        row = row.float()  # (T, V)
+        rows.append(torch.logsumexp(row, dim=-1) - (torch.softmax(row, dim=-1) * row).sum(-1))
+    return torch.stack(rows)  # (B, T)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KL and rewards
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(policy || ref) from sampled-token log-probs (B, T) -> (B, T), unmasked.
+
+    Schulman's estimators (http://joschu.net/blog/kl-approx.html), with log_ratio = logp - ref_logp:
+    k1 = log_ratio (unbiased, can be negative), k2 = 0.5 * log_ratio**2 (>= 0, low variance, biased),
+    k3 = exp(-log_ratio) - 1 + log_ratio (>= 0, unbiased); k3's log_ratio is clamped to [-20, 20] so exp stays finite.
+    """
+    log_ratio = logp - ref_logp  # (B, T)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        log_ratio = log_ratio.clamp(-20.0, 20.0)
+        return torch.expm1(-log_ratio) + log_ratio  # expm1: exp(-x) - 1 cancels badly in float32 for small x
+    raise ValueError(f"unknown KL estimator {estimator!r}; allowed values: {', '.join(KL_ESTIMATORS)}")
+
+
+def token_level_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token PPO rewards: -beta * kl on every real token, plus the sequence score on the last real one.
+
+    scores (B,), kl (B, T), mask (B, T) -> (B, T), zero outside the mask. The mask is a prefix per row, so the
+    last real token is mask.sum(1) - 1; a row with an empty mask receives nothing.
+    """
+    T = mask.shape[1]
+    last = mask.sum(1).long() - 1  # (B,), -1 for empty rows
+    at_last = torch.nn.functional.one_hot(last.clamp(min=0), T).to(kl.dtype)  # (B, T)
+    at_last = at_last * (last >= 0).unsqueeze(1)
+    rewards = -beta * kl + scores.unsqueeze(1).to(kl.dtype) * at_last  # (B, T)
+    return torch.where(mask != 0, rewards, 0.0)
+
+
+def normalize_scores(
+    scores: torch.Tensor, mean: float | torch.Tensor, std: float | torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """(scores - mean) / (std + eps), e.g. with the reward model's running statistics. scores (B,)."""
+    return (scores - mean) / (std + eps)
+
+
+def clip_scores(scores: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """Clamp scores (B,) to [-clip, clip]; `clip=None` returns them unchanged."""
+    return scores if clip is None else scores.clamp(-clip, clip)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+@torch.no_grad()
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens. rewards, values, mask (B, T) -> (advantages, returns).
+
+    delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t,  A_t = delta_t + gamma * lam * m_{t+1} * A_{t+1},
+    so the episode ends at the last real token (bootstrap value 0) whatever `values` holds after it.
+    returns = A + V. Both outputs are zero outside the mask and carry no gradient (they are targets).
+    """
+    rewards = torch.where(mask != 0, rewards, 0.0)  # padding may hold garbage, even NaN
+    values = torch.where(mask != 0, values, 0.0)
+    B, T = rewards.shape
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)  # V_{t+1} * m_{t+1}, (B,)
+    next_mask = torch.zeros_like(next_value)  # m_{t+1}, (B,)
+    next_adv = torch.zeros_like(next_value)  # A_{t+1}, (B,)
+    advantages = []
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = delta + gamma * lam * next_mask * next_adv
+        advantages.append(next_adv)
+        next_value, next_mask = values[:, t], mask[:, t]
+    advantages = torch.stack(advantages[::-1], dim=1) * mask  # (B, T)
+    returns = (advantages + values) * mask  # (B, T)
+    return advantages, returns
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over masked entries: 1 is a perfect critic, 0 no better than a constant.
+
+    When Var(R) == 0 (e.g. a single token or constant returns) the ratio is undefined; we return 0 rather than
+    NaN/inf so that logged means stay finite.
+    """
+    var_returns = masked_var(returns, mask)
+    var_residual = masked_var(returns - values, mask)
+    ev = 1 - var_residual / var_returns.clamp(min=torch.finfo(var_returns.dtype).tiny)
+    return torch.where(var_returns > 0, ev, torch.zeros_like(ev)).detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    clip_eps_high: float | None = None,
+    log_ratio_clamp: float = 20.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate, masked token mean. logp, old_logp, advantages, mask (B, T) -> scalar loss, stats.
+
+    The ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (clip_eps_high defaults to clip_eps; a larger one
+    is DAPO's "clip-higher"). The log-ratio is clamped before exp so a stale old_logp cannot overflow the ratio.
+    stats (detached 0-d tensors): clip_frac = fraction of masked tokens where the clipped term is strictly the
+    larger (so its gradient is zero); approx_kl = masked mean of the k2 estimate 0.5 * (logp - old_logp)**2;
+    ratio_mean = masked mean of the ratio.
+    """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = logp - old_logp  # (B, T)
+    ratio = torch.exp(log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp))  # (B, T)
+    unclipped = -advantages * ratio  # (B, T)
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + high)  # (B, T)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    stats = {
+        "clip_frac": masked_mean((clipped > unclipped).float(), mask).detach(),
+        "approx_kl": masked_mean(kl_estimate(logp.detach(), old_logp, "k2"), mask),
+        "ratio_mean": masked_mean(ratio.detach(), mask),
+    }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_eps: float | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss 0.5 * mean(max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)). (B, T) -> scalar.
+
+    `clip_eps=None` disables clipping. stats: value_clip_frac = fraction of masked tokens where the clipped error
+    is strictly the larger.
+    """
+    unclipped = (values - returns) ** 2  # (B, T)
+    if clip_eps is None:
+        return 0.5 * masked_mean(unclipped, mask), {"value_clip_frac": torch.zeros((), device=values.device)}
+    values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)  # (B, T)
+    clipped = (values_clipped - returns) ** 2  # (B, T)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, {"value_clip_frac": masked_mean((clipped > unclipped).float(), mask).detach()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KL coefficient controllers
+
+
+class KLController:
+    """Holds the KL coefficient `value`; the base never changes it. Only `value` is state (the rest is config)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController(KLController):
+    """A constant KL coefficient."""
+
+
+class AdaptiveKLController(KLController):
+    """Ziegler et al. 2019: steer the coefficient so that the observed KL approaches `target`.
+
+    value *= 1 + clip(current_kl / target - 1, -0.2, 0.2) * n_steps / horizon; the clip bounds each step.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL controller needs target > 0 and horizon > 0, got {target=}, {horizon=}")
+        super().__init__(init_kl_coef)
+        self.target, self.horizon = float(target), float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+def build_kl_controller(
+    kind: str, kl_coef: float, target: float | None = None, horizon: float | None = None
+) -> KLController:
+    """`kind` in {"fixed", "adaptive"}; "adaptive" needs `target` and `horizon`."""
+    if kind == "fixed":
+        return FixedKLController(kl_coef)
+    if kind == "adaptive":
+        if target is None or horizon is None:
+            raise ValueError("adaptive KL controller needs both target and horizon")
+        return AdaptiveKLController(kl_coef, target, horizon)
+    raise ValueError(f"unknown KL controller kind {kind!r}; allowed values: {', '.join(KL_CONTROLLERS)}")

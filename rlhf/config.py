@@ -1,0 +1,190 @@
+"""Typed configuration of `python -m rlhf.ppo` (primary config `conf/ppo.yaml`).
+
+Each role (actor, critic, reference, reward) reuses the supervised stages' model,
+DeepSpeed and optimizer schemas, plus where its ranks go. `validate()` checks
+everything that can be checked without Ray or a model, and names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from trainer.config import (
+    ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    LoggerConfig,
+    ModelConfig,
+    OptimConfig,
+    _require,
+    validate_deepspeed,
+    validate_model,
+    validate_optim,
+)
+from rlhf.algorithms import KL_CONTROLLERS, KL_ESTIMATORS
+from rlhf.placement import COLOCATE_MODES, ROLES
+
+TRAINED_ROLES = ("actor", "critic")
+GENERATION_MODES = ("replica", "zero3")
+KL_PLACES = ("reward", "loss")
+
+
+@dataclass
+class RoleConfig:
+    """One role's model, engine and devices: `num_nodes` x `devices_per_node` ranks (a GPU each,
+    or a CPU slot each where there is no GPU)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # used by the trained roles (actor, critic)
+    num_nodes: int = 1
+    devices_per_node: int = 1
+    # Sequences per forward pass on one rank (and per micro-batch of an update, for trained roles).
+    micro_batch_size: int = 16
+    # reward only: score with a Python function instead of a model, e.g.
+    # {_target_: rlhf.rewards.exact_match}; it is called as fn(prompts, responses, answers) -> scores.
+    function: Optional[dict[str, Any]] = None
+    # reward only: the reward model's tokenizer differs from the policy's, so decode the policy's
+    # tokens and re-encode them with the reward model's tokenizer.
+    retokenize: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.devices_per_node
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_iteration: int = 64
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    # replica: a plain copy of the policy generates (KV cache, no ZeRO hooks), refreshed after each
+    # policy update. zero3: generate through the ZeRO-3 engine, which re-gathers every layer per token.
+    generation: str = "replica"
+
+
+@dataclass
+class AlgoConfig:
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip_eps: Optional[float] = 0.2
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # k1 | k2 | k3
+    kl_in: str = "reward"  # reward: -beta*KL per token in the reward; loss: beta*KL in the policy loss
+    kl_controller: str = "fixed"  # fixed | adaptive
+    kl_target: float = 0.1  # adaptive only: per-sequence KL the controller steers to
+    kl_horizon: int = 10000
+    # Normalise model scores with the reward stage's reward_stats.json (mean/std), then clip.
+    normalize_reward: bool = True
+    reward_clip: Optional[float] = 5.0
+    whiten_advantages: bool = True
+    ppo_epochs: int = 1
+    mini_batch_size: int = 32  # rollouts per optimizer step, over all ranks of a role
+    critic_warmup_iterations: int = 0  # the critic trains alone for this many iterations
+
+
+@dataclass
+class ClusterConfig:
+    # null: start a local Ray instance; "auto" or "<host>:<port>" joins a running cluster
+    # (RAY_ADDRESS, when set, is used when this is null).
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None  # local instance only; null: enough CPU slots for every role
+    colocate: str = "none"  # none | reference_with_actor | reward_with_critic | both | all
+    placement_timeout_s: float = 120.0
+    torch_threads: int = 1  # per actor on CPU: several actors share the cores
+
+
+@dataclass
+class PPOTrainConfig:
+    iterations: int = 40
+    eval_every: int = 20  # also evaluated before the first iteration; 0: only at start and end
+    eval_prompts: int = 200  # first N held-out prompts, greedy
+    save_every: int = 20  # 0: only at the end
+    keep_last: int = 2
+    samples_every: int = 10  # a table of prompts/responses/scores in the log and W&B
+
+
+@dataclass
+class PPOConfig:
+    stage: str = "ppo"
+    seed: int = 1234
+    resume: Optional[str] = None
+    output_dir: str = "."
+    # Prompts (and reference answers for exact match) in any supervised format; eval_path held out.
+    data: DataConfig = field(default_factory=DataConfig)
+    actor: RoleConfig = field(default_factory=RoleConfig)
+    critic: RoleConfig = field(default_factory=RoleConfig)
+    reference: RoleConfig = field(default_factory=RoleConfig)
+    reward: RoleConfig = field(default_factory=RoleConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def role(self, name: str) -> RoleConfig:
+        return getattr(self, name)
+
+    @property
+    def rollout_batch(self) -> int:
+        return self.rollout.prompts_per_iteration * self.rollout.samples_per_prompt
+
+
+def register_ppo_config() -> None:
+    ConfigStore.instance().store(name="ppo_schema", node=PPOConfig)
+
+
+def validate(cfg: PPOConfig) -> None:
+    """Everything checkable before Ray starts; raises ConfigError naming the key."""
+    r, a, t = cfg.rollout, cfg.algo, cfg.train
+    batch = cfg.rollout_batch
+    for key, value in (("rollout.prompts_per_iteration", r.prompts_per_iteration),
+                       ("rollout.samples_per_prompt", r.samples_per_prompt), ("rollout.max_new_tokens", r.max_new_tokens),
+                       ("algo.ppo_epochs", a.ppo_epochs), ("algo.mini_batch_size", a.mini_batch_size),
+                       ("train.iterations", t.iterations), ("train.keep_last", t.keep_last)):
+        _require(value > 0, key, f"must be > 0, got {value}")
+    _require(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+    _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _require(r.generation in GENERATION_MODES, "rollout.generation", f"must be one of {GENERATION_MODES}, got {r.generation!r}")
+    _require(a.kl_estimator in KL_ESTIMATORS, "algo.kl_estimator", f"must be one of {KL_ESTIMATORS}, got {a.kl_estimator!r}")
+    _require(a.kl_in in KL_PLACES, "algo.kl_in", f"must be one of {KL_PLACES}, got {a.kl_in!r}")
+    _require(a.kl_controller in KL_CONTROLLERS, "algo.kl_controller",
+             f"must be one of {KL_CONTROLLERS}, got {a.kl_controller!r}")
+    _require(a.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {a.kl_coef}")
+    _require(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algo.gamma/algo.lam", "must be in [0, 1]")
+    _require(a.clip_eps > 0, "algo.clip_eps", f"must be > 0, got {a.clip_eps}")
+    _require(cfg.cluster.colocate in COLOCATE_MODES, "cluster.colocate",
+             f"must be one of {COLOCATE_MODES}, got {cfg.cluster.colocate!r}")
+    for name in ROLES:
+        role = cfg.role(name)
+        _require(role.num_nodes > 0 and role.devices_per_node > 0, f"{name}.num_nodes/devices_per_node", "must be > 0")
+        _require(role.micro_batch_size > 0, f"{name}.micro_batch_size", f"must be > 0, got {role.micro_batch_size}")
+        if name == "reward" and role.function is not None:
+            _require("_target_" in role.function, "reward.function", "needs a _target_ naming a Python function")
+            continue
+        validate_model(role.model, f"{name}.model")
+        validate_deepspeed(role.deepspeed, f"{name}.deepspeed")
+        # Every rank of a ZeRO-3 group must run the same number of forward passes.
+        _require(batch % role.world_size == 0, f"{name}.num_nodes/devices_per_node",
+                 f"the rollout batch ({batch} = rollout.prompts_per_iteration x samples_per_prompt) must split "
+                 f"evenly over the role's {role.world_size} ranks")
+    for name in TRAINED_ROLES:
+        role = cfg.role(name)
+        validate_optim(role.optim, f"{name}.optim")
+        _require(a.mini_batch_size % role.world_size == 0 and batch % a.mini_batch_size == 0, "algo.mini_batch_size",
+                 f"{a.mini_batch_size} must divide the rollout batch ({batch}) and split over {name}'s "
+                 f"{role.world_size} ranks")
+        per_rank = a.mini_batch_size // role.world_size
+        _require(per_rank % role.micro_batch_size == 0 or per_rank < role.micro_batch_size,
+                 f"{name}.micro_batch_size", f"{role.micro_batch_size} must divide the {per_rank} rollouts "
+                 f"of a mini-batch per rank (algo.mini_batch_size / ranks)")
+    if r.generation == "zero3" and cfg.actor.deepspeed.stage != 3:
+        raise ConfigError("rollout.generation=zero3 needs actor.deepspeed.stage=3 (use replica otherwise)")

@@ -1,0 +1,134 @@
+"""The rollout batch that travels between PPO phases, and how it is laid out, split and trimmed.
+
+Sequences are `[prompt | response | pad]`, right-padded, so positions count from 0 at each
+prompt's first token exactly as they did during generation (where prompts were left-padded and
+positions came from the attention mask). Per-token fields are aligned to response tokens: entry t
+belongs to response token t, which the logits at sequence position `prompt_length + t - 1` score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+
+@dataclass
+class Experience:
+    sequences: torch.Tensor  # (B, L) long: prompt then response, right-padded
+    attention_mask: torch.Tensor  # (B, L) long: 1 on prompt and response tokens
+    prompt_lengths: torch.Tensor  # (B,) long
+    responses: torch.Tensor  # (B, T) long: the response tokens, right-padded
+    response_mask: torch.Tensor  # (B, T) float: 1 up to and including EOS or the truncation point
+    old_logp: Optional[torch.Tensor] = None  # (B, T) policy log-probs at generation time
+    ref_logp: Optional[torch.Tensor] = None  # (B, T) reference log-probs
+    values: Optional[torch.Tensor] = None  # (B, T) critic values V(s_t) before response token t
+    scores: Optional[torch.Tensor] = None  # (B,) sequence scores (normalised and clipped)
+    rewards: Optional[torch.Tensor] = None  # (B, T) token-level rewards
+    advantages: Optional[torch.Tensor] = None  # (B, T)
+    returns: Optional[torch.Tensor] = None  # (B, T)
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def _map(self, fn) -> "Experience":
+        return Experience(**{f.name: (None if v is None else fn(f.name, v))
+                             for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
+
+    def select(self, index) -> "Experience":
+        """The rows `index` (a slice, list or tensor of row indices)."""
+        return self._map(lambda _, v: v[index])
+
+    def to(self, device) -> "Experience":
+        return self._map(lambda _, v: v.to(device))
+
+    def with_fields(self, **fields) -> "Experience":
+        return dataclasses.replace(self, **fields)
+
+    def shards(self, n: int) -> list["Experience"]:
+        """n equal, contiguous shards (rank r gets rows [r*B/n, (r+1)*B/n))."""
+        size = len(self) // n
+        if size * n != len(self):
+            raise ValueError(f"{len(self)} rollouts do not split evenly over {n} ranks")
+        return [self.select(slice(r * size, (r + 1) * size)) for r in range(n)]
+
+    @staticmethod
+    def concat(parts: list["Experience"]) -> "Experience":
+        """Rows of all parts in order, re-padded to the widest (inverse of `shards`)."""
+        width_l = max(p.sequences.shape[1] for p in parts)
+        width_t = max(p.responses.shape[1] for p in parts)
+        fields = {}
+        for f in dataclasses.fields(Experience):
+            values = [getattr(p, f.name) for p in parts]
+            if values[0] is None:
+                fields[f.name] = None
+                continue
+            width = width_l if f.name in ("sequences", "attention_mask") else width_t
+            fields[f.name] = torch.cat([pad_right(v, width) if v.dim() == 2 else v for v in values])
+        return Experience(**fields)
+
+    def trimmed(self) -> "Experience":
+        """Drop the padding columns no row of this (micro-)batch needs."""
+        width_l = int(self.attention_mask.sum(1).max())
+        width_t = max(int(self.response_mask.sum(1).max()), 1)
+        return self._map(lambda name, v: v[:, :width_l] if name in ("sequences", "attention_mask")
+                         else (v[:, :width_t] if v.dim() == 2 else v))
+
+    def micro_batches(self, size: int) -> Iterator["Experience"]:
+        for start in range(0, len(self), size):
+            yield self.select(slice(start, start + size)).trimmed()
+
+
+def pad_right(x: torch.Tensor, width: int, value=0) -> torch.Tensor:
+    """(B, w) -> (B, width), padding columns on the right with `value`."""
+    if x.shape[1] >= width:
+        return x
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    """A generated response up to and including its first stop token (the rest is padding)."""
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def build_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Experience:
+    """Lay prompts and their responses out as `[prompt | response | pad]` rows."""
+    width_t = max(1, max(len(r) for r in responses))
+    width_l = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    b = len(prompts)
+    sequences = torch.full((b, width_l), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, width_l), dtype=torch.long)
+    resp = torch.full((b, width_t), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros((b, width_t), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        sequences[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        resp_mask[i, : len(r)] = 1.0
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return Experience(sequences, attention_mask, lengths, resp, resp_mask)
+
+
+def response_positions(prompt_lengths: torch.Tensor, width_t: int, width_l: int) -> torch.Tensor:
+    """(B, T) sequence positions whose outputs score response token t: prompt_length + t - 1
+    (clamped into the sequence for padding entries, which the response mask hides)."""
+    t = torch.arange(width_t, device=prompt_lengths.device)
+    return (prompt_lengths[:, None] + t[None, :] - 1).clamp(max=width_l - 1)
+
+
+def gather_response(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, L) or (B, L, V) per-position outputs -> (B, T) or (B, T, V) at `positions` (B, T)."""
+    if x.dim() == 2:
+        return x.gather(1, positions)
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each right-padded row's last real token (where a reward model reads its score)."""
+    return attention_mask.sum(1) - 1

@@ -1,0 +1,208 @@
+"""What every role actor shares: its rank in the role's own torch.distributed group, model and
+engine building through the supervised stages' code, micro-batched forward passes, the PPO update
+loop, and checkpoints.
+
+Each Ray actor is one process holding one rank. A role's ranks form their own process group
+(NCCL on GPUs, gloo on CPU): rank 0 picks the rendezvous address and the others join it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from rlhf.config import PPOConfig, RoleConfig
+from rlhf.experience import Experience, gather_response, last_token_positions, response_positions
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.engine import (
+    DistInfo,
+    all_reduce_sum,
+    build_deepspeed_config,
+    build_engine,
+    device,
+    has_gpu,
+    init_distributed,
+    resolve_precision,
+    torch_dtype,
+    zero3_init_context,
+)
+from trainer.model import load_tokenizer
+from trainer.objectives import per_token_scores
+
+
+class RoleWorker:
+    """One rank of one role. Subclasses (`rlhf/actor.py`, `critic.py`, `reference.py`,
+    `reward.py`) build their model in `setup` and add the role's methods."""
+
+    trains = False  # actor and critic: an optimizer, an update loop and checkpoints
+
+    def __init__(self, cfg: PPOConfig, role: str, rank: int, world_size: int):
+        from trainer.cli import prepare_process
+
+        prepare_process()
+        self.cfg, self.role, self.rank, self.world_size = cfg, role, rank, world_size
+        self.role_cfg: RoleConfig = cfg.role(role)
+        if not has_gpu():
+            torch.set_num_threads(cfg.cluster.torch_threads)
+        from transformers import set_seed
+
+        set_seed(cfg.seed)  # random-init roles (tests) start from the same weights in every process
+        self.engine = None
+        self.model: Optional[torch.nn.Module] = None  # what forward passes run through
+        self.info: Optional[DistInfo] = None
+
+    # ------------------------------------------------------------------ process group
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Called on rank 0: an address and free port on its node for the role's group."""
+        import ray
+
+        from trainer.engine import _free_port
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def init_process_group(self, master_addr: str, master_port: int) -> None:
+        # Ray gives each actor its own device (CUDA_VISIBLE_DEVICES), so it is local rank 0.
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        self.info = init_distributed()
+
+    def describe(self) -> dict:
+        from rlhf.placement import describe_actor
+
+        return {"role": self.role, "rank": self.rank, **describe_actor()}
+
+    # ------------------------------------------------------------------ models
+
+    @property
+    def precision(self) -> str:
+        return resolve_precision(self.role_cfg.deepspeed.precision)
+
+    def deepspeed_config(self, grad_accum: int = 1) -> dict:
+        rc = self.role_cfg
+        return build_deepspeed_config(rc.deepspeed, rc.micro_batch_size, grad_accum, self.world_size,
+                                      rc.optim.max_grad_norm)
+
+    def build(self, builder: Callable, total_steps: int = 0, grad_accum: int = 1):
+        """Build the role's model with `builder(model_cfg, tokenizer, dtype)`: a DeepSpeed training
+        engine for trained roles, a ZeRO-3 inference engine for frozen roles at stage 3, or the
+        plain module on the device for small frozen roles."""
+        rc = self.role_cfg
+        self.tokenizer = load_tokenizer(rc.model)
+        ds_config = self.deepspeed_config(grad_accum)
+        with zero3_init_context(ds_config):
+            model = builder(rc.model, self.tokenizer, torch_dtype(self.precision))
+        if self.trains:
+            self.engine = build_engine(model, rc.deepspeed, rc.optim, ds_config, total_steps)
+            self.model = self.engine
+        elif rc.deepspeed.stage == 3:
+            self.engine = build_engine(model, rc.deepspeed, None, ds_config)
+            self.model = self.engine
+        else:
+            model.requires_grad_(False)
+            self.model = model.to(device())
+        self.model.eval()
+        return self.model
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _forward_micro(self, exp: Experience, fn: Callable[[Experience], torch.Tensor]) -> list[torch.Tensor]:
+        """fn over micro-batches of this rank's shard (every rank runs the same count, as ZeRO-3 needs)."""
+        exp = exp.to(device())
+        return [fn(micro) for micro in exp.micro_batches(self.role_cfg.micro_batch_size)]
+
+    def response_logprobs(self, micro: Experience, temperature: float, with_entropy: bool = False):
+        """(b, t) log-probs of the response tokens (and their entropies) under the model,
+        with logits divided by the sampling temperature as they were when sampling."""
+        from rlhf.algorithms import entropy_from_logits, logprobs_from_logits
+
+        logits = self.model(input_ids=micro.sequences, attention_mask=micro.attention_mask, use_cache=False).logits
+        pos = response_positions(micro.prompt_lengths, micro.responses.shape[1], micro.sequences.shape[1])
+        logits = gather_response(logits, pos).float() / temperature  # (b, t, V)
+        logp = logprobs_from_logits(logits, micro.responses)
+        return (logp, entropy_from_logits(logits)) if with_entropy else logp
+
+    def response_values(self, micro: Experience) -> torch.Tensor:
+        """(b, t) scalar-head outputs at the positions before each response token (critic values)."""
+        per_token = per_token_scores(self.model, input_ids=micro.sequences, attention_mask=micro.attention_mask)
+        pos = response_positions(micro.prompt_lengths, micro.responses.shape[1], micro.sequences.shape[1])
+        return gather_response(per_token, pos)
+
+    def sequence_scores(self, micro: Experience) -> torch.Tensor:
+        """(b,) scalar-head output at each sequence's last token (a reward model's score)."""
+        per_token = per_token_scores(self.model, input_ids=micro.sequences, attention_mask=micro.attention_mask)
+        return per_token.gather(1, last_token_positions(micro.attention_mask)[:, None]).squeeze(1)
+
+    def _stack(self, parts: list[torch.Tensor], width: int) -> torch.Tensor:
+        from rlhf.experience import pad_right
+
+        return torch.cat([pad_right(p, width) if p.dim() == 2 else p for p in parts]).cpu()
+
+    # ------------------------------------------------------------------ PPO update
+
+    def ppo_update(self, exp: Experience, iteration: int,
+                   loss_fn: Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> dict:
+        """algo.ppo_epochs passes over this rank's shard in mini-batches (algo.mini_batch_size over all
+        ranks), one optimizer step each. `loss_fn(micro)` returns (token-summed loss, token-summed
+        stats); each micro-batch's loss is divided by the mini-batch's global token count, so a
+        step minimises the token mean over the whole mini-batch on every rank together."""
+        a = self.cfg.algo
+        exp = exp.to(device())
+        per_rank = a.mini_batch_size // self.world_size
+        micro = min(self.role_cfg.micro_batch_size, per_rank)
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + iteration)
+        sums: dict[str, float] = {}
+        steps, t0 = 0, time.perf_counter()
+        self.engine.train()
+        for _ in range(a.ppo_epochs):
+            order = torch.randperm(len(exp), generator=gen).to(exp.sequences.device)
+            for start in range(0, len(exp), per_rank):
+                mini = exp.select(order[start : start + per_rank])
+                tokens = all_reduce_sum([float(mini.response_mask.sum())])[0]
+                for m in mini.micro_batches(micro):
+                    loss, stats = loss_fn(m)
+                    self.engine.backward(loss * self.world_size / max(tokens, 1.0), scale_wrt_gas=False)
+                    self.engine.step()
+                    for k, v in {"loss": loss, "tokens": m.response_mask.sum(), **stats}.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+                norm = self.engine.get_global_grad_norm()
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + (float(norm) if norm is not None else 0.0)
+                steps += 1
+        self.engine.eval()
+        keys = sorted(sums)
+        totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys])))
+        tokens = max(totals.pop("tokens"), 1.0)
+        metrics = {k: v / tokens for k, v in totals.items() if k != "grad_norm"}
+        metrics["grad_norm"] = totals["grad_norm"] / max(steps * self.world_size, 1)
+        metrics["lr"] = self.engine.get_lr()[0]
+        metrics["update_s"] = time.perf_counter() - t0
+        return metrics
+
+    def total_optimizer_steps(self) -> int:
+        a, t = self.cfg.algo, self.cfg.train
+        return t.iterations * a.ppo_epochs * (self.cfg.rollout_batch // a.mini_batch_size)
+
+    def grad_accum(self) -> int:
+        per_rank = self.cfg.algo.mini_batch_size // self.world_size
+        return per_rank // min(self.role_cfg.micro_batch_size, per_rank)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, ckpt_root: str, iteration: int) -> str:
+        return str(save_checkpoint(self.engine, Path(ckpt_root) / self.role, iteration, {"iteration": iteration},
+                                   self.cfg.train.keep_last))
+
+    def load(self, ckpt_root: str, tag: str) -> int:
+        state = load_checkpoint(self.engine, Path(ckpt_root) / self.role, tag)
+        self.after_load()
+        return int(state.get("iteration", -1))
+
+    def after_load(self) -> None:
+        pass
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,293 @@
+import math
+
+import pytest
+import torch
+
+from rlhf.algorithms import (
+    AdaptiveKLController,
+    FixedKLController,
+    build_kl_controller,
+    clip_scores,
+    compute_gae,
+    entropy_from_logits,
+    explained_variance,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    normalize_scores,
+    policy_loss,
+    token_level_rewards,
+    value_loss,
+)
+
+NAN = float("nan")
+
+
+def ragged_mask(lengths, T):
+    return (torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).float()  # (B, T)
+
+
+# --- masked statistics ------------------------------------------------------------------------------------------
+
+
+def test_masked_mean_and_var_ignore_padding():
+    x = torch.tensor([[1.0, 2.0, NAN], [3.0, 1e9, -1e9]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert masked_mean(x, mask).item() == pytest.approx(2.0)
+    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([1.5, 3.0]))
+    assert masked_var(x, mask).item() == pytest.approx(1.0)  # values 1, 2, 3
+    assert masked_var(x, mask, unbiased=False).item() == pytest.approx(2 / 3)
+
+
+def test_whiten_zero_mean_unit_std_over_masked_entries():
+    torch.manual_seed(0)
+    mask = ragged_mask([7, 3, 10, 1], 10)
+    x = torch.randn(4, 10) * 5 + 3
+    w = masked_whiten(x, mask)
+    valid = w[mask.bool()]
+    assert valid.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert valid.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert (w[~mask.bool()] == 0).all()
+    garbage = torch.where(mask.bool(), x, torch.full_like(x, 1e6))
+    torch.testing.assert_close(masked_whiten(garbage, mask), w)
+    unshifted = masked_whiten(x, mask, shift_mean=False)
+    assert unshifted[mask.bool()].mean().item() == pytest.approx(x[mask.bool()].mean().item(), abs=1e-5)
+
+
+def test_masked_ops_on_empty_mask_are_finite():
+    x, mask = torch.randn(2, 5), torch.zeros(2, 5)
+    for out in [
+        masked_mean(x, mask),
+        masked_mean(x, mask, dim=1),
+        masked_var(x, mask),
+        masked_whiten(x, mask),
+        explained_variance(x, x + 1, mask),
+        policy_loss(x, x, x, mask, 0.2)[0],
+        value_loss(x, x, x, mask, 0.2)[0],
+        *compute_gae(x, x, mask, 1.0, 0.95),
+    ]:
+        assert torch.isfinite(out).all()
+    assert masked_mean(x, mask).item() == 0.0
+
+
+# --- log-probs and entropy --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_match_log_softmax_gather(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 50) * 4).to(dtype)
+    labels = torch.randint(0, 50, (3, 5))
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    out = logprobs_from_logits(logits, labels)
+    assert out.shape == (3, 5) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_gradient_matches_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 4))
+    (g,) = torch.autograd.grad(logprobs_from_logits(logits, labels).sum(), logits)
+    ref = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).sum()
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_entropy_matches_categorical():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 50) * 4
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    torch.testing.assert_close(entropy_from_logits(logits), expected, atol=1e-5, rtol=1e-5)
+
+
+# --- KL and rewards ---------------------------------------------------------------------------------------------
+
+
+def test_kl_estimators_on_known_logprobs():
+    ln2 = math.log(2)
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[0.25, 0.5]]))  # log_ratio = [ln 2, -ln 2]
+    torch.testing.assert_close(kl_estimate(logp, ref, "k1"), torch.tensor([[ln2, -ln2]]))
+    assert kl_estimate(logp[:, 1:], ref[:, 1:], "k1").mean() < 0  # k1 is unbiased but not pointwise >= 0
+    torch.testing.assert_close(kl_estimate(logp, ref, "k2"), torch.full((1, 2), 0.5 * ln2**2))
+    # k3 = exp(-lr) - 1 + lr: 0.5 - 1 + ln2, 2 - 1 - ln2
+    torch.testing.assert_close(kl_estimate(logp, ref, "k3"), torch.tensor([[ln2 - 0.5, 1 - ln2]]))
+
+
+def test_kl_estimators_properties():
+    torch.manual_seed(0)
+    logp, ref = torch.randn(4, 8), torch.randn(4, 8)
+    for k in ("k1", "k2", "k3"):
+        assert (kl_estimate(logp, logp, k) == 0).all()
+    assert (kl_estimate(logp, ref, "k2") >= 0).all() and (kl_estimate(logp, ref, "k3") >= 0).all()
+    close = logp + 1e-3 * torch.randn(4, 8)
+    torch.testing.assert_close(kl_estimate(close, logp, "k3"), kl_estimate(close, logp, "k2"), atol=1e-8, rtol=1e-2)
+    assert torch.isfinite(kl_estimate(torch.full((1, 2), 0.0), torch.tensor([[-500.0, 500.0]]), "k3")).all()
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_estimate(logp, ref, "k4")
+
+
+def test_token_level_rewards_score_on_last_real_token():
+    mask = ragged_mask([3, 1, 0, 4], 4)
+    kl = torch.where(mask.bool(), torch.ones(4, 4), torch.full((4, 4), NAN))
+    rewards = token_level_rewards(torch.tensor([1.0, 2.0, 3.0, 4.0]), kl, mask, beta=0.1)
+    expected = torch.tensor(
+        [
+            [-0.1, -0.1, 0.9, 0.0],
+            [1.9, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0],  # empty row: no score, no penalty
+            [-0.1, -0.1, -0.1, 3.9],
+        ]
+    )
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_normalize_and_clip_scores():
+    s = torch.tensor([-3.0, 1.0, 5.0])
+    torch.testing.assert_close(normalize_scores(s, 1.0, 2.0), torch.tensor([-2.0, 0.0, 2.0]))
+    torch.testing.assert_close(clip_scores(s, 2.0), torch.tensor([-2.0, 1.0, 2.0]))
+    assert clip_scores(s, None) is s
+
+
+# --- GAE --------------------------------------------------------------------------------------------------------
+
+
+def test_gae_hand_computed():
+    # gamma = 0.9, lam = 0.5, 3 real tokens, garbage in the padding slot.
+    # t=2: delta = 1 + 0 (end: bootstrap 0) - 3 = -2                 A2 = -2
+    # t=1: delta = 0 + 0.9*3 - 2 = 0.7                                A1 = 0.7 + 0.45*(-2)   = -0.2
+    # t=0: delta = 0 + 0.9*2 - 1 = 0.8                                A0 = 0.8 + 0.45*(-0.2) = 0.71
+    # returns = A + V = [1.71, 1.8, 1.0], 0 on padding
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 9.0]])
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = compute_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.71, -0.2, -2.0, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.71, 1.8, 1.0, 0.0]]))
+
+
+def reference_gae(rewards, values, lengths, gamma, lam):
+    adv = torch.zeros_like(rewards)
+    for b, n in enumerate(lengths):
+        next_adv, next_value = 0.0, 0.0
+        for t in reversed(range(n)):
+            delta = rewards[b, t].item() + gamma * next_value - values[b, t].item()
+            next_adv = delta + gamma * lam * next_adv
+            next_value = values[b, t].item()
+            adv[b, t] = next_adv
+    return adv
+
+
+def test_gae_matches_reference_on_ragged_batch_and_ignores_padding():
+    torch.manual_seed(0)
+    lengths, T = [7, 1, 0, 10, 4], 10
+    mask = ragged_mask(lengths, T)
+    rewards, values = torch.randn(5, T), torch.randn(5, T)
+    adv, ret = compute_gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    torch.testing.assert_close(adv, reference_gae(rewards, values, lengths, 0.99, 0.95))
+    torch.testing.assert_close(ret, (adv + values) * mask)
+    pad = ~mask.bool()
+    garbage_r = rewards.masked_fill(pad, 1e6)
+    garbage_v = values.masked_fill(pad, NAN)
+    adv2, ret2 = compute_gae(garbage_r, garbage_v, mask, gamma=0.99, lam=0.95)
+    torch.testing.assert_close(adv2, adv)
+    torch.testing.assert_close(ret2, ret)
+
+
+# --- losses -----------------------------------------------------------------------------------------------------
+
+
+def policy_case():
+    # clip_eps = 0.2; per-token max(-A*r, -A*clip(r, 0.8, 1.2)):
+    #   A=+1 r=1.5 -> max(-1.5, -1.2) = -1.2 clipped     A=+1 r=0.5 -> max(-0.5, -0.8) = -0.5
+    #   A=-1 r=0.5 -> max( 0.5,  0.8) =  0.8 clipped     A=-1 r=1.5 -> max( 1.5,  1.2) =  1.5
+    #   A=+2 r=1.0 -> -2 (inside the trust region)      6th token is padding
+    # loss = (-1.2 - 0.5 + 0.8 + 1.5 - 2) / 5 = -0.28, clip_frac = 2/5
+    ratio = torch.tensor([[1.5, 0.5, 0.5, 1.5, 1.0, 7.0]])
+    old_logp = torch.full((1, 6), -2.0)
+    logp = (old_logp + ratio.log()).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 2.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    return logp, old_logp, adv, mask
+
+
+def test_policy_loss_hand_computed():
+    logp, old_logp, adv, mask = policy_case()
+    loss, stats = policy_loss(logp, old_logp, adv, mask, clip_eps=0.2)
+    assert loss.item() == pytest.approx(-0.28)
+    assert stats["clip_frac"].item() == pytest.approx(0.4)
+    assert stats["ratio_mean"].item() == pytest.approx(1.0)
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(2) ** 2) / 5)
+    # d/dlogp of -A*r/5 is -A*r/5 where unclipped; 0 where the clipped term is active or padded.
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, -0.1, 0.0, 0.3, -0.4, 0.0]]))
+
+
+def test_policy_loss_clip_higher():
+    logp, old_logp, adv, mask = policy_case()
+    # upper bound 1.6: the A=+1 r=1.5 token is no longer clipped -> -1.5; A=-1 r=1.5 is a tie, not clipped.
+    loss, stats = policy_loss(logp, old_logp, adv, mask, clip_eps=0.2, clip_eps_high=0.6)
+    assert loss.item() == pytest.approx((-1.5 - 0.5 + 0.8 + 1.5 - 2) / 5)
+    assert stats["clip_frac"].item() == pytest.approx(0.2)
+
+
+def test_value_loss_clipped_and_unclipped():
+    # eps = 0.5: t0 (1-0)^2=1 vs (0.5-0)^2=0.25 -> 1; t1 1 vs 1 -> 1 (tie, not clipped);
+    # t2 (1-2)^2=1 vs (0.5-2)^2=2.25 -> 2.25 clipped. loss = 0.5 * 4.25 / 3
+    values = torch.tensor([[1.0, 1.0, 1.0, 5.0]])
+    old = torch.tensor([[0.0, 0.8, 0.0, 0.0]])
+    returns = torch.tensor([[0.0, 2.0, 2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    loss, stats = value_loss(values, old, returns, mask, clip_eps=0.5)
+    assert loss.item() == pytest.approx(0.5 * 4.25 / 3)
+    assert stats["value_clip_frac"].item() == pytest.approx(1 / 3)
+    loss, stats = value_loss(values, old, returns, mask, clip_eps=None)
+    assert loss.item() == pytest.approx(0.5)
+    assert stats["value_clip_frac"].item() == 0.0
+
+
+def test_explained_variance():
+    torch.manual_seed(0)
+    mask = ragged_mask([5, 3], 6)
+    returns = torch.randn(2, 6)
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    constant = torch.full_like(returns, masked_mean(returns, mask).item())
+    assert explained_variance(constant, returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert explained_variance(returns, torch.ones(2, 6), mask).item() == 0.0  # Var(R) == 0 -> 0 by convention
+
+
+# --- KL controllers ---------------------------------------------------------------------------------------------
+
+
+def test_adaptive_kl_controller_moves_toward_target_with_bounded_step():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(12.0, n_steps=256)  # error 1.0 clipped to 0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
+    same = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    same.update(1e6, n_steps=256)
+    assert same.value == ctl.value
+    down = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    down.update(0.0, n_steps=256)
+    assert down.value == pytest.approx(0.1 * (1 - 0.2 * 256 / 10000))
+    at_target = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    at_target.update(6.0, n_steps=256)
+    assert at_target.value == pytest.approx(0.1)
+
+    restored = AdaptiveKLController(0.5, target=6.0, horizon=10000)
+    restored.load_state_dict(ctl.state_dict())
+    ctl.update(3.0, 64)
+    restored.update(3.0, 64)
+    assert restored.value == ctl.value
+
+
+def test_fixed_kl_controller_and_factory():
+    ctl = build_kl_controller("fixed", 0.05)
+    assert isinstance(ctl, FixedKLController)
+    ctl.update(100.0, 1000)
+    assert ctl.value == 0.05
+    assert isinstance(build_kl_controller("adaptive", 0.05, target=6.0, horizon=1e4), AdaptiveKLController)
+    with pytest.raises(ValueError, match="fixed, adaptive"):
+        build_kl_controller("pid", 0.05)

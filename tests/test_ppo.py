@@ -1,0 +1,266 @@
+"""PPO: rollout layout and alignment, the driver's pure pieces, and real runs of `python -m rlhf.ppo`
+on a local Ray instance (loopback) with tiny random-init roles: learning signals, resume
+equivalence, a reward function, and a dying actor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runs import REPO, run_env
+from rlhf.config import PPOConfig
+from rlhf.experience import Experience, build_rollout, cut_at_stop, response_positions
+from rlhf.ppo import sample_prompts, score_rollout
+from rlhf.worker import RoleWorker
+
+ROLE_NAMES = ("actor", "critic", "reference", "reward")
+PPO_SMALL = [
+    "data.max_length=64",
+    "rollout.prompts_per_iteration=8",
+    "rollout.max_new_tokens=6",
+    "algo.mini_batch_size=4",
+    "actor.micro_batch_size=2",
+    "critic.micro_batch_size=4",
+    "train.eval_prompts=8",
+    "train.eval_every=0",
+    "train.samples_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> list[str]:
+    """A tiny random-init Llama saved as a Hugging Face directory, which every role loads (the policy
+    and the reference start equal, as they do from an SFT export; critic and reward get a fresh head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.model import SHIPPED_TOKENIZER, load_tokenizer
+    from trainer.config import ModelConfig
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    tok = load_tokenizer(ModelConfig())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    assert SHIPPED_TOKENIZER.exists()
+    return [f"{role}.model.name_or_path={out}" for role in ROLE_NAMES]
+
+
+def run_ppo(run_dir: Path, model: list[str], *overrides: str, check: bool = True, timeout: int = 600,
+            pythonpath: str = ""):
+    cmd = [sys.executable, "-m", "rlhf.ppo", *model, *PPO_SMALL, *overrides, f"hydra.run.dir={run_dir}"]
+    env = run_env()
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath  # the driver hands it on to the actors
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out.setdefault(rec["step"], {}).update(rec)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ layout and alignment
+
+
+def test_build_rollout_lays_out_prompt_then_response_right_padded():
+    exp = build_rollout([[1, 5, 6], [1, 7]], [[8, 2], [9, 9, 9]], pad_id=0)
+    assert exp.sequences.tolist() == [[1, 5, 6, 8, 2], [1, 7, 9, 9, 9]]
+    assert exp.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert exp.responses.tolist() == [[8, 2, 0], [9, 9, 9]]
+    assert exp.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    # logits at position prompt_length + t - 1 score response token t
+    assert response_positions(exp.prompt_lengths, 3, 5).tolist() == [[2, 3, 4], [1, 2, 3]]
+
+
+def test_cut_at_stop_keeps_the_stop_token_and_drops_the_rest():
+    assert cut_at_stop([4, 5, 2, 0, 0], {2}) == [4, 5, 2]
+    assert cut_at_stop([4, 5, 6], {2}) == [4, 5, 6]  # truncated: no stop token
+
+
+def test_shards_and_concat_round_trip_with_ragged_widths():
+    exp = build_rollout([[1, 2], [1, 2, 3], [1], [1, 4]], [[5], [6, 7, 8], [9, 9], [2]], pad_id=0)
+    exp = exp.with_fields(values=torch.randn(4, exp.responses.shape[1]), scores=torch.randn(4))
+    parts = [p.trimmed() for p in exp.shards(2)]
+    assert parts[0].sequences.shape[1] == 6 and parts[1].sequences.shape[1] == 3
+    back = Experience.concat(parts)
+    for name in ("sequences", "attention_mask", "responses", "response_mask", "scores"):
+        assert torch.equal(getattr(back, name), getattr(exp, name)), name
+    assert torch.equal(back.values * back.response_mask, exp.values * exp.response_mask)
+
+
+def test_response_logprobs_are_aligned_and_padding_invariant():
+    """Log-probs of a batched, right-padded rollout equal each sequence scored alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    prompts, responses = [[1, 5, 6, 7], [1, 8]], [[9, 10, 2], [11, 2]]
+    exp = build_rollout(prompts, responses, pad_id=0)
+    worker = SimpleNamespace(model=model)
+    with torch.no_grad():
+        batched = RoleWorker.response_logprobs(worker, exp, temperature=0.7)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            logits = model(torch.tensor([p + r])).logits[0] / 0.7
+            expected = torch.log_softmax(logits.float(), -1)[len(p) - 1 : len(p) + len(r) - 1].gather(
+                1, torch.tensor(r)[:, None]).squeeze(1)
+            assert torch.allclose(batched[i, : len(r)], expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ driver pieces
+
+
+def test_sample_prompts_is_a_function_of_the_iteration():
+    prompts = list(range(10))
+    first = [sample_prompts(prompts, it, 4, seed=1) for it in range(5)]
+    again = [sample_prompts(prompts, it, 4, seed=1) for it in (3, 4)]  # a resumed run starts mid-way
+    assert again == first[3:]
+    epoch0 = first[0] + first[1] + first[2][:2]
+    assert sorted(epoch0) == prompts  # one pass over the data sees every prompt once
+
+
+def test_score_rollout_puts_the_score_on_the_last_token_minus_kl():
+    exp = build_rollout([[1, 3], [1, 3]], [[4, 2], [4, 5, 2]], pad_id=0)
+    t = exp.responses.shape[1]
+    exp = exp.with_fields(old_logp=torch.zeros(2, t), ref_logp=torch.full((2, t), -0.5), values=torch.zeros(2, t))
+    cfg = PPOConfig()
+    cfg.algo.gamma, cfg.algo.lam, cfg.algo.whiten_advantages, cfg.algo.reward_clip = 1.0, 1.0, False, None
+    scored, metrics = score_rollout(exp, torch.tensor([1.0, 3.0]), cfg, kl_coef=0.1,
+                                    reward_stats={"mean": 1.0, "std": 2.0})
+    # k1 KL = logp - ref = 0.5 per token; normalised scores (1-1)/2 = 0 and (3-1)/2 = 1
+    assert torch.allclose(scored.rewards, torch.tensor([[-0.05, -0.05, 0.0], [-0.05, -0.05, 0.95]]))
+    # gamma = lam = 1 and zero values: the advantage is the reward-to-go
+    assert torch.allclose(scored.advantages, torch.tensor([[-0.1, -0.05, 0.0], [0.85, 0.9, 0.95]]))
+    assert metrics["kl/seq_mean"] == pytest.approx((1.0 + 1.5) / 2)
+    assert metrics["reward/score_raw_mean"] == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------------------ real runs on Ray
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_model):
+    run = tmp_path_factory.mktemp("ppo") / "straight"
+    proc = run_ppo(run, tiny_model, "train.iterations=4", "train.save_every=2")
+    return run, proc
+
+
+@pytest.mark.distributed
+def test_ppo_runs_all_four_roles_and_learns_signals(straight_run):
+    run, proc = straight_run
+    placement = (run / "placement.txt").read_text()
+    for role in ("actor", "critic", "reference", "reward"):
+        assert role in placement
+    assert placement.count("actor") == 2  # the policy group has 2 ranks by default
+    recs = records(run)
+    assert sorted(k for k in recs if k > 0) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        r = recs[step]
+        for key in ("reward/score_raw_mean", "kl/seq_mean", "policy/loss", "policy/clip_frac", "policy/approx_kl",
+                    "policy/entropy", "critic/loss", "value/explained_variance", "response/length_mean",
+                    "time/generate_s", "time/forward_s", "time/train_s", "throughput/rollouts_per_s"):
+            assert key in r and r[key] == r[key], (step, key)  # present and not NaN
+    # The reference starts equal to the policy: KL is 0 before the first update and not after it.
+    assert recs[1]["kl/seq_mean"] == pytest.approx(0.0, abs=1e-4)
+    assert abs(recs[3]["kl/seq_mean"]) > 1e-6
+    assert recs[1]["policy/grad_norm"] > 0 and recs[1]["critic/grad_norm"] > 0
+    assert "eval/exact_match" in recs[0] and "eval/reward_score" in recs[4]
+    before_after = json.loads((run / "before_after.json").read_text())
+    assert set(before_after["eval/exact_match"]) == {"start", "ppo"}
+    assert (run / "samples.jsonl").read_text().count("\n") >= 4
+    assert (run / "checkpoints" / "driver" / "latest").read_text().strip() == "step_00000004"
+
+
+@pytest.mark.distributed
+def test_resume_reproduces_the_straight_run(straight_run, tiny_model, tmp_path):
+    run, _ = straight_run
+    # Continue a copy of the run from its iteration-2 checkpoint.
+    resumed = tmp_path / "resumed"
+    subprocess.run(["cp", "-r", str(run), str(resumed)], check=True)
+    (resumed / "checkpoints" / "driver" / "latest").write_text("step_00000002")
+    for role in ("actor", "critic"):
+        (resumed / "checkpoints" / role / "latest").write_text("step_00000002")
+    (resumed / "metrics.jsonl").write_text("")
+    proc = run_ppo(resumed, tiny_model, "train.iterations=4", "train.save_every=2", "resume=auto")
+    assert "resumed from" in proc.stdout
+    a, b = records(run), records(resumed)
+    assert sorted(k for k in b if 0 < k < 4) == [3]
+    for key in ("reward/score_raw_mean", "kl/seq_mean", "policy/loss", "critic/loss", "response/length_mean"):
+        assert b[3][key] == pytest.approx(a[3][key], rel=1e-4, abs=1e-5), key
+        assert b[4][key] == pytest.approx(a[4][key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.distributed
+def test_reward_function_kl_in_loss_zero3_generation_on_colocated_devices(tiny_model, tmp_path):
+    run = tmp_path / "fn"
+    run_ppo(run, tiny_model, "train.iterations=1", "reward=exact_match", "algo=ppo_kl_loss", "cluster.colocate=both",
+            "reference.devices_per_node=2", "rollout.generation=zero3")
+    placement = (run / "placement.txt").read_text().splitlines()
+    assert sum(line.startswith("reference") for line in placement) == 2
+    recs = records(run)
+    assert recs[1]["reward/score_raw_mean"] in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    assert "policy/kl_loss" in recs[1]
+
+
+@pytest.mark.distributed
+def test_a_dying_actor_ends_the_run_naming_it_and_keeps_the_checkpoint(tiny_model, tmp_path):
+    run = tmp_path / "dies"
+    proc = run_ppo(run, tiny_model, "train.iterations=4", "train.save_every=1", "reward=exact_match",
+                   "+reward.function.call=4", "reward.function._target_=ppo_faults.die_on_call",
+                   check=False, pythonpath=str(REPO / "tests"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "reward rank 0 on node" in proc.stderr
+    # the start eval scores greedy then sampled answers (calls 1, 2), iteration 1 is call 3, iteration 2
+    # dies: iteration 1's checkpoint stays the good one.
+    assert (run / "checkpoints" / "driver" / "latest").read_text().strip() == "step_00000001"
+    assert (run / "checkpoints" / "actor" / "step_00000001" / "COMPLETE").exists()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_no_sft_export_says_which_stage_to_run(tmp_path):
+    from trainer.config import ConfigError, require_export
+
+    with pytest.raises(ConfigError, match=r"run `python -m trainer\.sft` first"):
+        require_export(str(tmp_path / "outputs" / "sft"))
+
+
+@pytest.mark.distributed
+def test_a_layout_the_cluster_cannot_hold_fails_before_any_model_loads(tiny_model, tmp_path):
+    proc = run_ppo(tmp_path / "big", tiny_model, "actor.devices_per_node=16", "rollout.prompts_per_iteration=16",
+                   "algo.mini_batch_size=16", "cluster.num_cpus=4", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "actor: needs 1 node with 16 CPU" in proc.stderr
+    assert "models ready" not in proc.stdout
+
+
+@pytest.mark.distributed
+def test_a_reward_model_with_another_tokenizer_fails_at_start(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    model_dir = Path(tiny_model[0].split("=", 1)[1])
+    other = tmp_path / "other"
+    subprocess.run(["cp", "-r", str(model_dir), str(other)], check=True)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    proc = run_ppo(tmp_path / "mismatch", tiny_model, f"reward.model.name_or_path={other}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "reward.model: its tokenizer" in proc.stderr and "reward.retokenize=true" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr
