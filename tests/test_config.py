@@ -43,7 +43,12 @@ def test_every_deepspeed_preset_composes_and_validates(name, preset):
 
 
 @pytest.mark.parametrize("group", ["logger", "data", "optim", "model"])
-def test_every_group_option_composes(group):
+def test_every_group_option_composes(group, tmp_path, monkeypatch):
+    # The *_export models resolve to the newest run under outputs/<stage>: give them one.
+    monkeypatch.chdir(tmp_path)
+    for stage in ("sft", "reward"):
+        (tmp_path / "outputs" / stage / "run1" / "hf_model").mkdir(parents=True)
+        (tmp_path / "outputs" / stage / "run1" / "train_state.json").write_text("{}")
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         overrides = [f"{group}={option}"]
         if option == "hf":
@@ -140,3 +145,53 @@ def test_reward_default_model_falls_back_to_tiny_without_an_sft_export(tmp_path,
     (tmp_path / "outputs/sft/2026-01-01_10-00-00/train_state.json").write_text("{}")
     cfg = _typed(_compose("reward"))
     assert cfg.model.name_or_path == "outputs/sft/2026-01-01_10-00-00/hf_model"
+
+
+PPO_GROUPS = ("actor", "critic", "reference", "reward", "rollout", "algo", "cluster")
+
+
+@pytest.mark.parametrize("group", PPO_GROUPS)
+def test_every_ppo_group_option_composes_and_validates(group, tmp_path, monkeypatch):
+    from rlhf.config import PPOConfig, register_ppo_config
+    from rlhf.config import validate as validate_ppo
+
+    register_ppo_config()
+    monkeypatch.chdir(tmp_path)
+    for stage in ("sft", "reward"):
+        (tmp_path / "outputs" / stage / "run1" / "hf_model").mkdir(parents=True)
+        (tmp_path / "outputs" / stage / "run1" / "train_state.json").write_text("{}")
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = OmegaConf.to_object(_compose("ppo", [f"{group}={option}"]))
+        assert isinstance(cfg, PPOConfig)
+        validate_ppo(cfg)
+        assert cfg.actor.model.name_or_path == str(Path("outputs/sft/run1/hf_model"))
+        expected = "sft" if (group, option) == ("critic", "from_policy") else "reward"
+        assert cfg.critic.model.name_or_path == str(Path(f"outputs/{expected}/run1/hf_model"))
+
+
+def test_ppo_without_an_sft_export_names_the_stage_to_run(tmp_path, monkeypatch):
+    from omegaconf.errors import InterpolationResolutionError
+
+    from rlhf.config import register_ppo_config
+
+    register_ppo_config()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InterpolationResolutionError, match=r"python -m trainer\.sft"):
+        OmegaConf.to_object(_compose("ppo"))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("rollout.prompts_per_iteration=5", "actor.num_nodes/devices_per_node"),
+    ("algo.mini_batch_size=48", "algo.mini_batch_size"),
+    ("algo.kl_estimator=k4", "algo.kl_estimator"),
+    ("cluster.colocate=sometimes", "cluster.colocate"),
+    ("rollout.generation=vllm", "rollout.generation"),
+])
+def test_bad_ppo_values_name_the_key(override, key, tmp_path, monkeypatch):
+    from rlhf.config import register_ppo_config
+    from rlhf.config import validate as validate_ppo
+
+    register_ppo_config()
+    cfg = OmegaConf.to_object(_compose("ppo", [f"{r}.model.name_or_path=x" for r in PPO_GROUPS[:4]] + [override]))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_ppo(cfg)
