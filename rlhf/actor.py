@@ -32,13 +32,10 @@ class PolicyWorker(RoleWorker):
             from transformers import AutoModelForCausalLM
 
             config = self.engine.module.config
-            self.replica = AutoModelForCausalLM.from_config(config, dtype=next(self._engine_params()).dtype)
+            self.replica = AutoModelForCausalLM.from_config(config, dtype=next(self.engine.module.parameters()).dtype)
             self.replica.requires_grad_(False)
             self.replica.to(device()).eval()
             self.refresh_replica()
-
-    def _engine_params(self):
-        return self.engine.module.parameters()
 
     def refresh_replica(self) -> float:
         """Copy the engine's current weights into the generation replica (gathered once under ZeRO-3)."""

@@ -37,7 +37,7 @@ class ActorGroup:
 
     def start(self) -> list[dict]:
         """Form the role's process group (rank 0 picks the rendezvous) and report where each rank runs."""
-        addr, port = self._get_all(PendingCall(self, "rendezvous", [self.actors[0].rendezvous.remote()]))[0]
+        addr, port = wait_all([PendingCall(self, "rendezvous", [self.actors[0].rendezvous.remote()])])[0][0]
         wait_all([PendingCall(self, "init_process_group",
                               [a.init_process_group.remote(addr, port) for a in self.actors])])
         rows = wait_all([self.call("describe")])[0]
@@ -58,9 +58,6 @@ class ActorGroup:
         """Rank r is called with the positional arguments args[r]."""
         assert len(args) == self.world_size, (self.role, len(args), self.world_size)
         return PendingCall(self, method, [getattr(a, method).remote(*arg) for a, arg in zip(self.actors, args)])
-
-    def _get_all(self, pending: PendingCall) -> list:
-        return wait_all([pending])[0]
 
     def kill(self) -> None:
         for a in self.actors:

@@ -203,6 +203,3 @@ class RoleWorker:
 
     def after_load(self) -> None:
         pass
-
-    def ping(self) -> bool:
-        return True

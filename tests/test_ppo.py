@@ -264,3 +264,39 @@ def test_a_reward_model_with_another_tokenizer_fails_at_start(tiny_model, tmp_pa
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "reward.model: its tokenizer" in proc.stderr and "reward.retokenize=true" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_a_policy_rank_killed_mid_run_ends_it_naming_the_rank(tiny_model, tmp_path):
+    """SIGKILL one policy rank while its peer may sit in a collective: the driver fails fast,
+    names the rank, cleans up, and the last complete checkpoint stays."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, "train.iterations=200", "train.save_every=1",
+           f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "checkpoints" / "driver" / "step_00000002.json").exists():
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        pids = subprocess.run(["pgrep", "-f", "ray::PolicyWorker"], capture_output=True, text=True).stdout.split()
+        assert len(pids) == 2, pids
+        os.kill(int(pids[-1]), signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "actor rank" in stderr and "on node" in stderr
+    latest = (run / "checkpoints" / "driver" / "latest").read_text().strip()
+    assert int(latest.split("_")[1]) >= 2
+    for role in ("actor", "critic"):
+        assert (run / "checkpoints" / role / latest / "COMPLETE").exists()
+    deadline = time.time() + 60  # the driver killed the actors and stopped its Ray instance
+    while subprocess.run(["pgrep", "-f", "ray::"], capture_output=True).returncode == 0 and time.time() < deadline:
+        time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", "ray::"], capture_output=True).returncode == 1, "Ray workers left behind"
