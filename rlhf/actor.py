@@ -67,7 +67,7 @@ class PolicyWorker(RoleWorker):
         zero3 = self.replica is None
         model = self.engine.module if zero3 else self.replica
         input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id)
-        sampling = {} if greedy else dict(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+        sampling = {} if greedy else dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         out = model.generate(
             input_ids=input_ids.to(device()),
             attention_mask=attention_mask.to(device()),
@@ -77,7 +77,7 @@ class PolicyWorker(RoleWorker):
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
             synced_gpus=zero3 and self.world_size > 1,
-            **{k: v for k, v in sampling.items() if k != "do_sample"},
+            **sampling,
         )
         stops = set(self.stop_ids)
         responses = [cut_at_stop(row.tolist(), stops) for row in out[:, input_ids.shape[1]:].cpu()]
