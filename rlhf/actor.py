@@ -94,14 +94,15 @@ class PolicyWorker(RoleWorker):
         a, temperature = self.cfg.algo, self.cfg.rollout.temperature
 
         def loss_fn(m: Experience):
-            logp, entropy = self.response_logprobs(m, temperature, with_entropy=True)
+            logp, entropy = self.response_logprobs(m, temperature, with_entropy=True,
+                                                   entropy_grad=bool(a.entropy_coef))
             mask = m.response_mask
             tokens = mask.sum()
             loss, stats = policy_loss(logp, m.old_logp, m.advantages, mask, a.clip_eps)
             loss = loss * tokens
             ent = (entropy * mask).sum()
             out = {"clip_frac": stats["clip_frac"] * tokens, "approx_kl": stats["approx_kl"] * tokens,
-                   "entropy": ent.detach()}
+                   "entropy": ent}
             if a.entropy_coef:
                 loss = loss - a.entropy_coef * ent
             if a.kl_in == "loss":

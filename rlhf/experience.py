@@ -54,21 +54,6 @@ class Experience:
             raise ValueError(f"{len(self)} rollouts do not split evenly over {n} ranks")
         return [self.select(slice(r * size, (r + 1) * size)) for r in range(n)]
 
-    @staticmethod
-    def concat(parts: list["Experience"]) -> "Experience":
-        """Rows of all parts in order, re-padded to the widest (inverse of `shards`)."""
-        width_l = max(p.sequences.shape[1] for p in parts)
-        width_t = max(p.responses.shape[1] for p in parts)
-        fields = {}
-        for f in dataclasses.fields(Experience):
-            values = [getattr(p, f.name) for p in parts]
-            if values[0] is None:
-                fields[f.name] = None
-                continue
-            width = width_l if f.name in ("sequences", "attention_mask") else width_t
-            fields[f.name] = torch.cat([pad_right(v, width) if v.dim() == 2 else v for v in values])
-        return Experience(**fields)
-
     def trimmed(self) -> "Experience":
         """Drop the padding columns no row of this (micro-)batch needs."""
         width_l = int(self.attention_mask.sum(1).max())

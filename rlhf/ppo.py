@@ -33,7 +33,16 @@ from rlhf.algorithms import (
     token_level_rewards,
 )
 from rlhf.config import PPOConfig, ROLES, register_ppo_config, validate
-from rlhf.experience import Experience, build_rollout
+from rlhf.experience import Experience, build_rollout, pad_right
+from rlhf.group import ActorGroup, RoleFailure, wait_all
+from rlhf.placement import (
+    PlacementError,
+    RoleLayout,
+    check_resources,
+    create_placements,
+    placement_table,
+    remove_placements,
+)
 from trainer.config import CONF_DIR, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,11 +55,13 @@ STATE_DIR = "driver"
 def sample_prompts(prompts: list, iteration: int, n: int, seed: int) -> list:
     """The n prompts of an iteration: a fresh seeded permutation per pass over the data, so the
     sampler's position is a function of the iteration alone (resume needs nothing else)."""
+    perms: dict[int, torch.Tensor] = {}  # at most two passes per call
     out = []
     for g in range(iteration * n, (iteration + 1) * n):
         epoch, i = divmod(g, len(prompts))
-        perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7 + epoch))
-        out.append(prompts[int(perm[i])])
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7 + epoch))
+        out.append(prompts[int(perms[epoch][i])])
     return out
 
 
@@ -162,8 +173,6 @@ class Driver:
     def start(self, use_gpu: bool) -> None:
         import ray
 
-        from rlhf.group import ActorGroup, wait_all
-        from rlhf.placement import RoleLayout, check_resources, create_placements, placement_table
 
         layouts = {r: RoleLayout(r, self.cfg.role(r).num_nodes, self.cfg.role(r).devices_per_node) for r in ROLES}
         check_resources(layouts, self.cfg.cluster.colocate, use_gpu, [n for n in ray.nodes() if n.get("Alive")])
@@ -183,8 +192,6 @@ class Driver:
         print(f"models ready in {time.perf_counter() - t0:.1f}s", flush=True)
 
     def stop(self) -> None:
-        from rlhf.placement import remove_placements
-
         for g in self.groups.values():
             g.kill()
         if self.placements:
@@ -194,8 +201,6 @@ class Driver:
     # -------------------------------------------------------------- one iteration
 
     def iteration(self, it: int) -> dict:
-        from rlhf.group import wait_all
-
         cfg, g = self.cfg, self.groups
         t_start = time.perf_counter()
         prompts = [p for p in sample_prompts(self.train_prompts, it, cfg.rollout.prompts_per_iteration, cfg.seed)
@@ -237,9 +242,6 @@ class Driver:
 
     def _forward_phase(self, rollout: Experience, texts: dict):
         """Policy and reference log-probs, critic values and reward scores, all four groups at once."""
-        from rlhf.experience import pad_right
-        from rlhf.group import wait_all
-
         g = self.groups
         parts = wait_all([
             g["actor"].call_sharded("log_probs", rollout.shards(g["actor"].world_size)),
@@ -300,8 +302,6 @@ class Driver:
 
     def _answer_and_score(self, prompts: list, it: int, greedy: bool) -> tuple[dict, torch.Tensor, Experience]:
         """Responses to `prompts` (padded to split over both groups' ranks) and their raw scores."""
-        from rlhf.group import wait_all
-
         actor, reward = self.groups["actor"], self.groups["reward"]
         padded = pad_to_multiple(prompts, math.lcm(actor.world_size, reward.world_size))
         ids = [p.prompt_ids for p in padded]
@@ -315,8 +315,7 @@ class Driver:
     # -------------------------------------------------------------- checkpoints
 
     def save(self, it: int) -> None:
-        from rlhf.group import wait_all
-        from trainer.checkpoint import _atomic_write, tag_for
+        from trainer.checkpoint import atomic_write, tag_for
 
         root = self.run_dir / "checkpoints"
         wait_all([self.groups[r].call("save", str(root), it) for r in ("actor", "critic")])
@@ -325,13 +324,11 @@ class Driver:
         state = {"iteration": it, "kl": self.kl.state_dict(), "world_sizes":
                  {r: self.groups[r].world_size for r in ROLES}}
         # Written last: a checkpoint counts only once both engines and this file are complete.
-        _atomic_write(state_dir / f"{tag_for(it)}.json", json.dumps(state, indent=2))
-        _atomic_write(state_dir / "latest", tag_for(it))
+        atomic_write(state_dir / f"{tag_for(it)}.json", json.dumps(state, indent=2))
+        atomic_write(state_dir / "latest", tag_for(it))
 
     def resume(self, resume: Optional[str]) -> int:
         """Iterations already done (0 when starting fresh)."""
-        from rlhf.group import wait_all
-
         if resume is None:
             return 0
         run = self.run_dir if resume == "auto" else Path(resume)
@@ -449,9 +446,6 @@ def main() -> None:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="ppo", version_base="1.3")
     def entry(dcfg: DictConfig) -> None:
-        from rlhf.group import RoleFailure
-        from rlhf.placement import PlacementError
-
         try:
             code = run_ppo(dcfg)
         except user_errors() + (PlacementError,) as err:

@@ -61,9 +61,9 @@ class RoleWorker:
         """Called on rank 0: an address and free port on its node for the role's group."""
         import ray
 
-        from trainer.engine import _free_port
+        from trainer.engine import free_port
 
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port()
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
         # Ray gives each actor its own device (CUDA_VISIBLE_DEVICES), so it is local rank 0.
@@ -112,19 +112,23 @@ class RoleWorker:
 
     def _forward_micro(self, exp: Experience, fn: Callable[[Experience], torch.Tensor]) -> list[torch.Tensor]:
         """fn over micro-batches of this rank's shard (every rank runs the same count, as ZeRO-3 needs)."""
-        exp = exp.to(device())
-        return [fn(micro) for micro in exp.micro_batches(self.role_cfg.micro_batch_size)]
+        # Trimmed on the CPU (no device sync for the widths), then moved.
+        return [fn(micro.to(device())) for micro in exp.micro_batches(self.role_cfg.micro_batch_size)]
 
-    def response_logprobs(self, micro: Experience, temperature: float, with_entropy: bool = False):
+    def response_logprobs(self, micro: Experience, temperature: float, with_entropy: bool = False,
+                          entropy_grad: bool = False):
         """(b, t) log-probs of the response tokens (and their entropies) under the model,
-        with logits divided by the sampling temperature as they were when sampling."""
+        with logits divided by the sampling temperature as they were when sampling. The entropy
+        carries a gradient only with `entropy_grad` (an entropy bonus); as a metric it builds no graph."""
         from rlhf.algorithms import entropy_from_logits, logprobs_from_logits
 
         logits = self.model(input_ids=micro.sequences, attention_mask=micro.attention_mask, use_cache=False).logits
         pos = response_positions(micro.prompt_lengths, micro.responses.shape[1], micro.sequences.shape[1])
         logits = gather_response(logits, pos).float() / temperature  # (b, t, V)
         logp = logprobs_from_logits(logits, micro.responses)
-        return (logp, entropy_from_logits(logits)) if with_entropy else logp
+        if not with_entropy:
+            return logp
+        return logp, entropy_from_logits(logits if entropy_grad else logits.detach())
 
     def response_values(self, micro: Experience) -> torch.Tensor:
         """(b, t) scalar-head outputs at the positions before each response token (critic values)."""
@@ -151,33 +155,32 @@ class RoleWorker:
         stats); each micro-batch's loss is divided by the mini-batch's global token count, so a
         step minimises the token mean over the whole mini-batch on every rank together."""
         a = self.cfg.algo
-        exp = exp.to(device())
         per_rank = a.mini_batch_size // self.world_size
         micro = min(self.role_cfg.micro_batch_size, per_rank)
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + iteration)
-        sums: dict[str, float] = {}
-        steps, t0 = 0, time.perf_counter()
+        t0 = time.perf_counter()
+        # Every mini-batch of every epoch up front, on the CPU (trimming and token counts need no device
+        # sync), and their global token counts in one collective.
+        orders = [torch.randperm(len(exp), generator=gen) for _ in range(a.ppo_epochs)]
+        minis = [exp.select(order[start : start + per_rank]) for order in orders
+                 for start in range(0, len(exp), per_rank)]
+        tokens = all_reduce_sum([float(m.response_mask.sum()) for m in minis])
+        sums: dict[str, torch.Tensor] = {}  # token-summed loss and stats, kept on the device until the end
+        norms = []
         self.engine.train()
-        for _ in range(a.ppo_epochs):
-            order = torch.randperm(len(exp), generator=gen).to(exp.sequences.device)
-            for start in range(0, len(exp), per_rank):
-                mini = exp.select(order[start : start + per_rank])
-                tokens = all_reduce_sum([float(mini.response_mask.sum())])[0]
-                for m in mini.micro_batches(micro):
-                    loss, stats = loss_fn(m)
-                    self.engine.backward(loss * self.world_size / max(tokens, 1.0), scale_wrt_gas=False)
-                    self.engine.step()
-                    for k, v in {"loss": loss, "tokens": m.response_mask.sum(), **stats}.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-                norm = self.engine.get_global_grad_norm()
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + (float(norm) if norm is not None else 0.0)
-                steps += 1
+        for mini, mini_tokens in zip(minis, tokens):
+            for m in mini.micro_batches(micro):
+                loss, stats = loss_fn(m.to(device()))
+                self.engine.backward(loss * self.world_size / max(mini_tokens, 1.0), scale_wrt_gas=False)
+                self.engine.step()
+                for k, v in {"loss": loss, **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach()
+            norms.append(self.engine.get_global_grad_norm())  # the global norm: the same on every rank
         self.engine.eval()
         keys = sorted(sums)
-        totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys])))
-        tokens = max(totals.pop("tokens"), 1.0)
-        metrics = {k: v / tokens for k, v in totals.items() if k != "grad_norm"}
-        metrics["grad_norm"] = totals["grad_norm"] / max(steps * self.world_size, 1)
+        totals = all_reduce_sum([float(sums[k]) for k in keys])
+        metrics = {k: v / max(sum(tokens), 1.0) for k, v in zip(keys, totals)}
+        metrics["grad_norm"] = sum(float(n) for n in norms if n is not None) / max(len(norms), 1)
         metrics["lr"] = self.engine.get_lr()[0]
         metrics["update_s"] = time.perf_counter() - t0
         return metrics

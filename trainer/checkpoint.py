@@ -74,13 +74,13 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, keep
     dist.barrier()
     if rank == 0:
         (tag_dir / COMPLETE).write_text(str(step))
-        _atomic_write(ckpt_root / LATEST, tag)
+        atomic_write(ckpt_root / LATEST, tag)
         _prune(ckpt_root, keep_last, keep=tag)
     dist.barrier()
     return tag_dir
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)

@@ -48,7 +48,7 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -59,7 +59,7 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
