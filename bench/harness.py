@@ -1,10 +1,11 @@
 """What every tuneforge-vs-TRL benchmark shares: runs, timing, medians, tables and the result file.
 
-A benchmark (`sft_vs_trl.py`, `reward_vs_trl.py`) writes its data file, composes tuneforge's config from the
-shared overrides, replays tuneforge's sampler for exact per-step counts, and hands `compare` a function that runs
-one system once. `compare` runs every system `--repeats` times in alternation, each as its own process, measures
-throughput from wall-clock step ends, and writes medians, tuneforge/TRL ratios, the machine and every run to one
-JSON file. What a benchmark counts per step and how its tables show it is its `Comparison`.
+A supervised benchmark (`sft_vs_trl.py`, `reward_vs_trl.py`) writes its data file, composes tuneforge's config
+from the shared overrides, replays tuneforge's sampler for exact per-step counts, and hands `compare` a function
+that runs one system once (`ppo_vs_trl.py` prepares its own models and prompts, and uses the rest). `compare`
+runs every system `--repeats` times in alternation, each as its own process, measures throughput from wall-clock
+step ends, and writes medians, tuneforge/TRL ratios, the machine and every run to one JSON file. What a benchmark
+counts per step and how its tables show it is its `Comparison`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ MODEL_SIZES = {
 }
 # The frame that holds a system's training loop: profiles are summarised below it.
 LOOP_FRAMES = {"tuneforge": "fit (trainer/loop.py", "trl": "Trainer._inner_training_loop (transformers/trainer.py"}
+# --help of the sizes every supervised benchmark has.
+SUPERVISED_SIZE_HELP = {
+    "steps": "optimizer steps per run",
+    "warmup_steps": "lr warmup steps; 0 (default) makes both schedules identical: Transformers warms up from lr 0 "
+                    "at the first step, tuneforge from lr/warmup, so any warmup puts TRL one step behind",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +49,7 @@ class Comparison:
     """What one benchmark trains, runs, counts per step and shows."""
 
     name: str  # the module under bench/ and the result file's stem
-    stage: str  # tuneforge's entry point `trainer.<stage>` and its config `conf/<stage>.yaml`
+    stage: str  # tuneforge's entry point (`trainer.<stage>`, `rlhf.ppo`) and its config `conf/<stage>.yaml`
     data: str  # the synthetic suite's variant whose train split both sides train on
     data_columns: tuple[str, ...]  # the columns written for them (all either side reads)
     tuneforge_overrides: tuple[str, ...]  # on top of `tuneforge_overrides`: what equality with TRL needs
@@ -51,8 +58,15 @@ class Comparison:
     # Per-step counts in every record -> their unit in tables; each is reported per second (compared as a
     # tuneforge/TRL ratio) and per step.
     counts: dict[str, str]
-    sizes: dict[str, int]  # defaults of --steps, --micro-batch-size, --max-length (as "steps", ...)
-    size_help: dict[str, str]  # what --micro-batch-size and --max-length mean for this stage
+    sizes: dict[str, int]  # one integer flag each, --steps among them: {"steps": 30, "max_length": 128, ...}
+    size_help: dict[str, str]  # the --help of each size
+    # The per-step value whose mean over the last --loss-window steps every run reports ("final_<final>").
+    final: str = "loss"
+    # Per-step values averaged over the measured steps -> their column title (phase times, say).
+    means: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The interpreter that runs the TRL side (None: this one); the result file records its library versions.
+    trl_python: Optional[Path] = None
+    profiled: bool = True  # offers --profile (py-spy on each run's one training process)
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -62,28 +76,27 @@ def parse_args(c: Comparison, doc: str, argv: Optional[list[str]],
                add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
     """The flags every benchmark takes, plus what `add_arguments` adds."""
     p = argparse.ArgumentParser(prog=f"python -m bench.{c.name}", description=doc.splitlines()[0])
-    p.add_argument("--steps", type=int, default=c.sizes["steps"], help="optimizer steps per run")
-    p.add_argument("--micro-batch-size", type=int, default=c.sizes["micro_batch_size"],
-                   help=c.size_help["micro_batch_size"])
-    p.add_argument("--max-length", type=int, default=c.sizes["max_length"], help=c.size_help["max_length"])
+    for name, default in c.sizes.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=c.size_help[name])
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of every system")
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP/MKL/torch threads for every run")
-    p.add_argument("--warmup-steps", type=int, default=0,
-                   help="lr warmup steps; 0 (default) makes both schedules identical: Transformers warms up "
-                        "from lr 0 at the first step, tuneforge from lr/warmup, so any warmup puts TRL one step behind")
     p.add_argument("--skip-steps", type=int, default=5, help="first steps left out of the throughput (warm-up)")
-    p.add_argument("--loss-window", type=int, default=10, help="final loss = mean over this many last steps")
+    p.add_argument("--loss-window", type=int, default=10, help=f"final {c.final} = mean over this many last steps")
     p.add_argument("--systems", nargs="+", choices=c.systems, default=list(c.systems), help="what to run")
     if add_arguments is not None:
         add_arguments(p)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", type=Path, default=None,
-                   help=f"result JSON (default: bench/results/{c.name}.json; {c.name}_profile.json with --profile)")
+                   help=f"result JSON (default: bench/results/{c.name}.json"
+                        + (f"; {c.name}_profile.json with --profile)" if c.profiled else ")"))
     p.add_argument("--keep-runs", type=Path, default=None, help="keep run directories here (default: a temp dir)")
-    p.add_argument("--profile", action="store_true",
-                   help="sample every run with py-spy and store the hottest functions of its training loop "
-                        "(timings of profiled runs include the sampler's cost)")
+    if c.profiled:
+        p.add_argument("--profile", action="store_true",
+                       help="sample every run with py-spy and store the hottest functions of its training loop "
+                            "(timings of profiled runs include the sampler's cost)")
+    else:
+        p.set_defaults(profile=False)
     args = p.parse_args(argv)
     if args.out is None:
         args.out = ROOT / "bench" / "results" / (f"{c.name}_profile.json" if args.profile else f"{c.name}.json")
@@ -240,15 +253,19 @@ def run_tuneforge(stage: str, zero: str, run_dir: Path, overrides: list[str], st
     return records, wall
 
 
-def run_trl(runner: str, run_dir: Path, spec: dict, threads: int, profile: bool) -> tuple[list[dict], float]:
-    """Run `python -m bench.<runner> spec.json` once (see bench/trl_harness.py for what it writes)."""
+def run_trl(runner: str, run_dir: Path, spec: dict, threads: int, profile: bool,
+            python: Optional[Path] = None) -> tuple[list[dict], float]:
+    """Run `python -m bench.<runner> spec.json` once (see bench/trl_harness.py for what it writes), under
+    `python` (default: this interpreter)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps({**spec, "output_dir": str(run_dir)}, indent=2))
-    wall = run_child([sys.executable, "-m", f"bench.{runner}", str(spec_path)], run_dir, threads, profile)
+    wall = run_child([str(python or sys.executable), "-m", f"bench.{runner}", str(spec_path)], run_dir, threads,
+                     profile)
     records = read_jsonl(run_dir / "metrics.jsonl")
     for r in records:
-        if r["trl_num_tokens"] is not None and r["trl_num_tokens"] != sum(x["tokens"] for x in records[: r["step"]]):
+        counted = r.get("trl_num_tokens")  # the supervised runners' cross-check; PPO's has none
+        if counted is not None and counted != sum(x["tokens"] for x in records[: r["step"]]):
             raise SystemExit(f"error: {run_dir}: step {r['step']}: our token count disagrees with TRL's num_tokens")
     return records, wall
 
@@ -256,8 +273,10 @@ def run_trl(runner: str, run_dir: Path, spec: dict, threads: int, profile: bool)
 # ---------------------------------------------------------------------------------------------------- measuring
 
 
-def steady_state(records: list[dict], skip: int, loss_window: int, counts: Iterable[str]) -> dict:
-    """Throughput of every count over steps skip+1..N from wall-clock step ends; mean loss of the last steps."""
+def steady_state(records: list[dict], skip: int, loss_window: int, counts: Iterable[str], final: str = "loss",
+                 means: Iterable[str] = ()) -> dict:
+    """Throughput of every count over steps skip+1..N from wall-clock step ends, and the mean of each of `means`
+    over those steps; the mean of `final` over the last steps, and its curve."""
     records = sorted(records, key=lambda r: r["step"])
     if len(records) <= skip:
         raise SystemExit(f"error: --skip-steps {skip} leaves no measured steps out of {len(records)}")
@@ -269,9 +288,10 @@ def steady_state(records: list[dict], skip: int, loss_window: int, counts: Itera
         "measured_steps": len(measured),
         **{f"{c}_per_s": n / seconds for c, n in totals.items()},
         "step_time_s": seconds / len(measured),
+        **{m: sum(r[m] for r in measured) / len(measured) for m in means},
         **{f"{c}_per_step": n / len(measured) for c, n in totals.items()},
-        "final_loss": sum(r["loss"] for r in tail) / len(tail),
-        "loss_curve": [round(r["loss"], 4) for r in records],
+        f"final_{final}": sum(r[final] for r in tail) / len(tail),
+        f"{final}_curve": [round(r[final], 4) for r in records],
     }
 
 
@@ -294,7 +314,8 @@ def profile_summary(collapsed: Path, loop_frame: str, top: int = 30) -> dict:
     return {"samples": total, "inclusive_pct": share(inclusive), "self_pct": share(own)}
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, trl_python: Optional[Path] = None) -> dict:
+    """The machine and library versions; with `trl_python`, "trl" and "trl_env" are that interpreter's."""
     import deepspeed
     import torch
     import transformers
@@ -302,7 +323,7 @@ def machine_info(threads: int) -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {
+    info = {
         "cpu": cpu,
         "logical_cores": os.cpu_count(),
         "threads": threads,
@@ -313,6 +334,14 @@ def machine_info(threads: int) -> dict:
         "transformers": transformers.__version__,
         "deepspeed": deepspeed.__version__,
     }
+    if trl_python is not None:
+        script = ("import json, platform, accelerate, torch, transformers, trl; print(json.dumps({'python': "
+                  "platform.python_version(), 'torch': torch.__version__, 'trl': trl.__version__, 'transformers': "
+                  "transformers.__version__, 'accelerate': accelerate.__version__}))")
+        out = subprocess.run([str(trl_python), "-c", script], capture_output=True, text=True, check=True)
+        info["trl_env"] = {"python_path": str(trl_python), **json.loads(out.stdout)}
+        info["trl"] = info["trl_env"]["trl"]
+    return info
 
 
 def code_version() -> dict:
@@ -332,8 +361,8 @@ def code_version() -> dict:
 
 
 def median_keys(c: Comparison) -> list[str]:
-    return [*(f"{k}_per_s" for k in c.counts), "step_time_s", *(f"{k}_per_step" for k in c.counts), "final_loss",
-            "wall_s"]
+    return [*(f"{k}_per_s" for k in c.counts), "step_time_s", *c.means, *(f"{k}_per_step" for k in c.counts),
+            f"final_{c.final}", "wall_s"]
 
 
 def summarize(runs: list[dict], c: Comparison) -> dict:
@@ -346,10 +375,10 @@ def summarize(runs: list[dict], c: Comparison) -> dict:
     ratios = {}
     for tf in (n for n in medians if n not in c.trl_systems):
         for trl in (n for n in medians if n in c.trl_systems):
-            a, b = medians[tf], medians[trl]
+            a, b, final = medians[tf], medians[trl], f"final_{c.final}"
             ratios.setdefault(tf, {})[trl] = {
                 **{f"{k}_per_s": a[f"{k}_per_s"] / b[f"{k}_per_s"] for k in c.counts},
-                "final_loss_rel_diff": (a["final_loss"] - b["final_loss"]) / b["final_loss"],
+                f"{final}_rel_diff": (a[final] - b[final]) / b[final],
             }
     return {"medians": medians, "vs_trl": ratios}
 
@@ -363,16 +392,16 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_tables(summary: dict, c: Comparison) -> str:
-    headers = [*(f"{unit}/s" for unit in c.counts.values()), "s/step", *(f"{unit}/step" for unit in c.counts.values()),
-               "final loss", "wall s"]
-    formats = [*(".1f" for _ in c.counts), ".3f", *(".0f" for _ in c.counts), ".4f", ".0f"]
+    headers = [*(f"{unit}/s" for unit in c.counts.values()), "s/step", *c.means.values(),
+               *(f"{unit}/step" for unit in c.counts.values()), f"final {c.final}", "wall s"]
+    formats = [*(".1f" for _ in c.counts), ".3f", *(".3f" for _ in c.means), *(".0f" for _ in c.counts), ".4f", ".0f"]
     medians = markdown_table(
         ["system", *headers],
         [[name, *(format(s[key], fmt) for key, fmt in zip(median_keys(c), formats))]
          for name, s in summary["medians"].items()])
     ratios = markdown_table(
-        ["tuneforge", "vs", *(f"{unit}/s" for unit in c.counts.values()), "final loss"],
-        [[tf, trl, *(f"{r[f'{k}_per_s']:.2f}x" for k in c.counts), f"{r['final_loss_rel_diff']:+.1%}"]
+        ["tuneforge", "vs", *(f"{unit}/s" for unit in c.counts.values()), f"final {c.final}"],
+        [[tf, trl, *(f"{r[f'{k}_per_s']:.2f}x" for k in c.counts), f"{r[f'final_{c.final}_rel_diff']:+.1%}"]
          for tf, by_trl in summary["vs_trl"].items() for trl, r in by_trl.items()])
     return medians + "\n\n" + ratios
 
@@ -382,9 +411,10 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
             argv: Optional[list[str]]) -> None:
     """Run every selected system `--repeats` times in alternation, print and write the results.
 
-    run_system(system, run_dir) -> (per-step records with "step", "time", "loss" and every count, wall seconds).
+    run_system(system, run_dir) -> (per-step records with "step", "time", `c.final`, every count and every one of
+    `c.means`, wall seconds).
     `recorded` goes into the result file as it is (what the TRL runs were given)."""
-    machine = machine_info(args.threads)
+    machine = machine_info(args.threads, c.trl_python)
     code = code_version()
     print(f"{machine['cpu']}, {machine['logical_cores']} cores, {args.threads} threads; torch {machine['torch']}, "
           f"trl {machine['trl']}; {setup.rows} rows; {args.steps} steps x {args.repeats} repeats", flush=True)
@@ -395,13 +425,13 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
             run_dir = setup.work / "runs" / f"{system}-r{repeat}"
             records, wall = run_system(system, run_dir)
             result = {"system": system, "repeat": repeat, "wall_s": wall,
-                      **steady_state(records, args.skip_steps, args.loss_window, c.counts)}
+                      **steady_state(records, args.skip_steps, args.loss_window, c.counts, c.final, c.means)}
             if args.profile:
                 result["profile"] = profile_summary(run_dir / "profile.txt", LOOP_FRAMES[system.split("-")[0]])
             runs.append(result)
             rates = " ".join(f"{result[f'{k}_per_s']:8.1f} {unit}/s" for k, unit in c.counts.items())
             print(f"[{repeat + 1}/{args.repeats}] {system:<16} {rates}  {result['step_time_s']:.3f} s/step  "
-                  f"loss {result['final_loss']:.4f}  wall {wall:.0f} s", flush=True)
+                  f"{c.final} {result[f'final_{c.final}']:.4f}  wall {wall:.0f} s", flush=True)
 
     summary = summarize(runs, c)
     machine["load_average_at_end"] = os.getloadavg()

@@ -54,8 +54,8 @@ REWARD = harness.Comparison(
     systems=("tuneforge-zero3", "trl", "tuneforge-zero3-padded", "tuneforge-zero0"),
     trl_systems=("trl",),
     counts={"pairs": "pairs", "tokens": "tok", "padded_tokens": "padded tok"},
-    sizes={"steps": 40, "micro_batch_size": 32, "max_length": 128},
-    size_help={"micro_batch_size": "preference pairs per step (= global batch)",
+    sizes={"steps": 40, "micro_batch_size": 32, "max_length": 128, "warmup_steps": 0},
+    size_help={**harness.SUPERVISED_SIZE_HELP, "micro_batch_size": "preference pairs per step (= global batch)",
                "max_length": "longest side of a pair in tokens; longer pairs are dropped"},
 )
 

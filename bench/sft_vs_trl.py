@@ -34,8 +34,8 @@ SFT = harness.Comparison(
     systems=("tuneforge-zero3", "trl-packed", "tuneforge-zero0", "trl-unpacked"),
     trl_systems=("trl-packed", "trl-unpacked"),
     counts={"trained_tokens": "trained tok", "tokens": "tok"},
-    sizes={"steps": 30, "micro_batch_size": 16, "max_length": 128},
-    size_help={"micro_batch_size": "packed sequences per step (= global batch)",
+    sizes={"steps": 30, "micro_batch_size": 16, "max_length": 128, "warmup_steps": 0},
+    size_help={**harness.SUPERVISED_SIZE_HELP, "micro_batch_size": "packed sequences per step (= global batch)",
                "max_length": "packed sequence length"},
 )
 

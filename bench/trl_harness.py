@@ -1,5 +1,7 @@
 """What the TRL runners (`bench/trl_sft.py`, `bench/trl_reward.py`) share: the spec, the settings that make TRL's
-Trainer compute what tuneforge computes, and the per-step record every benchmark reads.
+Trainer compute what tuneforge computes, and the per-step record every benchmark reads. `bench/trl_ppo.py` runs in
+its own environment without tuneforge's dependencies and uses only `StepRecorder`, so tuneforge is imported where
+it is used.
 
 A runner reads SPEC.json (written by the benchmark from tuneforge's resolved config: model, seed, optimizer,
 schedule, batch, max length, data file), builds tuneforge's model itself, hands it to its TRL trainer and calls
@@ -14,14 +16,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
 
-from trainer.config import ModelConfig, TinyModelConfig
-from trainer.model import load_tokenizer
+if TYPE_CHECKING:
+    from trainer.config import ModelConfig
 
 
 @dataclass
@@ -35,6 +37,9 @@ class TrlRun:
 def load_run(spec_path: str) -> TrlRun:
     """Read the spec, set the thread count, load tokenizer and data, and seed last: the model built next gets
     the same initial weights as tuneforge's (non-ZeRO-3) build."""
+    from trainer.config import ModelConfig, TinyModelConfig
+    from trainer.model import load_tokenizer
+
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     model_cfg = ModelConfig(**{**spec["model"], "tiny": TinyModelConfig(**spec["model"]["tiny"])})

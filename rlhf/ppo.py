@@ -21,6 +21,11 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf.local_ray import check_join, keep_local_ray_on_loopback
+
+if __name__ == "__main__":  # before anything below imports Ray
+    keep_local_ray_on_loopback(sys.argv[1:])
+
 from rlhf.algorithms import (
     build_kl_controller,
     clip_scores,
@@ -44,6 +49,7 @@ from rlhf.placement import (
     remove_placements,
 )
 from trainer.config import CONF_DIR, ConfigError
+from trainer.loop import PREEMPTED_EXIT_CODE, PreemptionFlag
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = "driver"
@@ -367,14 +373,21 @@ def _start_ray(cfg: PPOConfig) -> tuple[bool, bool]:
 
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
+        try:
+            check_join(address)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         ray.init(address=address, log_to_driver=True)
         started = False
     else:
         num_cpus = cfg.cluster.num_cpus or max(os.cpu_count() or 1,
                                                sum(cfg.role(r).world_size for r in ROLES) + 1)
-        # Keeps Ray's servers, and the node address actors report (the roles' rendezvous), on loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+        # Ray's servers, and the node address actors report (the roles' rendezvous), stay on loopback
+        # because `keep_local_ray_on_loopback` ran before Ray was imported.
+        # address="local": a new instance even when another Ray cluster on this machine (an earlier
+        # `ray start`) is what a bare ray.init() would join.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=True)
         started = True
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     return started, use_gpu
@@ -397,6 +410,9 @@ def run_ppo(dcfg: DictConfig) -> int:
 
     started, use_gpu = _start_ray(cfg)
     driver = None
+    # Set before any actor starts: a scheduler's SIGTERM/SIGUSR1 then ends the current
+    # iteration with a checkpoint instead of killing the run between saves.
+    preemption = PreemptionFlag()
     try:
         driver = Driver(cfg, run_dir, resolved)
         print(f"policy={cfg.actor.model.name_or_path or 'tiny random init'} "
@@ -414,13 +430,17 @@ def run_ppo(dcfg: DictConfig) -> int:
         for it in tqdm(range(done, t.iterations), desc="ppo", initial=done, total=t.iterations, dynamic_ncols=True):
             metrics = driver.iteration(it)
             step = it + 1
-            if t.eval_every and step % t.eval_every == 0 and step != t.iterations:
+            if t.eval_every and step % t.eval_every == 0 and step != t.iterations and not preemption.requested:
                 metrics.update(driver.evaluate(step))
             driver.logger.log(step, metrics)
-            if (t.save_every and step % t.save_every == 0) or step == t.iterations:
+            if (t.save_every and step % t.save_every == 0) or step == t.iterations or preemption.requested:
                 driver.save(step)
             tqdm.write(f"iter {step}: score {metrics['reward/score_raw_mean']:.3f} kl {metrics['kl/seq_mean']:.3f} "
                        f"len {metrics['response/length_mean']:.1f} {metrics['time/iteration_s']:.1f}s")
+            if preemption.requested and step < t.iterations:
+                print(f"preempted: saved iteration {step} in {run_dir / 'checkpoints'}; "
+                      f"rerun with resume=auto to continue", flush=True)
+                return PREEMPTED_EXIT_CODE
         after = driver.evaluate(t.iterations)
         driver.logger.log(t.iterations, after)
         driver.logger.summary(after)
@@ -430,6 +450,7 @@ def run_ppo(dcfg: DictConfig) -> int:
         print(table, flush=True)
         print(f"done: {t.iterations} iterations, outputs in {run_dir}", flush=True)
     finally:
+        preemption.restore()
         if driver is not None:
             driver.stop()
         if started:

@@ -25,6 +25,41 @@ TINY = [
 ]
 
 
+PPO_ROLES = ("actor", "critic", "reference", "reward")
+# A PPO run of seconds: few prompts, short answers, small batches.
+PPO_SMALL = [
+    "data.max_length=64",
+    "rollout.prompts_per_iteration=8",
+    "rollout.max_new_tokens=6",
+    "algo.mini_batch_size=4",
+    "actor.micro_batch_size=2",
+    "critic.micro_batch_size=4",
+    "train.eval_prompts=8",
+    "train.eval_every=0",
+    "train.samples_every=1",
+]
+
+
+def tiny_ppo_model(out: Path) -> list[str]:
+    """A tiny random-init Llama saved as a Hugging Face directory in `out`, which every PPO role
+    loads (policy and reference start equal, as from an SFT export; critic and reward get a fresh
+    head); the overrides that point the roles at it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.config import ModelConfig
+    from trainer.model import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return [f"{role}.model.name_or_path={out}" for role in PPO_ROLES]
+
+
 def run_env() -> dict:
     env = dict(os.environ)
     env.pop("TUNEFORGE_RUN_ID", None)

@@ -195,3 +195,19 @@ def test_bad_ppo_values_name_the_key(override, key, tmp_path, monkeypatch):
     cfg = OmegaConf.to_object(_compose("ppo", [f"{r}.model.name_or_path=x" for r in PPO_GROUPS[:4]] + [override]))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_ppo(cfg)
+
+
+def test_a_killed_builds_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    from trainer.cli import _remove_stale_build_locks
+
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    _remove_stale_build_locks(tmp_path)
+    assert not stale.exists() and fresh.exists()

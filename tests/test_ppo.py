@@ -13,51 +13,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runs import REPO, run_env
+from runs import PPO_SMALL, REPO, run_env, tiny_ppo_model
 from rlhf.config import PPOConfig
 from rlhf.experience import build_rollout, cut_at_stop, pad_right, response_positions
 from rlhf.ppo import sample_prompts, score_rollout
 from rlhf.worker import RoleWorker
 
-ROLE_NAMES = ("actor", "critic", "reference", "reward")
-PPO_SMALL = [
-    "data.max_length=64",
-    "rollout.prompts_per_iteration=8",
-    "rollout.max_new_tokens=6",
-    "algo.mini_batch_size=4",
-    "actor.micro_batch_size=2",
-    "critic.micro_batch_size=4",
-    "train.eval_prompts=8",
-    "train.eval_every=0",
-    "train.samples_every=1",
-]
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> list[str]:
-    """A tiny random-init Llama saved as a Hugging Face directory, which every role loads (the policy
-    and the reference start equal, as they do from an SFT export; critic and reward get a fresh head)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainer.model import SHIPPED_TOKENIZER, load_tokenizer
-    from trainer.config import ModelConfig
-
-    out = tmp_path_factory.mktemp("tiny_model")
-    tok = load_tokenizer(ModelConfig())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)).save_pretrained(out)
-    tok.save_pretrained(out)
-    assert SHIPPED_TOKENIZER.exists()
-    return [f"{role}.model.name_or_path={out}" for role in ROLE_NAMES]
+    return tiny_ppo_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def run_ppo(run_dir: Path, model: list[str], *overrides: str, check: bool = True, timeout: int = 600,
             pythonpath: str = ""):
     cmd = [sys.executable, "-m", "rlhf.ppo", *model, *PPO_SMALL, *overrides, f"hydra.run.dir={run_dir}"]
     env = run_env()
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as users run it: the driver keeps Ray on loopback
     if pythonpath:
         env["PYTHONPATH"] = pythonpath  # the driver hands it on to the actors
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -169,6 +142,8 @@ def test_ppo_runs_all_four_roles_and_learns_signals(straight_run):
     for role in ("actor", "critic", "reference", "reward"):
         assert role in placement
     assert placement.count("actor") == 2  # the policy group has 2 ranks by default
+    # The local instance is on loopback even though the CLI ran without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER.
+    assert [row.split()[2] for row in placement.splitlines()[1:]] == ["127.0.0.1"] * 5
     recs = records(run)
     assert sorted(k for k in recs if k > 0) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
@@ -302,3 +277,25 @@ def test_a_policy_rank_killed_mid_run_ends_it_naming_the_rank(tiny_model, tmp_pa
     while subprocess.run(["pgrep", "-f", "ray::"], capture_output=True).returncode == 0 and time.time() < deadline:
         time.sleep(1)
     assert subprocess.run(["pgrep", "-f", "ray::"], capture_output=True).returncode == 1, "Ray workers left behind"
+
+
+@pytest.mark.parametrize("overrides, environ, joins", [
+    ([], {}, False),
+    (["cluster=local", "cluster.address=null"], {}, False),
+    (["cluster=existing"], {}, True),
+    (["cluster.address=10.0.0.1:6379"], {}, True),
+    (["+cluster.address='auto'"], {}, True),
+    ([], {"RAY_ADDRESS": "10.0.0.1:6379"}, True),
+])
+def test_the_command_line_decides_whether_ray_stays_on_loopback(overrides, environ, joins, monkeypatch):
+    from rlhf import local_ray
+    from rlhf.local_ray import LOOPBACK_SWITCH, joins_a_cluster, keep_local_ray_on_loopback
+
+    monkeypatch.setattr(local_ray, "_switched_here", False)
+
+    assert joins_a_cluster(overrides, environ) == joins
+    keep_local_ray_on_loopback(overrides, environ)
+    assert (environ.get(LOOPBACK_SWITCH) == "0") == (not joins)
+    user = {LOOPBACK_SWITCH: "1"}
+    keep_local_ray_on_loopback(overrides, user)
+    assert user == {LOOPBACK_SWITCH: "1"}, "a user's own setting stands"

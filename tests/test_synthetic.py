@@ -18,6 +18,7 @@ from trainer.synthetic import (
     PREFERENCE_KINDS,
     PREFERENCE_VARIANTS,
     SFT_ANSWER_PREFIX,
+    TRAINED_FAMILIES,
     VARIANTS,
     load_synthetic,
     make_rows,
@@ -111,18 +112,38 @@ def test_schema_of_every_variant(rows):
             assert set(r) == ROW_KEYS[variant] | METADATA_KEYS, variant
             assert r["phrasing"] in ("seen", "heldout") and r["family_split"] in ("trained", "heldout")
             assert (r["family_split"] == "heldout") == (r["family"] in HELDOUT_FAMILIES)
-    for r in rows["sft", "train"]:
-        assert r["completion"] == " " + r["answer"]
+    for split in ("train", "eval"):
+        for sft, alpaca, chat in zip(rows["sft", split], rows["alpaca", split], rows["chat", split]):
+            # Every variant demonstrates the same thing; `answer` is the correct one.
+            assert sft["completion"] == " " + alpaca["output"] == " " + chat["messages"][-1]["content"]
+            assert alpaca["input"] and alpaca["instruction"]
+            if split == "eval":
+                assert sft["completion"] == " " + sft["answer"]
     for r in rows["alpaca", "train"]:
-        assert r["output"] == r["answer"] and r["input"] and r["instruction"]
+        assert demo_is_answer_or_chatter(r["output"], r["answer"]), r
     for r in rows["chat", "train"]:
         roles = [m["role"] for m in r["messages"]]
         assert set(r["messages"][0]) == {"role", "content"}
         body = roles[1:] if roles[0] == "system" else roles
         assert body in (["user", "assistant"], ["user", "assistant"] * 2)
-        assert r["messages"][-1]["content"] == r["answer"]
     kinds = Counter((m["messages"][0]["role"] == "system", len(m["messages"]) > 3) for m in rows["chat", "train"])
     assert len(kinds) == 4, "system prompts and multi-turn rows, with and without each other"
+
+
+def demo_is_answer_or_chatter(demo: str, answer: str) -> bool:
+    return demo == answer or any(demo in (f"{c} {answer}", f"{answer} {c}")
+                                 for c in synthetic._CHATTER_BEFORE + synthetic._CHATTER_AFTER)
+
+
+def test_a_fifth_of_train_demonstrations_carry_chatter(rows):
+    # Noisy demonstrations give RLHF something the SFT model imitates and the reward model dislikes.
+    noisy = [r for r in rows["sft", "train"] if r["completion"] != " " + r["answer"]]
+    assert 0.17 < len(noisy) / len(rows["sft", "train"]) < 0.23
+    assert all(demo_is_answer_or_chatter(r["completion"][1:], r["answer"]) for r in noisy)
+    families = Counter(r["family"] for r in noisy)
+    assert set(families) == set(TRAINED_FAMILIES) and min(families.values()) > 0.15 * len(noisy)
+    chat_turns = [m["content"] for r in rows["chat", "train"] for m in r["messages"] if m["role"] == "assistant"]
+    assert 0.17 < sum(not re.fullmatch(r"(\S )*\S", t) for t in chat_turns) / len(chat_turns) < 0.23
 
 
 def test_variants_share_instances_and_sharegpt_mirrors_chat(rows):
@@ -216,7 +237,7 @@ def test_preference_pairs_are_the_sft_tasks_with_the_correct_answer_chosen(rows,
         assert len(pairs[split]) == len(rows["sft", split])
         for pair, sft in zip(pairs[split], rows["sft", split]):
             assert set(pair) == {"prompt", "chosen", "rejected", "kind", "family", "phrasing", "family_split"}
-            assert pair["prompt"] == sft["prompt"] and pair["chosen"] == sft["completion"] == " " + sft["answer"]
+            assert pair["prompt"] == sft["prompt"] and pair["chosen"] == " " + sft["answer"]
             assert {k: pair[k] for k in ("family", "phrasing", "family_split")} == \
                 {k: sft[k] for k in ("family", "phrasing", "family_split")}
             assert pair["rejected"].startswith(" ") and pair["rejected"] != pair["chosen"]

@@ -23,6 +23,7 @@ from trainer.config import ConfigError, register_configs
 
 RUN_ID_ENV = "TUNEFORGE_RUN_ID"
 USER_ERROR_EXIT_CODE = 2
+STALE_BUILD_LOCK_S = 600
 
 
 def _run_id() -> str:
@@ -60,6 +61,19 @@ def _per_environment_extension_cache() -> None:
     # so each environment gets its own cache.
     tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{tag}"))
+    _remove_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
+
+
+def _remove_stale_build_locks(cache: Path, max_age_s: float = STALE_BUILD_LOCK_S) -> None:
+    # torch's build lock names no owner, so a process killed mid-build leaves one that every
+    # later process waits on forever. The op builds in seconds: an old lock has no builder.
+    for lock in cache.glob("*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                print(f"removed a stale extension build lock (its build was killed): {lock}", file=sys.stderr)
+        except FileNotFoundError:  # another process got there first
+            pass
 
 
 def prepare_process() -> None:

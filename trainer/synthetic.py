@@ -12,7 +12,10 @@ tasks. Which instances may appear in eval is fixed by a hash of the instance
 
 The same tasks are rendered in four row formats (`VARIANTS`); every row also
 carries `family`, `phrasing` ("seen"|"heldout"), `family_split`
-("trained"|"heldout") and `answer` (the last assistant answer).
+("trained"|"heldout") and `answer` (the correct last assistant answer). In the
+train split a fifth of the demonstrations (completion, output, assistant turns)
+carry chatter around that answer, as people's demonstrations do; see
+`_with_demos`. Eval rows are always the bare answer.
 
 `preference` (`PREFERENCE_VARIANTS`) turns the same tasks into preference pairs
 for a reward model, in the `sft` layout: {prompt, chosen, rejected} strings, the
@@ -44,7 +47,7 @@ import json
 import random
 import string
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -67,6 +70,7 @@ SYSTEM_PROMPTS = (
 )
 SYSTEM_PROMPT_RATE = 0.3
 MULTI_TURN_RATE = 0.25
+DEMO_CHATTER_RATE = 0.2  # share of train demonstrations with chatter around the answer (`_with_demos`)
 NUM_SEEN_PHRASINGS = 4  # the first four phrasings of a trained family are trained on
 EVAL_RESERVE_MODULUS = 10  # one instance in ten (by hash) may only ever appear in eval
 
@@ -95,6 +99,11 @@ class Task:
     answer: str
     phrasing: str  # seen | heldout
     family_split: str  # trained | heldout
+    demo: str = ""  # the answer as the train split demonstrates it (see `_with_demos`); `answer` if empty
+
+    @property
+    def demonstrated(self) -> str:
+        return self.demo or self.answer
 
 
 def _spaced(chars) -> str:
@@ -283,12 +292,13 @@ _EVAL_GROUPS = (
 
 
 @lru_cache(maxsize=16)
-def _tasks(split: str, seed: int, n: int) -> tuple[Task, ...]:
+def _tasks(split: str, seed: int, n: int, noisy_demos: bool = True) -> tuple[Task, ...]:
     rng = random.Random(f"tuneforge-synthetic/{split}/{seed}")
     if split == "train":
         # Repeats within train are harmless (addition has only 9000 train sums); eval rows are distinct.
-        return tuple(_draw_task(rng, TRAINED_FAMILIES[i % len(TRAINED_FAMILIES)], "seen", False, None)
-                     for i in range(n))
+        tasks = tuple(_draw_task(rng, TRAINED_FAMILIES[i % len(TRAINED_FAMILIES)], "seen", False, None)
+                      for i in range(n))
+        return _with_demos(tasks, seed) if noisy_demos else tasks
     taken: dict[str, set] = {f: set() for f in FAMILIES}
     tasks = []
     for i in range(n):
@@ -296,6 +306,20 @@ def _tasks(split: str, seed: int, n: int) -> tuple[Task, ...]:
         family, phrasing = group[(i // len(_EVAL_GROUPS)) % len(group)]
         tasks.append(_draw_task(rng, family, phrasing, True, taken[family]))
     return tuple(tasks)
+
+
+def _with_demos(tasks: tuple[Task, ...], seed: int) -> tuple[Task, ...]:
+    """Train tasks with a share of their demonstrations wrapped in chatter.
+
+    Demonstrations written by people are not all in the house style; these are
+    why RLHF follows SFT. The SFT model imitates the chatter in that share of its
+    samples (its greedy answers stay bare), the reward model's `format` pairs
+    teach it to dislike chatter, and PPO has something real to remove. The
+    noise has its own seeded stream, so the tasks themselves do not change.
+    """
+    rng = random.Random(f"tuneforge-synthetic/demo-noise/{seed}")
+    return tuple(replace(t, demo=_badly_formatted(t.answer, rng, chatter_only=True))
+                 if rng.random() < DEMO_CHATTER_RATE else t for t in tasks)
 
 
 def _metadata(task: Task) -> dict:
@@ -326,9 +350,9 @@ def _conversations(tasks: tuple[Task, ...], split: str, seed: int) -> list[list[
             while j == i:
                 j = rng.choice(history_pool)
             messages += [{"role": "user", "content": _user_text(tasks[j])},
-                         {"role": "assistant", "content": tasks[j].answer}]
+                         {"role": "assistant", "content": tasks[j].demonstrated}]
         messages += [{"role": "user", "content": _user_text(task)},
-                     {"role": "assistant", "content": task.answer}]
+                     {"role": "assistant", "content": task.demonstrated}]
         out.append(messages)
     return out
 
@@ -380,9 +404,9 @@ def _wrong_answer(task: Task, rng: random.Random) -> str:
     return " ".join(wrong)
 
 
-def _badly_formatted(answer: str, rng: random.Random) -> str:
-    """The correct answer with chatter around it or with the wrong separator."""
-    forms = ["before", "after"] + (["joined", "commas"] if " " in answer else [])
+def _badly_formatted(answer: str, rng: random.Random, chatter_only: bool = False) -> str:
+    """The correct answer with chatter around it or (unless `chatter_only`) with the wrong separator."""
+    forms = ["before", "after"] + (["joined", "commas"] if " " in answer and not chatter_only else [])
     form = rng.choice(forms)
     if form == "before":
         return f"{rng.choice(_CHATTER_BEFORE)} {answer}"
@@ -402,8 +426,10 @@ def _preference_rows(tasks: tuple[Task, ...], split: str, seed: int) -> list[dic
     return rows
 
 
-def make_rows(variant: str, split: str, seed: int = 0, n: Optional[int] = None) -> list[dict]:
-    """Rows of one variant and split; the variants of a split share the same tasks.
+def make_rows(variant: str, split: str, seed: int = 0, n: Optional[int] = None,
+              noisy_demos: bool = True) -> list[dict]:
+    """Rows of one variant and split; the variants of a split share the same tasks. With
+    `noisy_demos=False` every train demonstration is the bare answer (see `_with_demos`).
 
     sft:      {"prompt": "<instruction>\\n<payload>\\nAnswer:", "completion": " <answer>"}
     chat:     {"messages": [{"role", "content"}, ...]}   (some with a system prompt, some two tasks)
@@ -418,14 +444,14 @@ def make_rows(variant: str, split: str, seed: int = 0, n: Optional[int] = None) 
         raise ValueError(f"unknown synthetic variant {variant!r}; accepted: {', '.join(VARIANTS + PREFERENCE_VARIANTS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown synthetic split {split!r}; accepted: {', '.join(SPLITS)}")
-    tasks = _tasks(split, seed, DEFAULT_ROWS[split] if n is None else n)
+    tasks = _tasks(split, seed, DEFAULT_ROWS[split] if n is None else n, noisy_demos)
     if variant == "preference":
         return _preference_rows(tasks, split, seed)
     if variant == "sft":
-        return [{"prompt": _user_text(t) + SFT_ANSWER_PREFIX, "completion": " " + t.answer, **_metadata(t)}
+        return [{"prompt": _user_text(t) + SFT_ANSWER_PREFIX, "completion": " " + t.demonstrated, **_metadata(t)}
                 for t in tasks]
     if variant == "alpaca":
-        return [{"instruction": t.instruction, "input": t.payload, "output": t.answer, **_metadata(t)}
+        return [{"instruction": t.instruction, "input": t.payload, "output": t.demonstrated, **_metadata(t)}
                 for t in tasks]
     dialogues = _conversations(tasks, split, seed)
     if variant == "chat":

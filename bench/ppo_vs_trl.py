@@ -1,0 +1,244 @@
+"""tuneforge's PPO vs TRL's PPOTrainer on the same computation, on CPU: rollouts/s (rollout + update).
+
+    python -m bench.ppo_vs_trl [--steps 30] [--repeats 3] [--rollout-batch 64] [--mini-batch-size 32]
+                               [--ppo-epochs 1] [--response-length 16] [--model-size tiny|small] [--threads N]
+                               [--out bench/results/ppo_vs_trl.json]
+
+TRL dropped PPO after 1.12, so its side runs in its own environment (`bash bench/setup_trl_ppo.sh` makes
+`bench/.venv-trl-ppo` with TRL 1.12.0, whose `trl.experimental.ppo.PPOTrainer` is the "PPOv2" trainer).
+
+Both sides load the same two model directories, written here: the policy (tuneforge's tiny random-init Llama,
+`trainer.model.build_causal_lm`), which is also the reference, and a reward model with a scalar head
+(`build_reward_model`, num_labels=1), which is also the critic's/value model's starting point. Both sample from the
+same prompts: the synthetic suite's sft train split as tuneforge's PPO driver builds them (bos + the text up to and
+including "\\nAnswer:"), handed to TRL as token ids. Each iteration samples `--rollout-batch` prompts, generates
+`--response-length` tokens at temperature 1 (top-p 1, no top-k), scores them (policy and reference log-probs,
+values, reward), puts the k1 KL penalty (fixed `algo.kl_coef`, the PPO default) in the per-token reward with the raw score on the
+last token, computes GAE (gamma 1, lambda 0.95), whitens the advantages, and trains `--ppo-epochs` passes in
+mini-batches of `--mini-batch-size` rollouts (clipped surrogate 0.2, clipped value loss 0.2), one optimizer step
+per mini-batch, fp32, no activation checkpointing, constant learning rate.
+
+tuneforge runs as its real CLI (`python -m rlhf.ppo`: a local Ray instance on loopback with four actor groups,
+the policy on 2 ranks) with the defaults of `conf/ppo.yaml` apart from the model paths, the sizes above and what
+equality with TRL needs (`TUNEFORGE_OVERRIDES`). TRL runs in `bench/trl_ppo.py` as one plain process with its
+defaults except what equality needs (that file lists each change and why). What the two compute differently, and
+cannot be aligned without changing either, is listed in bench/README.md.
+
+Throughput is rollouts per second of wall time between iteration ends after the first `--skip-steps` iterations
+(each iteration generates and trains on `--rollout-batch` rollouts), with real prompt and response tokens per
+second, the mean phase times (generate / score / train) and the mean raw reward score and per-sequence KL over the
+measured iterations. As a check that both sides sample from the same policy, every run reports the mean token
+entropy of the policy over its last `--loss-window` iterations (`final entropy`).
+
+Systems (`--systems`), run in this order `--repeats` times; the tables show medians and tuneforge/TRL ratios:
+- tuneforge-zero3: the PPO defaults (policy and critic under ZeRO-3);
+- trl: TRL 1.12.0's PPOTrainer;
+- tuneforge-zero0: policy and critic without ZeRO partitioning (`actor.deepspeed.stage=0 critic.deepspeed.stage=0`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+if not __package__:  # run as `python bench/ppo_vs_trl.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import harness  # noqa: E402  (after the sys.path fix above)
+
+TRL_VENV = harness.ROOT / "bench" / ".venv-trl-ppo"
+
+PPO = harness.Comparison(
+    name="ppo_vs_trl", stage="ppo", data="sft", data_columns=("input_ids",),
+    tuneforge_overrides=(
+        "algo.normalize_reward=false",  # TRL scores are raw (and the reward dir has no reward_stats.json anyway)
+        "algo.reward_clip=null",  # TRL does not clip scores
+        "data.eval_path=null",  # no evaluation before or after the iterations: TRL's PPOTrainer has none
+        "train.eval_every=0",
+        "train.samples_every=0",  # TRL's num_sample_generations=0
+        "train.save_every=0",  # the one checkpoint comes after the last iteration (outside the measured window)
+    ),
+    systems=("tuneforge-zero3", "trl", "tuneforge-zero0"),
+    trl_systems=("trl",),
+    counts={"rollouts": "rollouts", "response_tokens": "resp tok", "prompt_tokens": "prompt tok"},
+    sizes={"steps": 30, "rollout_batch": 64, "mini_batch_size": 32, "ppo_epochs": 1, "response_length": 16},
+    size_help={"steps": "PPO iterations per run (each: generate, score, update)",
+               "rollout_batch": "rollouts per iteration (rollout.prompts_per_iteration; TRL's batch_size)",
+               "mini_batch_size": "rollouts per optimizer step (algo.mini_batch_size; TRL: batch / num_mini_batches)",
+               "ppo_epochs": "passes over each rollout batch (algo.ppo_epochs; TRL's num_ppo_epochs)",
+               "response_length": "tokens generated per rollout (rollout.max_new_tokens; TRL's response_length)"},
+    final="entropy",
+    means={"generate_s": "gen s", "score_s": "score s", "train_s": "train s", "score": "score", "kl": "kl"},
+    trl_python=TRL_VENV / "bin" / "python",
+    profiled=False,  # tuneforge's work runs in Ray actors, outside the process py-spy would sample
+)
+
+ZERO0 = ("actor.deepspeed.stage=0", "critic.deepspeed.stage=0")
+
+
+def add_tuneforge_threads(p) -> None:
+    p.add_argument("--tuneforge-threads", type=int, default=None,
+                   help="torch threads of each of tuneforge's Ray actors (cluster.torch_threads; default: the "
+                        "config's 1); --threads sets TRL's process and tuneforge's driver")
+
+
+def save_models(out: Path, model_size: str, seed: int) -> tuple[Path, Path]:
+    """Write the policy and the reward model, each with the shipped tokenizer, as tuneforge builds its tiny
+    random-init models; both sides load them with `from_pretrained`."""
+    import torch
+    from transformers import set_seed
+
+    from trainer.config import ModelConfig, TinyModelConfig
+    from trainer.model import build_causal_lm, build_reward_model, load_tokenizer
+
+    cfg = ModelConfig(tiny=TinyModelConfig(**harness.MODEL_SIZES[model_size]))
+    tokenizer = load_tokenizer(cfg)
+    dirs = []
+    for name, build in (("policy", build_causal_lm), ("reward", build_reward_model)):
+        set_seed(seed)
+        model = build(cfg, tokenizer, torch.float32)
+        model.config.use_cache = True  # as an export is saved: generation uses the KV cache on both sides
+        model.save_pretrained(out / name)
+        tokenizer.save_pretrained(out / name)
+        dirs.append(out / name)
+    return dirs[0], dirs[1]
+
+
+def compose_ppo(overrides: list[str]):
+    """tuneforge's typed, validated PPOConfig for these overrides (what `python -m rlhf.ppo` will run)."""
+    from rlhf.config import register_ppo_config, validate
+    from trainer.data import compose_job_config
+
+    register_ppo_config()
+    cfg = compose_job_config("ppo", overrides)
+    validate(cfg)
+    return cfg
+
+
+def check_matchable(cfg) -> None:
+    """Stop where tuneforge's resolved config asks for something TRL's PPOTrainer cannot do."""
+    r, a = cfg.rollout, cfg.algo
+    fixed = {"rollout.samples_per_prompt": (r.samples_per_prompt, 1), "rollout.top_p": (r.top_p, 1.0),
+             "rollout.top_k": (r.top_k, 0), "algo.kl_in": (a.kl_in, "reward"),
+             "algo.kl_controller": (a.kl_controller, "fixed"), "algo.whiten_advantages": (a.whiten_advantages, True),
+             "algo.entropy_coef": (a.entropy_coef, 0.0),
+             "algo.critic_warmup_iterations": (a.critic_warmup_iterations, 0)}
+    for key, (value, trl) in fixed.items():
+        if value != trl:
+            raise SystemExit(f"error: {key}={value}: TRL's PPOTrainer has only {trl}")
+    if a.kl_estimator not in ("k1", "k3"):
+        raise SystemExit(f"error: algo.kl_estimator={a.kl_estimator}: TRL's PPOTrainer has k1 and k3")
+    if a.value_clip_eps is None:
+        raise SystemExit("error: algo.value_clip_eps=null: TRL's PPOTrainer always clips the value loss")
+
+
+def trl_spec(cfg, policy: Path, reward: Path, prompts_path: Path, threads: int) -> dict:
+    """What bench/trl_ppo.py needs, taken from tuneforge's resolved config."""
+    r, a, o = cfg.rollout, cfg.algo, cfg.actor.optim
+    return {
+        "policy_path": str(policy), "reward_path": str(reward), "prompts_path": str(prompts_path),
+        "seed": cfg.seed, "iterations": cfg.train.iterations, "rollout_batch": cfg.rollout_batch,
+        "mini_batch_size": a.mini_batch_size, "ppo_epochs": a.ppo_epochs, "response_length": r.max_new_tokens,
+        "temperature": r.temperature, "kl_coef": a.kl_coef, "kl_estimator": a.kl_estimator, "gamma": a.gamma,
+        "lam": a.lam, "clip_eps": a.clip_eps, "value_clip_eps": a.value_clip_eps,
+        "lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay, "threads": threads,
+    }
+
+
+def tuneforge_layout(cfg) -> dict:
+    """Where tuneforge's work runs: ranks, micro-batch and ZeRO stage per role (tuneforge-zero0: stage 0 for the
+    actor and critic), and the torch threads of each Ray actor."""
+    from rlhf.config import ROLES
+
+    return {"torch_threads_per_actor": cfg.cluster.torch_threads,
+            **{role: {"ranks": cfg.role(role).world_size, "micro_batch_size": cfg.role(role).micro_batch_size,
+                      "zero_stage": cfg.role(role).deepspeed.stage} for role in ROLES}}
+
+
+def tuneforge_records(run_dir: Path, prompt_tokens: list[int], rollout_batch: int) -> list[dict]:
+    """Per-iteration records of a tuneforge run from its metrics.jsonl; prompt tokens come from replaying its
+    prompt sampler, and every iteration must have trained on `rollout_batch` rollouts."""
+    records = []
+    for r in harness.read_jsonl(run_dir / "metrics.jsonl"):
+        if "time/iteration_s" not in r:
+            continue  # the step-0 record (no evaluation here: empty)
+        rollouts = round(r["throughput/rollouts_per_s"] * r["time/iteration_s"])
+        if rollouts != rollout_batch:
+            raise SystemExit(f"error: {run_dir}: iteration {r['step']} trained on {rollouts} rollouts, "
+                             f"not --rollout-batch {rollout_batch}")
+        records.append({
+            "step": r["step"], "time": r["time"], "rollouts": rollouts,
+            "prompt_tokens": prompt_tokens[r["step"] - 1],
+            "response_tokens": round(r["response/length_mean"] * rollouts),
+            "generate_s": r["time/generate_s"], "score_s": r["time/forward_s"], "train_s": r["time/train_s"],
+            "score": r["reward/score_raw_mean"], "kl": r["kl/seq_mean"], "entropy": r["policy/entropy"],
+        })
+    return records
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = harness.parse_args(PPO, __doc__, argv, add_tuneforge_threads)
+    if not PPO.trl_python.exists() and "trl" in args.systems:
+        raise SystemExit(f"error: no {PPO.trl_python}; run `bash bench/setup_trl_ppo.sh` first (TRL's side runs "
+                         f"in its own environment: PPOTrainer is gone from the TRL tuneforge uses)")
+    with tempfile.TemporaryDirectory(prefix=f"{PPO.name}_") as tmp:
+        work = args.keep_runs or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        from rlhf.ppo import sample_prompts
+        from trainer.data import build_prompts
+        from trainer.model import load_tokenizer
+
+        policy, reward = save_models(work / "models", args.model_size, args.seed)
+        overrides = [
+            *(f"{role}.model.name_or_path={policy}" for role in ("actor", "reference")),
+            *(f"{role}.model.name_or_path={reward}" for role in ("critic", "reward")),
+            f"train.iterations={args.steps}",
+            f"rollout.prompts_per_iteration={args.rollout_batch}",
+            f"rollout.max_new_tokens={args.response_length}",
+            f"algo.mini_batch_size={args.mini_batch_size}",
+            f"algo.ppo_epochs={args.ppo_epochs}",
+            f"seed={args.seed}",
+            *PPO.tuneforge_overrides,
+            *([f"cluster.torch_threads={args.tuneforge_threads}"] if args.tuneforge_threads else []),
+        ]
+        cfg = compose_ppo(overrides)
+        check_matchable(cfg)
+
+        # The prompts exactly as tuneforge's driver builds them, for TRL as token ids, and each iteration's prompt
+        # tokens on tuneforge's side from its own sampler.
+        d = cfg.data
+        prompts = build_prompts(d, load_tokenizer(cfg.actor.model), d.path, d.split, d.format, d.name)
+        prompts_path = work / "prompts.jsonl"
+        with prompts_path.open("w") as f:
+            for p in prompts:
+                f.write(json.dumps({"input_ids": p.prompt_ids}) + "\n")
+        prompt_tokens = [sum(len(p.prompt_ids) for p in sample_prompts(prompts, it, cfg.rollout_batch, cfg.seed))
+                         for it in range(cfg.train.iterations)]
+        spec = trl_spec(cfg, policy, reward, prompts_path, args.threads)
+        setup = harness.Setup(work, prompts_path, len(prompts), overrides, cfg)
+
+        def run_system(system: str, run_dir: Path):
+            if system in PPO.trl_systems:
+                return harness.run_trl("trl_ppo", run_dir, spec, args.threads, False, PPO.trl_python)
+            extra = ZERO0 if system == "tuneforge-zero0" else ()
+            cmd = [sys.executable, "-m", "rlhf.ppo", *overrides, *extra, f"hydra.run.dir={run_dir}"]
+            wall = harness.run_child(cmd, run_dir, args.threads, False)
+            seen = re.search(r"prompts=(\d+)", (run_dir / "output.log").read_text())
+            if seen is None or int(seen.group(1)) != len(prompts):
+                raise SystemExit(f"error: {run_dir}: tuneforge's driver built other prompts than the bench "
+                                 f"({seen.group(0) if seen else 'none found'}, expected prompts={len(prompts)})")
+            return tuneforge_records(run_dir, prompt_tokens, cfg.rollout_batch), wall
+
+        harness.compare(args, PPO, setup, run_system, argv=argv, recorded={
+            "trl_spec": {k: v for k, v in spec.items() if not k.endswith("_path")},
+            "prompts": {"count": len(prompts), "tokens": sum(len(p.prompt_ids) for p in prompts)},
+            "tuneforge_layout": tuneforge_layout(cfg),
+        })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Render and submit a SLURM batch script for one stage.
+
+    python -m launch.slurm sft --nodes 2 --gpus-per-node 8 --partition gpu --time 04:00:00 [overrides]
+    python -m launch.slurm ppo --nodes 2 --gpus-per-node 8 --dry-run actor.devices_per_node=8 ...
+
+Supervised stages (sft, instruct, reward): one task per node runs torchrun, which starts
+the node's ranks; the nodes meet at a c10d rendezvous on the allocation's first node.
+PPO: the job forms a Ray cluster inside the allocation (head on the first node, a worker
+on each other node, token authentication on, dashboard on loopback), waits until every
+node has joined, runs the `rlhf.ppo` driver on the head with `cluster=existing`, and
+stops Ray when the driver ends.
+
+Every run of the job writes to `outputs/<stage>/slurm-<job id>` with `resume=auto`, so
+a requeued job continues where it stopped. Preemption: SLURM signals the batch script
+(`--signal=B:USR1@<grace>` before the time limit, or SIGTERM); the script passes the
+signal on, the ranks finish their step, save a checkpoint and exit, and the script
+requeues the job. W&B continues the same run (its id is stored in the run directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from launch.stages import REPO, SUPERVISED_STAGES, LaunchError, check_overrides, stage_module
+
+# torchrun forwards these to the ranks and waits `--grace` seconds for them to save.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+PORT_BASE, PORT_SPAN = 20000, 20000  # rendezvous / Ray ports derived from the job id
+
+
+@dataclass
+class SlurmJob:
+    stage: str
+    overrides: list[str] = field(default_factory=list)
+    nodes: int = 1
+    gpus_per_node: int = 0
+    procs_per_node: Optional[int] = None  # ranks per node; default: the GPUs, or 1 without GPUs
+    cpus_per_task: Optional[int] = None
+    partition: Optional[str] = None
+    time: Optional[str] = None
+    account: Optional[str] = None
+    job_name: Optional[str] = None
+    grace_s: int = 300  # warning before the time limit, and how long ranks get to save
+    log_dir: str = "outputs/slurm"
+    sbatch_args: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. "--qos=high"
+    ray_head_ip: Optional[str] = None  # PPO: the head's address; default: the first node's IP
+    ray_cpus_per_node: Optional[int] = None  # PPO: CPU slots each Ray node offers (default: its CPUs)
+    # The interpreter on every node; default: the one running this launcher (a shared venv).
+    python: str = field(default_factory=lambda: sys.executable)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.procs_per_node or self.gpus_per_node or 1
+
+
+def validate_job(job: SlurmJob) -> None:
+    stage_module(job.stage)
+    if job.nodes < 1:
+        raise LaunchError(f"--nodes must be at least 1, got {job.nodes}")
+    if job.gpus_per_node < 0 or (job.procs_per_node is not None and job.procs_per_node < 1):
+        raise LaunchError("--gpus-per-node must be >= 0 and --procs-per-node >= 1")
+    if job.gpus_per_node and job.procs_per_node and job.procs_per_node != job.gpus_per_node:
+        raise LaunchError(f"--procs-per-node {job.procs_per_node} differs from --gpus-per-node "
+                          f"{job.gpus_per_node}: with GPUs every rank owns one")
+    if job.grace_s < 10:
+        raise LaunchError(f"--grace must leave the ranks time to save (>= 10 s), got {job.grace_s}")
+    if job.ray_head_ip and job.stage != "ppo":
+        raise LaunchError("--ray-head-ip is for the ppo stage")
+    if job.ray_head_ip in ("127.0.0.1", "localhost") and job.nodes > 1:
+        raise LaunchError("--ray-head-ip 127.0.0.1 only works on one node: other nodes cannot reach it")
+
+
+def _sbatch_header(job: SlurmJob) -> list[str]:
+    lines = [
+        f"--job-name={job.job_name or 'tuneforge-' + job.stage}",
+        f"--nodes={job.nodes}",
+        "--ntasks-per-node=1",
+        f"--output={job.log_dir}/%x-%j.out",
+        "--open-mode=append",  # a requeued run appends to the same log
+        "--requeue",
+        f"--signal=B:USR1@{job.grace_s}",
+    ]
+    if job.gpus_per_node:
+        lines.append(f"--gpus-per-node={job.gpus_per_node}")
+    for flag, value in (("--cpus-per-task", job.cpus_per_task), ("--partition", job.partition),
+                        ("--time", job.time), ("--account", job.account)):
+        if value is not None:
+            lines.append(f"{flag}={value}")
+    lines += job.sbatch_args
+    return [f"#SBATCH {x}" for x in lines]
+
+
+_PREAMBLE = """\
+set -uo pipefail
+cd {repo}
+mkdir -p {log_dir}
+# One run directory per job, kept across requeues: resume=auto finds its checkpoints there.
+export TUNEFORGE_RUN_ID="slurm-${{SLURM_JOB_ID}}"
+NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
+FIRST_NODE="${{NODES[0]}}"
+PORT=$(({port_base} + SLURM_JOB_ID % {port_span}))
+echo "tuneforge: job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, nodes ${{NODES[*]}}"
+
+# Preemption: pass SIGUSR1 (time limit near) or SIGTERM on to the run, wait for it to save
+# and stop, then requeue. `wait` returns early when a trapped signal arrives, so it loops.
+PREEMPTED=0
+forward() {{ PREEMPTED=1; echo "tuneforge: $1 received, asking the run to save and stop"; kill -s "$1" "$RUN_PID" 2>/dev/null; }}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+wait_run() {{
+    local status
+    while true; do
+        wait "$RUN_PID"; status=$?
+        kill -0 "$RUN_PID" 2>/dev/null || return "$status"
+    done
+}}
+"""
+
+_EPILOGUE = """\
+wait_run; STATUS=$?
+if [ "$PREEMPTED" = 1 ] || [ "$STATUS" = {preempted_code} ]; then
+    echo "tuneforge: run saved (exit $STATUS); requeueing job $SLURM_JOB_ID to resume"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$STATUS"
+"""
+
+
+def _supervised_body(job: SlurmJob, command: str) -> str:
+    py = shlex.quote(job.python)
+    return f"""\
+export MASTER_ADDR="$FIRST_NODE" MASTER_PORT="$PORT"
+# One task per node; torchrun starts its {job.ranks_per_node} rank(s) and they meet at the
+# c10d rendezvous on the first node.
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 {py} -m torch.distributed.run \\
+    --nnodes="$SLURM_NNODES" --nproc_per_node={job.ranks_per_node} \\
+    --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$SLURM_JOB_ID" \\
+    --signals_to_handle={TORCHRUN_SIGNALS} --shutdown_timeout={job.grace_s} \\
+    {command} &
+RUN_PID=$!
+"""
+
+
+def _ppo_body(job: SlurmJob, command: str) -> str:
+    py = shlex.quote(job.python)
+    head_ip = (shlex.quote(job.ray_head_ip) if job.ray_head_ip
+               else '"$(getent ahostsv4 "$FIRST_NODE" | awk \'NR == 1 {print $1}\')"')
+    cpus = f"--num-cpus={job.ray_cpus_per_node} " if job.ray_cpus_per_node else ""
+    node_args = f"{cpus}--num-gpus={job.gpus_per_node} --disable-usage-stats"
+    ray = f"{py} -m ray.scripts.scripts"  # the `ray` CLI of the same environment
+    return f"""\
+# A Ray cluster for this job only. Token authentication: the token lives in the job's
+# environment (srun passes it to every node), never in a file or a log.
+export RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN="$({py} -c 'import secrets; print(secrets.token_urlsafe(32))')"
+export RAY_AUTH_TOKEN
+HEAD_IP={head_ip}
+export RAY_ADDRESS="$HEAD_IP:$PORT"
+RAY_PIDS=()
+stop_ray() {{ [ ${{#RAY_PIDS[@]}} -gt 0 ] && kill "${{RAY_PIDS[@]}}" 2>/dev/null; wait "${{RAY_PIDS[@]}}" 2>/dev/null; }}
+trap stop_ray EXIT
+srun --nodes=1 --ntasks=1 -w "$FIRST_NODE" --overlap {ray} start --head --block \\
+    --node-ip-address="$HEAD_IP" --port="$PORT" --dashboard-host=127.0.0.1 {node_args} &
+RAY_PIDS+=($!)
+{py} -m launch.ray_cluster wait --address "$RAY_ADDRESS" --nodes 1 --timeout 180 || exit 1
+if [ "$SLURM_NNODES" -gt 1 ]; then
+    srun --nodes=$((SLURM_NNODES - 1)) --ntasks=$((SLURM_NNODES - 1)) --ntasks-per-node=1 \\
+        --exclude="$FIRST_NODE" --overlap {ray} start --block --address="$RAY_ADDRESS" {node_args} &
+    RAY_PIDS+=($!)
+fi
+{py} -m launch.ray_cluster wait --address "$RAY_ADDRESS" --nodes "$SLURM_NNODES" --timeout 300 || exit 1
+{command} &
+RUN_PID=$!
+"""
+
+
+def render(job: SlurmJob) -> str:
+    """The batch script for `job` (pure: nothing is checked against a cluster)."""
+    validate_job(job)
+    module = stage_module(job.stage)
+    overrides = [*job.overrides, "resume=auto"]
+    if job.stage == "ppo":
+        overrides = ["cluster=existing", 'cluster.address="$RAY_ADDRESS"', *overrides]
+        command = " ".join([shlex.quote(job.python), "-m", module, *_quote_overrides(overrides)])
+        body = _ppo_body(job, command)
+    else:
+        command = " ".join(["-m", module, *_quote_overrides(overrides)])
+        body = _supervised_body(job, command)
+    header = "\n".join(["#!/bin/bash", *_sbatch_header(job)])
+    argv = shlex.join(["python", "-m", "launch.slurm", job.stage, *job.overrides])
+    preamble = _PREAMBLE.format(repo=shlex.quote(str(REPO)), log_dir=shlex.quote(job.log_dir),
+                                port_base=PORT_BASE, port_span=PORT_SPAN)
+    from trainer.loop import PREEMPTED_EXIT_CODE
+
+    epilogue = _EPILOGUE.format(preempted_code=PREEMPTED_EXIT_CODE)
+    return f"{header}\n# Rendered by: {argv}\n{preamble}\n{body}{epilogue}"
+
+
+def _quote_overrides(overrides: list[str]) -> list[str]:
+    # The shell variable in cluster.address must expand; every user override is taken literally.
+    return [o if "$RAY_ADDRESS" in o else shlex.quote(o) for o in overrides]
+
+
+def submit(script: str, path: Path) -> str:
+    """Write `script` to `path` and sbatch it; returns the job id."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    try:
+        out = subprocess.run(["sbatch", "--parsable", str(path)], check=True, capture_output=True, text=True,
+                             cwd=REPO)
+    except FileNotFoundError:
+        raise LaunchError("sbatch not found: run on a SLURM login node, or use --dry-run") from None
+    except subprocess.CalledProcessError as e:
+        raise LaunchError(f"sbatch rejected {path}: {e.stderr.strip()}") from None
+    return out.stdout.strip().split(";")[0]
+
+
+def parse_args(argv: list[str]) -> tuple[SlurmJob, bool, bool]:
+    p = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["sft", "instruct", "reward", "ppo"])
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for the stage")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--procs-per-node", type=int, help="ranks per node (default: the GPUs, or 1 on CPU)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--partition")
+    p.add_argument("--time", help="time limit, e.g. 04:00:00")
+    p.add_argument("--account")
+    p.add_argument("--job-name")
+    p.add_argument("--grace", type=int, default=300, dest="grace_s",
+                   help="seconds before the time limit to save and requeue (default 300)")
+    p.add_argument("--sbatch-arg", action="append", default=[], dest="sbatch_args",
+                   help="another sbatch option, repeatable, e.g. --sbatch-arg=--qos=high")
+    p.add_argument("--ray-head-ip", help="ppo: the Ray head's address (default: the first node's IP)")
+    p.add_argument("--ray-cpus-per-node", type=int, help="ppo: CPU slots per Ray node (default: its CPUs)")
+    p.add_argument("--log-dir", default="outputs/slurm")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    p.add_argument("--no-check", action="store_true", help="skip composing the config before submitting")
+    a = vars(p.parse_intermixed_args(argv))
+    dry_run, no_check = a.pop("dry_run"), a.pop("no_check")
+    return SlurmJob(**a), dry_run, no_check
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    job, dry_run, no_check = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if not no_check:
+            check_overrides(job.stage, job.overrides)
+        script = render(job)
+        if dry_run:
+            print(script, end="")
+            return 0
+        import time
+
+        path = REPO / job.log_dir / f"{job.stage}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+        job_id = submit(script, path)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"submitted job {job_id}: {path}\n  log: {job.log_dir}/{job.job_name or 'tuneforge-' + job.stage}-{job_id}.out"
+          f"\n  run: outputs/{job.stage}/slurm-{job_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""What every launcher needs to know about the stages: their modules, how to check
+overrides before anything is submitted, and which environment crosses to other nodes."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_MODULES = {
+    "sft": "trainer.sft",
+    "instruct": "trainer.instruct",
+    "reward": "trainer.reward",
+    "ppo": "rlhf.ppo",
+}
+SUPERVISED_STAGES = ("sft", "instruct", "reward")
+
+# Variables a run on another node needs from the submitting shell. Launchers that copy the
+# environment to other nodes (srun does; pdsh and `ray job submit` do not) pass these only.
+FORWARDED_PREFIXES = ("WANDB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "NCCL_", "GLOO_", "TORCH_", "CUDA_",
+                      "TUNEFORGE_", "OMP_", "PYTHON")
+# Secrets travel in the job's environment only, never in a file or a job spec that gets logged.
+SECRET_NAME = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+
+
+class LaunchError(ValueError):
+    """A launch request that cannot work; the message names what is wrong."""
+
+
+def stage_module(stage: str) -> str:
+    if stage not in STAGE_MODULES:
+        raise LaunchError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_MODULES)}")
+    return STAGE_MODULES[stage]
+
+
+def check_overrides(stage: str, overrides: list[str]) -> None:
+    """Compose the stage's config with `overrides`, so a typo or a bad value fails here, at
+    submission, not hours later in a queue. Interpolations stay unresolved: the SFT export a
+    PPO job starts from may not exist until an earlier job in the same pipeline has run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainer.config import CONF_DIR, register_configs
+
+    register_configs()
+    if stage == "ppo":
+        from rlhf.config import register_ppo_config
+
+        register_ppo_config()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            compose(config_name=stage, overrides=["output_dir=.", *overrides])
+    except (HydraException, OmegaConfBaseException) as e:
+        raise LaunchError(f"{stage} overrides {overrides}: {e}") from None
+
+
+def forwarded_env(environ: dict[str, str] | None = None, secrets: bool = False) -> dict[str, str]:
+    """The variables of `environ` (default: this process's) that a run on another node needs;
+    secret-looking ones only with `secrets=True`."""
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in sorted(environ.items())
+            if k.startswith(FORWARDED_PREFIXES) and (secrets or not SECRET_NAME.search(k))}

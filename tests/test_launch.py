@@ -1,0 +1,268 @@
+"""launch/: the SLURM scripts render what a cluster needs, bad requests fail at submission, the
+rendered supervised script trains one world across two simulated nodes (fake `srun`/`scontrol`
+that run each node's task as a local process), Ray jobs carry no secret and run on a real head,
+and `.deepspeed_env` holds no secret."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.deepspeed_env import write_deepspeed_env
+from launch.ray_job import RayJob, submission
+from launch.slurm import SlurmJob, main as slurm_main, render
+from launch.stages import LaunchError, check_overrides, forwarded_env
+from runs import REPO, TINY, run_env
+
+
+def bash_syntax_ok(script: str) -> None:
+    proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def sbatch_lines(script: str) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_supervised_script_runs_torchrun_per_node_with_a_rendezvous_on_the_first_node():
+    script = render(SlurmJob("sft", ["optim.lr=1e-5", "data.path=my data.jsonl"], nodes=4, gpus_per_node=8,
+                             cpus_per_task=64, partition="gpu", time="04:00:00", grace_s=240,
+                             sbatch_args=["--qos=high"], python="/opt/venv/bin/python"))
+    bash_syntax_ok(script)
+    assert sbatch_lines(script) == [
+        "--job-name=tuneforge-sft", "--nodes=4", "--ntasks-per-node=1", "--output=outputs/slurm/%x-%j.out",
+        "--open-mode=append", "--requeue", "--signal=B:USR1@240", "--gpus-per-node=8", "--cpus-per-task=64",
+        "--partition=gpu", "--time=04:00:00", "--qos=high"]
+    assert 'export TUNEFORGE_RUN_ID="slurm-${SLURM_JOB_ID}"' in script
+    assert 'export MASTER_ADDR="$FIRST_NODE"' in script
+    launch = script[script.index("srun "):script.index("RUN_PID=$!")]
+    for part in ("--ntasks-per-node=1", "/opt/venv/bin/python -m torch.distributed.run", '--nnodes="$SLURM_NNODES"',
+                 "--nproc_per_node=8", "--rdzv_backend=c10d", '--rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"',
+                 "SIGUSR1", "--shutdown_timeout=240", "-m trainer.sft optim.lr=1e-5 'data.path=my data.jsonl' resume=auto"):
+        assert part in launch, part
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "trap 'forward USR1' USR1" in script
+
+
+def test_ppo_script_forms_an_authenticated_ray_cluster_and_runs_the_driver_on_it():
+    script = render(SlurmJob("ppo", ["actor.devices_per_node=8"], nodes=3, gpus_per_node=8, python="py"))
+    bash_syntax_ok(script)
+    assert "export RAY_AUTH_MODE=token" in script and "secrets.token_urlsafe" in script
+    assert "--dashboard-host=127.0.0.1" in script and "0.0.0.0" not in script
+    head, workers = (line for line in script.splitlines() if "ray.scripts.scripts start" in line)
+    assert "--head" in head and '-w "$FIRST_NODE"' in head
+    assert '--exclude="$FIRST_NODE"' in workers and "--ntasks=$((SLURM_NNODES - 1))" in script
+    assert script.count("--num-gpus=8") == 2
+    # The driver starts only once every node has joined, and joins that cluster.
+    wait_all = script.index('launch.ray_cluster wait --address "$RAY_ADDRESS" --nodes "$SLURM_NNODES"')
+    driver = script.index("py -m rlhf.ppo cluster=existing cluster.address=\"$RAY_ADDRESS\" "
+                          "actor.devices_per_node=8 resume=auto &")
+    assert wait_all < driver
+    assert "trap stop_ray EXIT" in script
+
+
+@pytest.mark.parametrize("job, message", [
+    (SlurmJob("dpo"), "unknown stage 'dpo'"),
+    (SlurmJob("sft", nodes=0), "--nodes must be at least 1"),
+    (SlurmJob("sft", gpus_per_node=8, procs_per_node=4), "every rank owns one"),
+    (SlurmJob("ppo", nodes=2, ray_head_ip="127.0.0.1"), "only works on one node"),
+    (SlurmJob("sft", grace_s=0), "--grace"),
+])
+def test_impossible_requests_name_what_is_wrong(job, message):
+    with pytest.raises(LaunchError, match=message):
+        render(job)
+
+
+def test_bad_overrides_fail_at_submission_with_one_message(capsys):
+    assert slurm_main(["sft", "--dry-run", "train.max_stepz=10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sft overrides") and "train.max_stepz" in err
+    check_overrides("ppo", ["actor.devices_per_node=8", "cluster.colocate=both"])  # composes, nothing resolved
+    with pytest.raises(LaunchError, match="rollout.temperatur"):
+        check_overrides("ppo", ["rollout.temperatur=0.7"])
+
+
+def test_only_non_secret_run_variables_are_forwarded():
+    env = {"WANDB_PROJECT": "p", "WANDB_API_KEY": "k", "HF_TOKEN": "t", "NCCL_SOCKET_IFNAME": "ib0",
+           "HF_HOME": "/h", "AWS_SECRET_ACCESS_KEY": "s", "PATH": "/bin"}
+    assert forwarded_env(env) == {"HF_HOME": "/h", "NCCL_SOCKET_IFNAME": "ib0", "WANDB_PROJECT": "p"}
+    assert set(forwarded_env(env, secrets=True)) == {"HF_HOME", "HF_TOKEN", "NCCL_SOCKET_IFNAME", "WANDB_API_KEY",
+                                                     "WANDB_PROJECT"}
+
+
+# ---------------------------------------------------------------- two simulated nodes
+
+FAKE_SRUN = r"""#!/bin/bash
+# srun on simulated nodes: the task once per node (SLURM_NNODES, or --nodes=K), as local processes.
+n="$SLURM_NNODES"
+while [[ $# -gt 0 && "$1" == -* ]]; do
+    case "$1" in --nodes=*) n="${1#--nodes=}";; -w|--nodelist|--exclude) shift;; esac
+    shift
+done
+pids=()
+for ((i = 0; i < n; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+trap 'kill -s USR1 "${pids[@]}"' USR1
+trap 'kill -s TERM "${pids[@]}"' TERM
+status=0
+for p in "${pids[@]}"; do
+    while true; do wait "$p"; s=$?; kill -0 "$p" 2>/dev/null || break; done
+    [ "$s" -ne 0 ] && status=$s
+done
+exit "$status"
+"""
+
+FAKE_SCONTROL = r"""#!/bin/bash
+# scontrol for simulated nodes: every node is this machine; requeues are recorded.
+case "$1 $2" in
+    "show hostnames") for ((i = 0; i < SLURM_NNODES; i++)); do echo localhost; done;;
+    requeue*) echo "requeue $2" >> "$FAKE_SLURM_LOG";;
+    *) echo "fake scontrol: $*" >&2; exit 1;;
+esac
+"""
+
+
+def _free_job_id() -> int:
+    """A job id whose derived rendezvous port (20000 + id % 20000) is free on loopback."""
+    for job_id in range(31000 + os.getpid() % 1000, 40000, 7):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 20000 + job_id % 20000))
+                return job_id
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+@pytest.fixture()
+def fake_nodes(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "slurm.log"
+    env = run_env()
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID=str(_free_job_id()), SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="node[1-2]", FAKE_SLURM_LOG=str(log))
+    return env, log
+
+
+def _data(tmp_path: Path) -> Path:
+    from trainer.synthetic import make_rows
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
+                            for r in make_rows("sft", "train", seed=0)[:400]))
+    return path
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line]
+
+
+@pytest.mark.distributed
+def test_rendered_script_trains_one_world_across_two_nodes(tmp_path, fake_nodes):
+    """Two torchrun agents, one per simulated node, meet at the first node's c10d rendezvous and
+    train as one world of 2 (the real one-node SLURM test covers preemption and requeue)."""
+    env, log = fake_nodes
+    run_dir = tmp_path / "run"
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(SlurmJob("sft", [*TINY, f"data.path={_data(tmp_path)}", "data.eval_path=null",
+                                              "train.micro_batch_size=2", "train.max_steps=3", "train.save_every=3",
+                                              f"hydra.run.dir={run_dir}"],
+                                      nodes=2, procs_per_node=1, log_dir=str(tmp_path / "logs"))))
+    done = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "world_size=2" in out and "nodes localhost localhost" in out
+    assert _steps(run_dir) == [1, 2, 3] and (run_dir / "checkpoints" / "step_00000003" / "COMPLETE").exists()
+    assert not log.exists(), "a finished run is not requeued"
+
+
+def test_cli_dry_run_prints_the_script(capsys):
+    assert slurm_main(["reward", "--nodes", "2", "--gpus-per-node", "4", "--dry-run", "optim.lr=1e-5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("#!/bin/bash\n") and "--nproc_per_node=4" in out and "-m trainer.reward optim.lr=1e-5" in out
+    assert sys.executable in out
+
+
+# ---------------------------------------------------------------- Ray jobs
+
+def test_ray_job_spec_carries_the_code_and_run_variables_but_no_secret():
+    env = {"WANDB_PROJECT": "p", "WANDB_API_KEY": "sk-123", "HF_TOKEN": "hf_x", "HF_HOME": "/h"}
+    spec = submission(RayJob("sft", ["optim.lr=1e-5"], gpus=8), environ=env)
+    assert spec["entrypoint"] == ("python -m torch.distributed.run --standalone --nproc_per_node=8 "
+                                  "-m trainer.sft optim.lr=1e-5")
+    assert spec["entrypoint_num_gpus"] == 8
+    assert spec["runtime_env"]["env_vars"] == {"HF_HOME": "/h", "WANDB_PROJECT": "p"}
+    assert "sk-123" not in json.dumps(spec) and "hf_x" not in json.dumps(spec)
+    assert spec["runtime_env"]["working_dir"] == str(REPO) and "outputs" in spec["runtime_env"]["excludes"]
+    ppo = submission(RayJob("ppo", ["actor.devices_per_node=8"]), environ=env)
+    assert ppo["entrypoint"] == "python -m rlhf.ppo cluster=existing actor.devices_per_node=8"
+    with pytest.raises(LaunchError, match="PPO places its roles"):
+        submission(RayJob("ppo", gpus=8))
+
+
+@pytest.mark.distributed
+def test_ray_job_runs_a_stage_on_a_running_cluster(tmp_path):
+    """A real head (dashboard and job API on loopback), a tiny SFT job through the job API."""
+    from ray.job_submission import JobSubmissionClient
+
+    gcs_port, dash_port = _free_port(), _free_port()
+    env = run_env()
+    # Token authentication on, as on the clusters launch/ forms: the job API refuses a client without it.
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_urlsafe(16), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash_port}", "--num-cpus=2", "--disable-usage-stats"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{dash_port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                JobSubmissionClient(address, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}).list_jobs()
+                break
+            except Exception:
+                assert time.time() < deadline and head.poll() is None, "Ray head did not come up"
+                time.sleep(1)
+        run_dir = tmp_path / "run"
+        env["WANDB_API_KEY"] = "sk-never-in-the-job-spec"
+        proc = subprocess.run([sys.executable, "-m", "launch.ray_job", "sft", "--address", address,
+                               *TINY, f"data.path={_data(tmp_path)}", "data.eval_path=null", "train.max_steps=3",
+                               "train.micro_batch_size=2", f"hydra.run.dir={run_dir}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        assert "SUCCEEDED" in proc.stdout and _steps(run_dir) == [1, 2, 3]
+        (job,) = JobSubmissionClient(address, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}).list_jobs()
+        spec = json.dumps([job.runtime_env, job.metadata, job.entrypoint])
+        assert "sk-never" not in spec and env["RAY_AUTH_TOKEN"] not in spec
+        assert job.entrypoint.startswith("python -m torch.distributed.run")
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deepspeed_env_file_holds_run_variables_and_no_secret(tmp_path):
+    env = {"WANDB_PROJECT": "p", "WANDB_API_KEY": "sk-1", "HF_HOME": "/h", "NCCL_IB_DISABLE": "1", "HOME": "/root"}
+    path = tmp_path / ".deepspeed_env"
+    write_deepspeed_env(path, env)
+    assert path.read_text().splitlines() == ["HF_HOME=/h", "NCCL_IB_DISABLE=1", "WANDB_PROJECT=p"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match="newline"):
+        write_deepspeed_env(path, {"WANDB_NOTES": "two\nlines"})

@@ -1,0 +1,95 @@
+"""launch.slurm against the real one-node SLURM cluster (scripts/slurm_local.sh): a 2-rank ZeRO-3
+SFT job, and a PPO job on a Ray cluster formed inside the allocation, each preempted (SIGUSR1, as
+before a time limit), requeued by its own script and resumed. Several nodes cannot be had here; tests/test_launch.py runs the same script on
+two simulated nodes."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runs import PPO_SMALL, REPO, TINY, run_env, tiny_ppo_model
+from slurm import job_info, send_signal, slurm_cluster, wait_for  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slurm
+
+
+def launch(stage: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "launch.slurm", stage, *args], cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
+
+
+def wait_until(cond, timeout: float, what: str, job: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        state = job_info(job)["JobState"]
+        assert time.monotonic() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING"), \
+            f"{what}: job {job} is {state}"
+        time.sleep(0.5)
+
+
+def test_sft_job_trains_on_two_ranks_is_preempted_requeues_itself_and_resumes(slurm_cluster, tmp_path):
+    from trainer.synthetic import make_rows
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
+                            for r in make_rows("sft", "train", seed=0)[:400]))
+    run_dir, final = tmp_path / "run", 120
+    job = launch("sft", "--procs-per-node", "2", "--cpus-per-task", "2", "--grace", "60",
+                 "--log-dir", str(tmp_path / "logs"), *TINY, f"data.path={data}", "data.eval_path=null",
+                 "train.micro_batch_size=2", f"train.max_steps={final}", f"hydra.run.dir={run_dir}")
+    wait_until(lambda: len(train_steps(run_dir)) >= 3, 300, "3 steps", job)
+    send_signal(job, "USR1", batch=True)  # what --signal=B:USR1@grace does before the time limit
+    wait_for(job, "PENDING", timeout=120)  # the script saw the run save, and requeued the job
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    stopped_at = int(tag.split("_")[1])
+    assert (run_dir / "checkpoints" / tag / "COMPLETE").exists() and 3 <= stopped_at < final
+    # It starts again by itself once its credential expires (AuthInfo=cred_expire, 10 s on the local cluster).
+    wait_for(job, "COMPLETED", timeout=300)
+    log = Path(job_info(job)["StdOut"]).read_text()
+    assert "USR1 received" in log and "requeueing job" in log and "restart 1" in log
+    assert "world_size=2" in log and "zero_stage=3" in log
+    steps = train_steps(run_dir)
+    assert max(steps) == final and steps.count(stopped_at + 1) == 1, "resumed after the checkpoint"
+
+
+def test_ppo_job_forms_a_ray_cluster_is_preempted_resumes_and_stops_ray(slurm_cluster, tmp_path):
+    model = tiny_ppo_model(tmp_path / "model")
+    run_dir, final = tmp_path / "ppo", 5
+    # One node here, so the head may stay on loopback; 5 CPU slots for the 5 role actors.
+    job = launch("ppo", "--cpus-per-task", "2", "--ray-head-ip", "127.0.0.1", "--ray-cpus-per-node", "6",
+                 "--grace", "60", "--log-dir", str(tmp_path / "logs"), *model, *PPO_SMALL,
+                 f"train.iterations={final}", "train.save_every=100", f"hydra.run.dir={run_dir}")
+    iterations = lambda: [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+                          if "time/iteration_s" in x] if (run_dir / "metrics.jsonl").exists() else []
+    wait_until(lambda: len(iterations()) >= 2, 300, "2 PPO iterations", job)
+    send_signal(job, "USR1", batch=True)
+    wait_for(job, "PENDING", timeout=120)
+    stopped_at = int((run_dir / "checkpoints" / "driver" / "latest").read_text().split("_")[1])
+    assert 2 <= stopped_at < final, "saved at the end of the interrupted iteration, not at save_every"
+    wait_for(job, "COMPLETED", timeout=400)
+    log = Path(job_info(job)["StdOut"]).read_text()
+    port = re.search(r"ray cluster at 127\.0\.0\.1:(\d+): 1 node\(s\) alive", log).group(1)
+    assert "USR1 received" in log and "resumed from" in log and "restart 1" in log
+    assert iterations().count(stopped_at + 1) == 1 and max(iterations()) == final
+    assert (run_dir / "before_after.json").exists() and (run_dir / "placement.txt").exists()
+    # The job's Ray cluster is gone with it: no GCS server on its port survives.
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-f", f"gcs_server.*{port}"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the job's Ray cluster outlived it"
+        time.sleep(1)
