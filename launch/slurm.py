@@ -113,6 +113,7 @@ PREEMPTED=0
 forward() {{ PREEMPTED=1; echo "tuneforge: $1 received, asking the run to save and stop"; kill -s "$1" "$RUN_PID" 2>/dev/null; }}
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
+stop_ray() {{ :; }}  # the ppo script replaces it
 wait_run() {{
     local status
     while true; do
@@ -126,6 +127,7 @@ _EPILOGUE = """\
 wait_run; STATUS=$?
 if [ "$PREEMPTED" = 1 ] || [ "$STATUS" = {preempted_code} ]; then
     echo "tuneforge: run saved (exit $STATUS); requeueing job $SLURM_JOB_ID to resume"
+    stop_ray  # first: a requeue would otherwise wait for the Ray steps to be killed
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
@@ -159,6 +161,8 @@ def _ppo_body(job: SlurmJob, command: str) -> str:
 # A Ray cluster for this job only. Token authentication: the token lives in the job's
 # environment (srun passes it to every node), never in a file or a log.
 export RAY_AUTH_MODE=token
+# The cluster dies with its driver: no 30 s drain per node when it is stopped.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 RAY_AUTH_TOKEN="$({py} -c 'import secrets; print(secrets.token_urlsafe(32))')"
 export RAY_AUTH_TOKEN
 HEAD_IP={head_ip}

@@ -90,6 +90,8 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Start a requeued or newly eligible job within seconds rather than at the next 30 s pass.
+SchedulerParameters=bf_interval=2
 # Without accounting, finished jobs are only visible to squeue/scontrol for MinJobAge seconds.
 MinJobAge=600
 # Between the SIGTERM of scancel/time limit and the SIGKILL: time for a checkpoint.
