@@ -119,6 +119,6 @@ def requeue(job_id: str, timeout: float = 30) -> None:
 def _describe(job_id: str) -> str:
     info = job_info(job_id)
     out = Path(info.get("StdOut", ""))
-    tail = out.read_text()[-3000:] if out.is_file() else "(no output file)"
+    tail = out.read_text(errors="replace")[-3000:] if out.is_file() else "(no output file)"
     fields = " ".join(f"{k}={info.get(k)}" for k in ("JobState", "Reason", "ExitCode", "Restarts", "NodeList"))
     return f"{fields}\nStdOut {out}:\n{tail}"
