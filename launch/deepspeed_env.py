@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launch.stages import SECRET_NAME, forwarded_env
+from launch.stages import forwarded_env
+from trainer.metrics import SECRET_KEY
 
 
 def write_deepspeed_env(path: Path, environ: Optional[dict] = None) -> dict[str, str]:
@@ -29,7 +30,7 @@ def write_deepspeed_env(path: Path, environ: Optional[dict] = None) -> dict[str,
     bad = [k for k, v in env.items() if "\n" in v]
     if bad:
         raise ValueError(f"cannot write {', '.join(bad)} to {path}: values hold a newline")
-    skipped = sorted(k for k in (os.environ if environ is None else environ) if SECRET_NAME.search(k))
+    skipped = sorted(k for k in (os.environ if environ is None else environ) if SECRET_KEY.search(k))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.writelines(f"{k}={v}\n" for k, v in env.items())

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launch.stages import REPO, SUPERVISED_STAGES, LaunchError, check_overrides, stage_module
+from launch.stages import REPO, LaunchError, check_overrides, stage_module
 
 # torchrun forwards these to the ranks and waits `--grace` seconds for them to save.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"

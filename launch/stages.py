@@ -4,8 +4,9 @@ overrides before anything is submitted, and which environment crosses to other n
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
+
+from trainer.metrics import SECRET_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_MODULES = {
@@ -14,14 +15,11 @@ STAGE_MODULES = {
     "reward": "trainer.reward",
     "ppo": "rlhf.ppo",
 }
-SUPERVISED_STAGES = ("sft", "instruct", "reward")
 
 # Variables a run on another node needs from the submitting shell. Launchers that copy the
 # environment to other nodes (srun does; pdsh and `ray job submit` do not) pass these only.
 FORWARDED_PREFIXES = ("WANDB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "NCCL_", "GLOO_", "TORCH_", "CUDA_",
                       "TUNEFORGE_", "OMP_", "PYTHON")
-# Secrets travel in the job's environment only, never in a file or a job spec that gets logged.
-SECRET_NAME = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
 
 
 class LaunchError(ValueError):
@@ -58,7 +56,8 @@ def check_overrides(stage: str, overrides: list[str]) -> None:
 
 def forwarded_env(environ: dict[str, str] | None = None, secrets: bool = False) -> dict[str, str]:
     """The variables of `environ` (default: this process's) that a run on another node needs;
-    secret-looking ones only with `secrets=True`."""
+    secret-looking ones (the names the W&B config scrubber redacts) only with `secrets=True`.
+    Secrets travel in a job's environment only, never in a file or a job spec that gets logged."""
     environ = dict(os.environ if environ is None else environ)
     return {k: v for k, v in sorted(environ.items())
-            if k.startswith(FORWARDED_PREFIXES) and (secrets or not SECRET_NAME.search(k))}
+            if k.startswith(FORWARDED_PREFIXES) and (secrets or not SECRET_KEY.search(k))}

@@ -60,6 +60,15 @@ def tiny_ppo_model(out: Path) -> list[str]:
     return [f"{role}.model.name_or_path={out}" for role in PPO_ROLES]
 
 
+def write_sft_jsonl(path: Path, rows: int) -> Path:
+    """The first `rows` train rows of the synthetic suite as prompt/completion JSONL."""
+    from trainer.synthetic import make_rows
+
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
+                            for r in make_rows("sft", "train", seed=0)[:rows]))
+    return path
+
+
 def run_env() -> dict:
     env = dict(os.environ)
     env.pop("TUNEFORGE_RUN_ID", None)

@@ -20,7 +20,8 @@ from launch.deepspeed_env import write_deepspeed_env
 from launch.ray_job import RayJob, submission
 from launch.slurm import SlurmJob, main as slurm_main, render
 from launch.stages import LaunchError, check_overrides, forwarded_env
-from runs import REPO, TINY, run_env
+from runs import REPO, TINY, run_env, write_sft_jsonl
+from trainer.engine import free_port
 
 
 def bash_syntax_ok(script: str) -> None:
@@ -155,12 +156,7 @@ def fake_nodes(tmp_path):
 
 
 def _data(tmp_path: Path) -> Path:
-    from trainer.synthetic import make_rows
-
-    path = tmp_path / "sft.jsonl"
-    path.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
-                            for r in make_rows("sft", "train", seed=0)[:400]))
-    return path
+    return write_sft_jsonl(tmp_path / "sft.jsonl", 400)
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -216,7 +212,7 @@ def test_ray_job_runs_a_stage_on_a_running_cluster(tmp_path):
     """A real head (dashboard and job API on loopback), a tiny SFT job through the job API."""
     from ray.job_submission import JobSubmissionClient
 
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_port(), free_port()
     env = run_env()
     # Token authentication on, as on the clusters launch/ forms: the job API refuses a client without it.
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
@@ -250,12 +246,6 @@ def test_ray_job_runs_a_stage_on_a_running_cluster(tmp_path):
     finally:
         head.terminate()
         head.wait(timeout=60)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_deepspeed_env_file_holds_run_variables_and_no_secret(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import PPO_SMALL, REPO, TINY, run_env, tiny_ppo_model
+from runs import PPO_SMALL, REPO, TINY, run_env, tiny_ppo_model, write_sft_jsonl
 from slurm import job_info, send_signal, slurm_cluster, wait_for  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slurm
@@ -44,11 +44,7 @@ def wait_until(cond, timeout: float, what: str, job: str) -> None:
 
 
 def test_sft_job_trains_on_two_ranks_is_preempted_requeues_itself_and_resumes(slurm_cluster, tmp_path):
-    from trainer.synthetic import make_rows
-
-    data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
-                            for r in make_rows("sft", "train", seed=0)[:400]))
+    data = write_sft_jsonl(tmp_path / "sft.jsonl", 400)
     run_dir, final = tmp_path / "run", 120
     job = launch("sft", "--procs-per-node", "2", "--cpus-per-task", "2", "--grace", "60",
                  "--log-dir", str(tmp_path / "logs"), *TINY, f"data.path={data}", "data.eval_path=null",

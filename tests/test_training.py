@@ -13,18 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import REPO, TINY, losses, run_env, run_stage
+from runs import REPO, TINY, losses, run_env, run_stage, write_sft_jsonl
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
-    from trainer.synthetic import make_rows
-
-    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
-    with open(path, "w") as f:
-        for row in make_rows("sft", "train", seed=0)[:600]:
-            f.write(json.dumps({"prompt": row["prompt"], "completion": row["completion"]}) + "\n")
-    return path
+    return write_sft_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", 600)
 
 
 @pytest.mark.distributed

@@ -17,13 +17,13 @@ from typing import Any
 
 from trainer.config import LoggerConfig
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
 
 
 def scrub_secrets(obj: Any) -> Any:
     """Replace values of secret-looking keys, recursively, before anything is logged."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else scrub_secrets(v)) for k, v in obj.items()}
+        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else scrub_secrets(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub_secrets(v) for v in obj]
     return obj
