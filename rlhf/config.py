@@ -129,6 +129,8 @@ class PPOConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: PPOTrainConfig = field(default_factory=PPOTrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # The final metric the entry function returns: what a sweeper (hydra/sweeper=optuna) optimises.
+    objective: str = "eval/reward_score"
 
     def role(self, name: str) -> RoleConfig:
         return getattr(self, name)

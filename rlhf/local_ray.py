@@ -1,10 +1,12 @@
-"""Keep the Ray instance `python -m rlhf.ppo` starts for itself on loopback.
+"""Keep the Ray instance a command starts for itself on loopback: the PPO driver's
+(`python -m rlhf.ppo`) and the one Hydra's Ray launcher starts for a sweep (`-m hydra/launcher=ray_cluster`).
 
 Ray decides when it is first imported whether a node takes the machine's address (its
 servers then listen on every interface) or 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0).
 The driver imports Ray long before its config is composed, so whether the run starts its
 own instance is read from the command line: no `cluster=<not local>`, no
-`cluster.address=<not null>` and no RAY_ADDRESS. Nothing here imports Ray.
+`cluster.address=<not null>` (no `hydra.launcher.ray.init.address=<not local>`) and no
+RAY_ADDRESS. Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from typing import Mapping, MutableMapping, Sequence
 
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LAUNCHER_ADDRESS = "hydra.launcher.ray.init.address"  # conf/hydra/launcher/ray_cluster.yaml
 _switched_here = False
 
 
@@ -23,7 +26,7 @@ def joins_a_cluster(overrides: Sequence[str], environ: Mapping[str, str]) -> boo
         key, _, value = override.lstrip("+~").partition("=")
         value = value.strip().strip("'\"").lower()
         if (key == "cluster" and value not in ("", "local")) or \
-                (key == "cluster.address" and value not in ("", "null", "none")):
+                (key in ("cluster.address", LAUNCHER_ADDRESS) and value not in ("", "null", "none", "local")):
             return True
     return False
 

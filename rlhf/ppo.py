@@ -48,8 +48,10 @@ from rlhf.placement import (
     placement_table,
     remove_placements,
 )
+from trainer.cli import register_resolvers
 from trainer.config import CONF_DIR, ConfigError
 from trainer.loop import PREEMPTED_EXIT_CODE, PreemptionFlag
+from trainer.sweep import current_member, objective, tag_logger
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = "driver"
@@ -170,7 +172,8 @@ class Driver:
                         "reward": RewardWorker}
         self.groups: dict = {}
         self.placements: dict = {}
-        self.logger = MetricsLogger(run_dir, cfg.logger, resolved, job_type="ppo", enabled=True)
+        logger_cfg, logged_config = tag_logger(cfg.logger, resolved, current_member())
+        self.logger = MetricsLogger(run_dir, logger_cfg, logged_config, job_type="ppo", enabled=True)
         a = cfg.algo
         self.kl = build_kl_controller(a.kl_controller, a.kl_coef, a.kl_target, a.kl_horizon)
 
@@ -393,7 +396,8 @@ def _start_ray(cfg: PPOConfig) -> tuple[bool, bool]:
     return started, use_gpu
 
 
-def run_ppo(dcfg: DictConfig) -> int:
+def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
+    """(exit code, final evaluation)."""
     import ray
     from tqdm import tqdm
 
@@ -440,7 +444,7 @@ def run_ppo(dcfg: DictConfig) -> int:
             if preemption.requested and step < t.iterations:
                 print(f"preempted: saved iteration {step} in {run_dir / 'checkpoints'}; "
                       f"rerun with resume=auto to continue", flush=True)
-                return PREEMPTED_EXIT_CODE
+                return PREEMPTED_EXIT_CODE, {}
         after = driver.evaluate(t.iterations)
         driver.logger.log(t.iterations, after)
         driver.logger.summary(after)
@@ -455,20 +459,19 @@ def run_ppo(dcfg: DictConfig) -> int:
             driver.stop()
         if started:
             ray.shutdown()
-    return 0
+    return 0, after
 
 
 def main() -> None:
     import hydra
 
-    from trainer.cli import exit_with_user_error, launch, user_errors
-
-    register_ppo_config()
+    from trainer.cli import exit_with_user_error, launch, prepare_process, user_errors
 
     @hydra.main(config_path=str(CONF_DIR), config_name="ppo", version_base="1.3")
-    def entry(dcfg: DictConfig) -> None:
+    def entry(dcfg: DictConfig) -> Optional[float]:
+        prepare_process()  # a launcher plugin's sweep member starts here
         try:
-            code = run_ppo(dcfg)
+            code, final = run_ppo(dcfg)
         except user_errors() + (PlacementError,) as err:
             exit_with_user_error(err)
         except RoleFailure as err:
@@ -476,9 +479,19 @@ def main() -> None:
             raise SystemExit(1)
         if code:
             raise SystemExit(code)
+        return objective(final, dcfg.objective)
 
     launch(entry)
 
 
+# Sweep members that a launcher plugin runs in another process import this module to unpickle
+# `entry`; the config they resolve needs the schema and resolvers.
+register_resolvers()
+register_ppo_config()
+
 if __name__ == "__main__":
-    main()
+    # Run the importable `rlhf.ppo`, not this `__main__` copy: a launcher plugin (submitit) pickles
+    # the task function, and a function of `__main__` cannot be found again in another process.
+    import rlhf.ppo
+
+    rlhf.ppo.main()

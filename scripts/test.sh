@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set everything up and run the whole test suite (CPU, 7-11 minutes of tests on 2 cores).
+# Set everything up and run the whole test suite (CPU, 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,4 +9,7 @@ bash scripts/setup.sh
 bash scripts/slurm_local.sh || echo "scripts/slurm_local.sh failed; the slurm tests will fail" >&2
 . .venv/bin/activate
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
-exec python -m pytest -q "$@"
+# Two workers (pytest-xdist) keep both cores busy: most tests are one-process runs. Each file stays
+# on one worker (its module fixtures, a PPO run or a tiny model, are built once), and the `slurm`
+# tests take turns on the cluster (tests/slurm.py). TEST_WORKERS=0 runs them in this process.
+exec python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=15 "$@"

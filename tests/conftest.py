@@ -18,3 +18,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+
+# The files whose runs take longest, started first: scripts/test.sh hands whole files to two
+# pytest-xdist workers in this order (`--no-loadscope-reorder`), so no long file is left to run
+# alone at the end. The `slurm` tests of several files take turns on the cluster (tests/slurm.py).
+LONGEST_FIRST = ("test_ppo.py", "test_slurm_launch.py", "test_sweeps.py", "test_training.py", "test_reward.py",
+                 "test_launch.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise

@@ -1,14 +1,16 @@
 """The one-node SLURM cluster of scripts/slurm_local.sh, shared by the SLURM tests.
 
-Test modules import what they use: `from slurm import slurm_cluster, submit, wait_for`.
+Test modules import what they use: `from slurm import slurm_cluster, slurm_node, submit, wait_for`.
 The cluster keeps no accounting, so `sacct` fails; a job's state comes from `scontrol`,
 which remembers finished jobs for MinJobAge (600 s). docs/slurm_local.md has the details.
 """
 
 from __future__ import annotations
 
+import fcntl
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +26,17 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 _submitted: list[str] = []
 
 
+@pytest.fixture
+def slurm_cluster(slurm_node: str) -> Iterator[str]:
+    """The node, held for this test alone: scripts/test.sh runs two pytest workers, and two SLURM
+    tests at once would share the node's two CPUs, each job queueing behind the other's."""
+    with open(Path(tempfile.gettempdir()) / "tuneforge-slurm-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the worker dies
+        yield slurm_node
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[str]:
+def slurm_node() -> Iterator[str]:
     """Start the local cluster unless one is up; the node's name. Never skips: a machine that
     cannot run it fails here with the script's output (deselect with `-m "not slurm"`)."""
     proc = subprocess.run(
@@ -101,6 +112,26 @@ def wait_for(job_id: str, states: str | set[str], timeout: float = 30) -> str:
         time.sleep(0.2)
 
 
+def wait_until_gone(job_ids: list[str], timeout: float = 60) -> None:
+    """Poll until none of the jobs (or array jobs) is queued, running or completing: only then
+    are the node's CPUs free for the next test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)],
+                              capture_output=True, text=True).stdout.strip()
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"still in the queue after {timeout} s:\n{left}"
+        time.sleep(0.5)
+
+
+def kill_jobs(job_ids: list[str]) -> None:
+    """SIGKILL now, not scancel's SIGTERM: a process that ignores SIGTERM (submitit's does, to
+    wait for its own checkpoint signal) would hold the node's CPUs for KillWait (30 s)."""
+    subprocess.run(["scancel", "--full", "--signal=KILL", *job_ids], capture_output=True)
+    subprocess.run(["scancel", *job_ids], capture_output=True)  # and any that are still pending
+
+
 def send_signal(job_id: str, name: str, *, batch: bool = False) -> None:
     """`scancel --signal`: by default Slurm signals only the job's srun steps; `batch=True`
     signals only the batch script's shell (where a `trap` runs), not its children."""
@@ -109,11 +140,11 @@ def send_signal(job_id: str, name: str, *, batch: bool = False) -> None:
 
 
 def requeue(job_id: str, timeout: float = 30) -> None:
-    """`scontrol requeue`, then start the job again right away: Slurm otherwise holds a
-    requeued job for 121 s (the job credential's lifetime, AuthInfo's cred_expire)."""
+    """`scontrol requeue`; the job starts again by itself once its credential expires
+    (AuthInfo=cred_expire, 10 s on the local cluster). Forcing the start with
+    `scontrol update StartTime=now` sometimes failed the job ("Job credential revoked")."""
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)
     wait_for(job_id, "PENDING", timeout)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True, text=True)
 
 
 def _describe(job_id: str) -> str:

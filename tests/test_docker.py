@@ -299,7 +299,8 @@ def test_hadolint_fails_a_bad_dockerfile_even_with_an_inline_ignore(tmp_path):
 
 def test_every_pyproject_dependency_is_pinned_inside_its_range(dockerfile):
     requirements = config_lines((DOCKER / "requirements.txt").read_text())
-    assert pin_problems(PYPROJECT["dependencies"], requirements, base_image(dockerfile)) == []
+    dependencies = PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["sweeps"]
+    assert pin_problems(dependencies, requirements, base_image(dockerfile)) == []
     # The image installs exactly this file.
     assert ("COPY", "docker/requirements.txt /tmp/requirements.txt") in dockerfile
     assert any(i == "RUN" and "-r /tmp/requirements.txt" in rest for i, rest in dockerfile)

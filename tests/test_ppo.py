@@ -183,27 +183,27 @@ def test_resume_reproduces_the_straight_run(straight_run, tiny_model, tmp_path):
 
 
 @pytest.mark.distributed
-def test_reward_function_kl_in_loss_zero3_generation_on_colocated_devices(tiny_model, tmp_path):
-    run = tmp_path / "fn"
-    run_ppo(run, tiny_model, "train.iterations=1", "reward=exact_match", "algo=ppo_kl_loss", "cluster.colocate=both",
-            "reference.devices_per_node=2", "rollout.generation=zero3")
+def test_reward_function_kl_in_loss_zero3_generation_colocated_then_a_dying_actor_ends_the_run(tiny_model, tmp_path):
+    """One run for two things (each PPO start costs ~20 s): a rule-based reward, the KL in the loss, ZeRO-3
+    generation and colocated devices work for an iteration; then the reward actor dies mid-run, the error
+    names it and iteration 1's checkpoint stays the good one."""
+    run = tmp_path / "dies"
+    proc = run_ppo(run, tiny_model, "train.iterations=4", "train.save_every=1", "reward=exact_match",
+                   "algo=ppo_kl_loss", "cluster.colocate=both", "reference.devices_per_node=2",
+                   "rollout.generation=zero3",
+                   "+reward.function.call=4", "reward.function._target_=ppo_faults.die_on_call",
+                   check=False, pythonpath=str(REPO / "tests"))
     placement = (run / "placement.txt").read_text().splitlines()
     assert sum(line.startswith("reference") for line in placement) == 2
     recs = records(run)
     assert recs[1]["reward/score_raw_mean"] in (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
     assert "policy/kl_loss" in recs[1]
 
-
-@pytest.mark.distributed
-def test_a_dying_actor_ends_the_run_naming_it_and_keeps_the_checkpoint(tiny_model, tmp_path):
-    run = tmp_path / "dies"
-    proc = run_ppo(run, tiny_model, "train.iterations=4", "train.save_every=1", "reward=exact_match",
-                   "+reward.function.call=4", "reward.function._target_=ppo_faults.die_on_call",
-                   check=False, pythonpath=str(REPO / "tests"))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "reward rank 0 on node" in proc.stderr
     # the start eval scores greedy then sampled answers (calls 1, 2), iteration 1 is call 3, iteration 2
     # dies: iteration 1's checkpoint stays the good one.
+    assert 2 not in recs
     assert (run / "checkpoints" / "driver" / "latest").read_text().strip() == "step_00000001"
     assert (run / "checkpoints" / "actor" / "step_00000001" / "COMPLETE").exists()
 
@@ -286,6 +286,9 @@ def test_a_policy_rank_killed_mid_run_ends_it_naming_the_rank(tiny_model, tmp_pa
     (["cluster.address=10.0.0.1:6379"], {}, True),
     (["+cluster.address='auto'"], {}, True),
     ([], {"RAY_ADDRESS": "10.0.0.1:6379"}, True),
+    (["hydra/launcher=ray_cluster"], {}, False),  # a sweep's own Ray instance
+    (["hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=local"], {}, False),
+    (["hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=auto"], {}, True),
 ])
 def test_the_command_line_decides_whether_ray_stays_on_loopback(overrides, environ, joins, monkeypatch):
     from rlhf import local_ray

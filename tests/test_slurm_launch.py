@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from runs import PPO_SMALL, REPO, TINY, run_env, tiny_ppo_model, write_sft_jsonl
-from slurm import job_info, send_signal, slurm_cluster, wait_for  # noqa: F401 (fixture)
+from slurm import job_info, send_signal, slurm_cluster, slurm_node, wait_for  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slurm
 
@@ -45,7 +45,7 @@ def wait_until(cond, timeout: float, what: str, job: str) -> None:
 
 def test_sft_job_trains_on_two_ranks_is_preempted_requeues_itself_and_resumes(slurm_cluster, tmp_path):
     data = write_sft_jsonl(tmp_path / "sft.jsonl", 400)
-    run_dir, final = tmp_path / "run", 120
+    run_dir, final = tmp_path / "run", 60
     job = launch("sft", "--procs-per-node", "2", "--cpus-per-task", "2", "--grace", "60",
                  "--log-dir", str(tmp_path / "logs"), *TINY, f"data.path={data}", "data.eval_path=null",
                  "train.micro_batch_size=2", f"train.max_steps={final}", f"hydra.run.dir={run_dir}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm import requeue, send_signal, slurm_cluster, submit, wait_for  # noqa: F401 (fixture)
+from slurm import requeue, send_signal, slurm_cluster, slurm_node, submit, wait_for  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slurm
 
@@ -60,5 +60,5 @@ def test_requeue_runs_the_batch_script_again(slurm_cluster, tmp_path):
     job = submit(script, cwd=tmp_path, requeue=True)
     wait_for_file(tmp_path / "runs")
     requeue(job)
-    wait_for(job, "COMPLETED")
+    wait_for(job, "COMPLETED", timeout=90)
     assert (tmp_path / "runs").read_text().split() == ["0", "1"]

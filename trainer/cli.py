@@ -82,11 +82,23 @@ def prepare_process() -> None:
     _per_environment_extension_cache()
 
 
-def launch(hydra_main: Callable[[], None]) -> None:
-    prepare_process()
+def register_resolvers() -> None:
+    """The config schema and every `tf_*` resolver the configs use. Besides `launch`, the modules
+    that define task functions call this on import: a sweep member that a launcher plugin
+    (submitit, Ray) runs in another process unpickles its task function, never passes through
+    `launch`, and still resolves `hydra.sweep.dir` (the run id itself comes from Hydra's cache)."""
     register_configs()
     if not OmegaConf.has_resolver("tf_run_id"):
         OmegaConf.register_new_resolver("tf_run_id", _run_id, use_cache=True)
+
+
+def launch(hydra_main: Callable[[], None]) -> None:
+    from rlhf.local_ray import keep_local_ray_on_loopback
+
+    # Before anything imports Ray: a sweep on Hydra's Ray launcher starts Ray in this process.
+    keep_local_ray_on_loopback(sys.argv[1:])
+    prepare_process()
+    register_resolvers()
     _agree_on_run_id()
     _quiet_non_zero_ranks()
     hydra_main()

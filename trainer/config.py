@@ -192,6 +192,8 @@ class TrainingJobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Used by stage=reward only.
     reward: RewardConfig = field(default_factory=RewardConfig)
+    # The final metric the entry function returns: what a sweeper (hydra/sweeper=optuna) optimises.
+    objective: str = "eval/loss"
 
 
 STAGES = ("sft", "instruct", "reward")

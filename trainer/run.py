@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from trainer.checkpoint import find_resume_dir, load_checkpoint
-from trainer.cli import exit_with_user_error, user_errors
+from trainer.cli import exit_with_user_error, prepare_process, register_resolvers, user_errors
 from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, validate
 from trainer.engine import (
     build_deepspeed_config,
@@ -29,14 +30,18 @@ from trainer.loop import PREEMPTED_EXIT_CODE, FitContext, NonFiniteError, TrainS
 from trainer.metrics import MetricsLogger, scrub_secrets
 from trainer.model import load_tokenizer
 from trainer.stages import build_stage
+from trainer.sweep import current_member, join_submitit_ranks, objective, tag_logger
 
 NONFINITE_EXIT_CODE = 3
 
+register_resolvers()  # see its docstring: sweep members import this module in another process
 
-def run_stage(dcfg: DictConfig) -> None:
-    """Hydra task function body; exits non-zero on user errors, NaNs and preemption."""
+
+def run_stage(dcfg: DictConfig) -> Optional[float]:
+    """Hydra task function body: returns the final value of `cfg.objective` (what a sweeper such as
+    Optuna optimises); exits non-zero on user errors, NaNs and preemption."""
     try:
-        code = _run(dcfg)
+        code, metrics = _run(dcfg)
     except user_errors() as err:
         exit_with_user_error(err)
     except NonFiniteError as err:
@@ -44,9 +49,10 @@ def run_stage(dcfg: DictConfig) -> None:
         raise SystemExit(NONFINITE_EXIT_CODE)
     if code:
         raise SystemExit(code)
+    return objective(metrics, dcfg.objective)
 
 
-def _run(dcfg: DictConfig) -> int:
+def _run(dcfg: DictConfig) -> tuple[int, dict]:
     cfg: TrainingJobConfig = OmegaConf.to_object(dcfg)
     info = init_distributed()
     validate(cfg, info.world_size)
@@ -93,11 +99,15 @@ def _run(dcfg: DictConfig) -> int:
         if info.is_main:
             print(f"resumed from {resume[0] / resume[1]} at step {state.step}", flush=True)
 
-    logger = MetricsLogger(run_dir, cfg.logger, resolved, job_type=cfg.stage, enabled=info.is_main)
+    logger_cfg, logged_config = tag_logger(cfg.logger, resolved, current_member())
+    logger = MetricsLogger(run_dir, logger_cfg, logged_config, job_type=cfg.stage, enabled=info.is_main)
     stage_evaluate = parts.make_evaluate(engine, logger) if parts.make_evaluate else None
+    final_eval: dict = {}
 
     def evaluate(step: int) -> dict:
         metrics = stage_evaluate(step)
+        final_eval.clear()
+        final_eval.update(metrics)
         if info.is_main:
             (run_dir / "eval_metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
         return metrics
@@ -109,7 +119,7 @@ def _run(dcfg: DictConfig) -> int:
         if state.preempted:
             if info.is_main:
                 print(f"preempted: checkpoint saved at step {state.step}; rerun with resume=auto", flush=True)
-            return PREEMPTED_EXIT_CODE
+            return PREEMPTED_EXIT_CODE, final_eval
         if cfg.train.export:
             parts.export(engine, run_dir / "hf_model")
         if info.is_main:
@@ -118,7 +128,7 @@ def _run(dcfg: DictConfig) -> int:
     finally:
         logger.close()
         dist.barrier()
-    return 0
+    return 0, final_eval
 
 
 def stage_main(config_name: str):
@@ -126,7 +136,10 @@ def stage_main(config_name: str):
     import hydra
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
-    def main(cfg: DictConfig) -> None:
-        run_stage(cfg)
+    def main(cfg: DictConfig) -> Optional[float]:
+        # A launcher plugin's sweep member starts here, in a process `launch` never prepared.
+        prepare_process()
+        join_submitit_ranks()
+        return run_stage(cfg)
 
     return main
