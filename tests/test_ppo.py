@@ -1,12 +1,15 @@
 """PPO: rollout layout and alignment, the driver's pure pieces, and real runs of `python -m rlhf.ppo`
-on a local Ray instance (loopback) with tiny random-init roles: learning signals, resume
-equivalence, a reward function, and a dying actor."""
+on a local Ray instance (loopback) with tiny random-init roles: learning signals, preemption and
+resume equivalence, a reward function, a dying actor and a killed policy rank."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +40,19 @@ def run_ppo(run_dir: Path, model: list[str], *overrides: str, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
     return proc
+
+
+def iterations_done(run_dir: Path) -> list[int]:
+    """The iterations metrics.jsonl has logged so far (a line still being written is skipped)."""
+    path, done = run_dir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "time/iteration_s" in record:
+            done.append(record["step"])
+    return done
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -164,22 +180,39 @@ def test_ppo_runs_all_four_roles_and_learns_signals(straight_run):
 
 
 @pytest.mark.distributed
-def test_resume_reproduces_the_straight_run(straight_run, tiny_model, tmp_path):
+def test_sigusr1_saves_the_iteration_and_resume_reproduces_the_straight_run(straight_run, tiny_model, tmp_path):
+    """What a scheduler's preemption does: SIGUSR1 (or SIGTERM) ends the current iteration with a
+    checkpoint, whatever save_every says, and exit status 75; `resume=auto` then continues exactly
+    as the uninterrupted run did."""
     run, _ = straight_run
-    # Continue a copy of the run from its iteration-2 checkpoint.
     resumed = tmp_path / "resumed"
-    subprocess.run(["cp", "-r", str(run), str(resumed)], check=True)
-    (resumed / "checkpoints" / "driver" / "latest").write_text("step_00000002")
+    cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, "train.iterations=4", "train.save_every=100",
+           f"hydra.run.dir={resumed}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not iterations_done(resumed):
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be preempted"
+        proc.send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "preempted: saved iteration" in stdout
+    stopped_at = int((resumed / "checkpoints" / "driver" / "latest").read_text().split("_")[1])
+    assert 1 <= stopped_at < 4, "saved at the end of the interrupted iteration, not at save_every"
     for role in ("actor", "critic"):
-        (resumed / "checkpoints" / role / "latest").write_text("step_00000002")
-    (resumed / "metrics.jsonl").write_text("")
-    proc = run_ppo(resumed, tiny_model, "train.iterations=4", "train.save_every=2", "resume=auto")
+        assert (resumed / "checkpoints" / role / f"step_{stopped_at:08d}" / "COMPLETE").exists()
+
+    proc = run_ppo(resumed, tiny_model, "train.iterations=4", "train.save_every=100", "resume=auto")
     assert "resumed from" in proc.stdout
     a, b = records(run), records(resumed)
-    assert sorted(k for k in b if 0 < k < 4) == [3]
-    for key in ("reward/score_raw_mean", "kl/seq_mean", "policy/loss", "critic/loss", "response/length_mean"):
-        assert b[3][key] == pytest.approx(a[3][key], rel=1e-4, abs=1e-5), key
-        assert b[4][key] == pytest.approx(a[4][key], rel=1e-4, abs=1e-5), key
+    assert iterations_done(resumed) == [1, 2, 3, 4], "each iteration logged once"
+    for step in range(1, 5):
+        for key in ("reward/score_raw_mean", "kl/seq_mean", "policy/loss", "critic/loss", "response/length_mean"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
 
 
 @pytest.mark.distributed
@@ -247,10 +280,6 @@ def test_a_reward_model_with_another_tokenizer_fails_at_start(tiny_model, tmp_pa
 def test_a_policy_rank_killed_mid_run_ends_it_naming_the_rank(tiny_model, tmp_path):
     """SIGKILL one policy rank while its peer may sit in a collective: the driver fails fast,
     names the rank, cleans up, and the last complete checkpoint stays."""
-    import os
-    import signal
-    import time
-
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, "train.iterations=200", "train.save_every=1",
            f"hydra.run.dir={run}"]

@@ -2,12 +2,14 @@
 
 - `current_member()`: this job's place in a multirun (sweep directory, member number, the
   overrides that make it differ), from Hydra's runtime config; None in a single run.
-- `tag_logger(...)`: every member is one W&B run in a group named after the sweep, with its
-  overrides in the run name and the logged config.
+- `tag_logger(...)`: every member is one W&B run in a group named after the sweep, its swept
+  values in the run name and all its overrides in the logged config.
 - `join_submitit_ranks()`: a submitit member with several tasks is one multi-process run.
-- `SweepSummary`: a Hydra callback (every entry point's config names it) that records each
-  member's result in its directory and, when the sweep ends, writes `sweep_summary.json` and
-  `sweep_summary.md` (member, overrides, status, final metrics) to the sweep directory.
+- `SweepSummary`: a Hydra callback (conf/hydra/tuneforge.yaml names it for every entry point). At
+  the start it records which keys the sweep varies (`swept_keys.json`), after each member that
+  member's status and objective (`job_result.json` in its directory), and at the end
+  `sweep_summary.json` and `sweep_summary.md` (member, swept values, status, objective, final
+  metrics) in the sweep directory.
 
 The same code serves every launcher (basic, submitit on SLURM, Ray) and sweeper (basic, Optuna):
 it reads only what Hydra itself records.
