@@ -49,6 +49,12 @@ def load_run(spec_path: str) -> TrlRun:
     return TrlRun(spec, model_cfg, tokenizer, dataset)
 
 
+def adamw_fields(spec: dict) -> dict:
+    """TRL's optimizer settings for tuneforge's AdamW (`spec` carries tuneforge's resolved optim config)."""
+    return dict(learning_rate=spec["lr"], adam_beta1=spec["betas"][0], adam_beta2=spec["betas"][1],
+                adam_epsilon=spec["eps"], weight_decay=spec["weight_decay"])
+
+
 def trl_config(config_class, spec: dict, **fields):
     """`config_class` (SFTConfig, RewardConfig) with TRL's defaults, except what makes the computation
     tuneforge's (and the bookkeeping a benchmark needs); `fields` are the trainer's own settings."""
@@ -61,11 +67,7 @@ def trl_config(config_class, spec: dict, **fields):
         # tuneforge's data.max_length: the packed length (SFT), the longest side of a pair (reward).
         max_length=spec["max_length"],
         # Same AdamW hyper-parameters and warmup + cosine-to-min_lr schedule as tuneforge.
-        learning_rate=spec["lr"],
-        adam_beta1=spec["betas"][0],
-        adam_beta2=spec["betas"][1],
-        adam_epsilon=spec["eps"],
-        weight_decay=spec["weight_decay"],
+        **adamw_fields(spec),
         max_grad_norm=spec["max_grad_norm"],
         lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": spec["min_lr_ratio"]},

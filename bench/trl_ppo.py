@@ -29,7 +29,7 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 from trl.experimental.ppo import ppo_trainer as trl_ppo
 from trl.experimental.utils import first_true_indices
 
-from bench.trl_harness import StepRecorder
+from bench.trl_harness import StepRecorder, adamw_fields
 
 
 def ppo_config(spec: dict) -> PPOConfig:
@@ -57,11 +57,7 @@ def ppo_config(spec: dict) -> PPOConfig:
         cliprange=spec["clip_eps"],
         cliprange_value=spec["value_clip_eps"],
         # The policy's AdamW; constant like tuneforge's PPO schedule (TRL's default decays linearly to 0).
-        learning_rate=spec["lr"],
-        adam_beta1=spec["betas"][0],
-        adam_beta2=spec["betas"][1],
-        adam_epsilon=spec["eps"],
-        weight_decay=spec["weight_decay"],
+        **adamw_fields(spec),
         lr_scheduler_type="constant",
         # tuneforge runs fp32 without activation checkpointing on CPU; TRL defaults to bf16 and checkpointing.
         bf16=False,

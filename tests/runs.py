@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,3 +96,22 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "train/loss" in rec:
             out[rec["step"]] = rec["train/loss"]
     return out
+
+
+def signal_when(cmd: list[str], ready: Callable[[], bool], sig: int, *, env: dict | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start `cmd`, send it `sig` once `ready()` holds (as a scheduler preempting it would), and wait
+    for it to exit; fails if it ended before it could be signalled."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the run ended before it could be signalled:\n{proc.stderr.read()[-3000:]}"
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -141,8 +141,8 @@ def send_signal(job_id: str, name: str, *, batch: bool = False) -> None:
 
 def requeue(job_id: str, timeout: float = 30) -> None:
     """`scontrol requeue`; the job starts again by itself once its credential expires
-    (AuthInfo=cred_expire, 10 s on the local cluster). Forcing the start with
-    `scontrol update StartTime=now` sometimes failed the job ("Job credential revoked")."""
+    (AuthInfo=cred_expire, 10 s on the local cluster), as in the other tests: forcing the start
+    with `scontrol update StartTime=now` fails a job that requeued itself (docs/slurm_local.md)."""
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, text=True)
     wait_for(job_id, "PENDING", timeout)
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runs import PPO_SMALL, REPO, run_env, tiny_ppo_model
+from runs import PPO_SMALL, REPO, run_env, signal_when, tiny_ppo_model
 from rlhf.config import PPOConfig
 from rlhf.experience import build_rollout, cut_at_stop, pad_right, response_positions
 from rlhf.ppo import sample_prompts, score_rollout
@@ -188,19 +188,9 @@ def test_sigusr1_saves_the_iteration_and_resume_reproduces_the_straight_run(stra
     resumed = tmp_path / "resumed"
     cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, "train.iterations=4", "train.save_every=100",
            f"hydra.run.dir={resumed}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not iterations_done(resumed):
-            time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be preempted"
-        proc.send_signal(signal.SIGUSR1)
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 75, stderr[-3000:]
-    assert "preempted: saved iteration" in stdout
+    proc = signal_when(cmd, lambda: bool(iterations_done(resumed)), signal.SIGUSR1)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "preempted: saved iteration" in proc.stdout
     stopped_at = int((resumed / "checkpoints" / "driver" / "latest").read_text().split("_")[1])
     assert 1 <= stopped_at < 4, "saved at the end of the interrupted iteration, not at save_every"
     for role in ("actor", "critic"):

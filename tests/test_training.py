@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from runs import REPO, TINY, losses, run_env, run_stage, write_sft_jsonl
+from runs import TINY, losses, run_stage, signal_when, write_sft_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -79,19 +77,9 @@ def test_preemption_saves_and_resumes(tmp_path, small_data):
     run_dir = tmp_path / "pre"
     cmd = [sys.executable, "-m", "trainer.sft", *TINY, f"data.path={small_data}", "data.eval_path=null",
            "train.max_steps=100000", "train.micro_batch_size=4", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    metrics = run_dir / "metrics.jsonl"
+    proc = signal_when(cmd, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, signal.SIGTERM)
+    out, err = proc.stdout, proc.stderr
     assert proc.returncode == 75, err[-3000:]
     tag = (run_dir / "checkpoints" / "latest").read_text()
     stopped_at = int(tag.split("_")[1])
