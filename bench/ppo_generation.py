@@ -1,7 +1,7 @@
 """Rollout generation under ZeRO-3: a plain generation replica vs generating through the engine.
 
     python -m bench.ppo_generation                         # the PPO default, 12 iterations x 2 repeats
-    python -m bench.ppo_generation --iterations 12 --repeats 3 -- actor.devices_per_node=1
+    python -m bench.ppo_generation --iterations 12 --repeats 3 -- actor.devices_per_node=1 actor.deepspeed.stage=3
 
 Each run is `python -m rlhf.ppo` with the same prompts, model, batch and `rollout.max_new_tokens`; only
 `rollout.generation` differs (`replica`: a copy of the policy generates with a KV cache and no ZeRO hooks,

@@ -31,9 +31,13 @@ measured iterations. As a check that both sides sample from the same policy, eve
 entropy of the policy over its last `--loss-window` iterations (`final entropy`).
 
 Systems (`--systems`), run in this order `--repeats` times; the tables show medians and tuneforge/TRL ratios:
-- tuneforge-zero3: the PPO defaults (policy and critic under ZeRO-3);
+- tuneforge: the PPO defaults (the policy's 2 ranks under ZeRO-3, the critic's 1 rank unpartitioned, both by
+  `deepspeed.stage=auto`; old log-probs recorded while sampling, `rollout.old_logprobs=auto` in fp32);
 - trl: TRL 1.12.0's PPOTrainer;
-- tuneforge-zero0: policy and critic without ZeRO partitioning (`actor.deepspeed.stage=0 critic.deepspeed.stage=0`).
+- tuneforge-zero0: the defaults with the policy unpartitioned too (`actor.deepspeed.stage=0`);
+- tuneforge-zero3-recompute: the defaults before 2026-11-26's second change: policy and critic under ZeRO-3 and old
+  log-probs from a second policy forward (`actor.deepspeed.stage=3 critic.deepspeed.stage=3
+  rollout.old_logprobs=recompute`).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ PPO = harness.Comparison(
         "train.samples_every=0",  # TRL's num_sample_generations=0
         "train.save_every=0",  # the one checkpoint comes after the last iteration (outside the measured window)
     ),
-    systems=("tuneforge-zero3", "trl", "tuneforge-zero0"),
+    systems=("tuneforge", "trl", "tuneforge-zero0", "tuneforge-zero3-recompute"),
     trl_systems=("trl",),
     counts={"rollouts": "rollouts", "response_tokens": "resp tok", "prompt_tokens": "prompt tok"},
     sizes={"steps": 30, "rollout_batch": 64, "mini_batch_size": 32, "ppo_epochs": 1, "response_length": 16},
@@ -77,7 +81,12 @@ PPO = harness.Comparison(
     profiled=False,  # tuneforge's work runs in Ray actors, outside the process py-spy would sample
 )
 
-ZERO0 = ("actor.deepspeed.stage=0", "critic.deepspeed.stage=0")
+# What each tuneforge system adds to the shared overrides.
+SYSTEM_OVERRIDES = {
+    "tuneforge": (),
+    "tuneforge-zero0": ("actor.deepspeed.stage=0", "critic.deepspeed.stage=0"),
+    "tuneforge-zero3-recompute": ("actor.deepspeed.stage=3", "critic.deepspeed.stage=3", "rollout.old_logprobs=recompute"),
+}
 
 
 def add_tuneforge_threads(p) -> None:
@@ -153,10 +162,12 @@ def tuneforge_layout(cfg) -> dict:
     """Where tuneforge's work runs: ranks, micro-batch and ZeRO stage per role (tuneforge-zero0: stage 0 for the
     actor and critic), and the torch threads of each Ray actor."""
     from rlhf.config import ROLES
+    from trainer.engine import resolve_zero_stage
 
     return {"torch_threads_per_actor": cfg.cluster.torch_threads,
             **{role: {"ranks": cfg.role(role).world_size, "micro_batch_size": cfg.role(role).micro_batch_size,
-                      "zero_stage": cfg.role(role).deepspeed.stage} for role in ROLES}}
+                      "zero_stage": resolve_zero_stage(cfg.role(role).deepspeed, cfg.role(role).world_size).stage}
+                for role in ROLES}}
 
 
 def tuneforge_records(run_dir: Path, prompt_tokens: list[int], rollout_batch: int) -> list[dict]:
@@ -224,8 +235,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         def run_system(system: str, run_dir: Path):
             if system in PPO.trl_systems:
                 return harness.run_trl("trl_ppo", run_dir, spec, args.threads, False, PPO.trl_python)
-            extra = ZERO0 if system == "tuneforge-zero0" else ()
-            cmd = [sys.executable, "-m", "rlhf.ppo", *overrides, *extra, f"hydra.run.dir={run_dir}"]
+            cmd = [sys.executable, "-m", "rlhf.ppo", *overrides, *SYSTEM_OVERRIDES[system], f"hydra.run.dir={run_dir}"]
             wall = harness.run_child(cmd, run_dir, args.threads, False)
             seen = re.search(r"prompts=(\d+)", (run_dir / "output.log").read_text())
             if seen is None or int(seen.group(1)) != len(prompts):

@@ -10,7 +10,7 @@ bos + prompt + response + eos, pairs with a side over the max length dropped. Ea
 as one padded batch (chosen rows, then rejected rows, right-padded to a multiple of 8), the Bradley-Terry loss
 without centering or margin, the same AdamW hyper-parameters, cosine-to-min_lr schedule and clipping, fp32, one
 process, no gradient checkpointing, no eval, no saving. tuneforge runs as its real CLI (`python -m trainer.reward
-model=tiny`) under ZeRO-3 and ZeRO-0; TRL runs in `bench/trl_reward.py` as a plain process with its defaults
+model=tiny`) under its default (auto), ZeRO-3 and ZeRO-0; TRL runs in `bench/trl_reward.py` as a plain process with its defaults
 except what equality needs. Throughput is pairs/s (and real tokens/s), from wall-clock step ends after the first
 `--skip-steps` steps, next to the mean loss of the last `--loss-window` steps.
 
@@ -20,13 +20,14 @@ other than `--micro-batch-size` pairs. The sample order differs (each side shuff
 pairs of a given step, and so its tokens, differ between the two.
 
 Systems (`--systems`), run in this order `--repeats` times; the tables show medians and tuneforge/TRL ratios:
-- tuneforge-zero3: the reward stage's defaults, ZeRO-3, pairs packed into rows of `--max-length` tokens with each
+- tuneforge-auto: the reward stage's defaults (`deepspeed=auto`: unpartitioned on this one process), pairs packed into rows of `--max-length` tokens with each
   pair's shared prompt computed once (`data.packing=true reward.share_prompt=true`; scores equal to the padded
   layout's, tested in tests/test_reward.py);
 - trl: TRL's RewardTrainer, one padded batch of chosen then rejected rows;
+- tuneforge-zero3: the same under ZeRO-3 (`deepspeed=zero3`; the default until 2026-11-26);
 - tuneforge-zero3-padded: ZeRO-3 with TRL's batch layout (`data.packing=false reward.share_prompt=false`), the
   same tensors TRL computes on;
-- tuneforge-zero0: the defaults without ZeRO partitioning.
+- tuneforge-zero0: `deepspeed=zero0`, which writes the same DeepSpeed config as auto on one process.
 `padded tok` counts the tokens each system's batches really hold, padding included.
 """
 
@@ -51,7 +52,7 @@ REWARD = harness.Comparison(
         "data.overlong=drop",  # TRL drops pairs with a side over max_length
         "train.save_every=0",  # no checkpoint inside the measured steps (the final one comes after them)
     ),
-    systems=("tuneforge-zero3", "trl", "tuneforge-zero3-padded", "tuneforge-zero0"),
+    systems=("tuneforge-auto", "trl", "tuneforge-zero3", "tuneforge-zero3-padded", "tuneforge-zero0"),
     trl_systems=("trl",),
     counts={"pairs": "pairs", "tokens": "tok", "padded_tokens": "padded tok"},
     sizes={"steps": 40, "micro_batch_size": 32, "max_length": 128, "warmup_steps": 0},

@@ -11,10 +11,12 @@ with its defaults except what equality needs. The two systems pack differently, 
 tokens: trained tokens (tokens with a loss) per second and all real (non-pad) tokens per second, measured from
 wall-clock step ends after the first `--skip-steps` steps, plus the mean loss of the last `--loss-window` steps.
 
-Systems (`--systems`): tuneforge-zero3, tuneforge-zero0, trl-packed (TRL with packing=True, the headline
+Systems (`--systems`): tuneforge-auto (the default `deepspeed=auto`: unpartitioned on one process), tuneforge-zero3
+(the default until 2026-11-26), tuneforge-zero0 (the same DeepSpeed config as auto here), trl-packed (TRL with packing=True, the headline
 reference) and trl-unpacked (TRL without packing, padded batches of as many examples as a tuneforge step holds on
 average: the same work per step without TRL's padding-free packed attention, which costs O((batch x length)^2) on
-CPU). Runs alternate in that order `--repeats` times; the tables show medians and tuneforge/TRL ratios.
+CPU). Runs alternate, tuneforge and TRL in turn (`SFT.systems`), `--repeats` times; the tables show medians and
+tuneforge/TRL ratios.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from bench import harness  # noqa: E402  (after the sys.path fix above)
 
 SFT = harness.Comparison(
     name="sft_vs_trl", stage="sft", data="sft", data_columns=("prompt", "completion"), tuneforge_overrides=(),
-    systems=("tuneforge-zero3", "trl-packed", "tuneforge-zero0", "trl-unpacked"),
+    systems=("tuneforge-auto", "trl-packed", "tuneforge-zero3", "trl-unpacked", "tuneforge-zero0"),
     trl_systems=("trl-packed", "trl-unpacked"),
     counts={"trained_tokens": "trained tok", "tokens": "tok"},
     sizes={"steps": 30, "micro_batch_size": 16, "max_length": 128, "warmup_steps": 0},

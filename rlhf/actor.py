@@ -5,20 +5,59 @@ Generation under ZeRO-3 would re-gather every layer for every new token. With
 with a KV cache and no ZeRO hooks; it is refreshed from the engine (one gather of the parameters)
 after every update. `rollout.generation=zero3` generates through the engine itself, for comparison
 and for models too large to hold whole on one device.
+
+With `rollout.old_logprobs` resolving to generation, sampling also records each sampled token's
+log-prob (`SampledLogprobs`), and the driver skips the policy's forward pass over the rollouts.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhf.algorithms import kl_estimate, policy_loss
+from rlhf.config import old_logprobs_from_generation
 from rlhf.experience import Experience, cut_at_stop
 from rlhf.worker import RoleWorker
 from trainer.engine import device
 from trainer.evaluate import left_pad, stop_token_ids
 from trainer.model import build_causal_lm
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records log p(token) of every sampled token under softmax(logits / temperature), the
+    distribution PPO's policy loss scores it with (`RoleWorker.response_logprobs`).
+
+    `generate` runs a processor passed to it after its own logits processors (penalties) and before
+    its sampling warpers (temperature, top-k, top-p), so the scores seen here are the logits
+    themselves; the unit test pins that order. `generate` hands each processor the sequence so far:
+    the token drawn at step k is read at step k+1, and the last one from the finished sequences
+    (`finish`). Only one step's (B, V) log-softmax is held at a time."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.steps: list[torch.Tensor] = []  # (B,) per generated token
+        self._pending = None  # (B, V) log-softmax of the step whose token is not known yet
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self._pending is not None:
+            self.steps.append(self._pending.gather(1, tokens[:, None]).squeeze(1))
+        self._pending = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._take(input_ids[:, -1])
+        self._pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """(B, new tokens) log-probs, given `generate`'s output (B, prompt + new tokens)."""
+        self._take(sequences[:, -1])
+        if not self.steps:
+            return sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
+        return torch.stack(self.steps, dim=1)
 
 
 class PolicyWorker(RoleWorker):
@@ -58,11 +97,15 @@ class PolicyWorker(RoleWorker):
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], iteration: int, greedy: bool = False) -> tuple[list[list[int]], float]:
-        """Responses (token ids, cut after the first stop token) for this rank's prompts, and the seconds taken.
-        Sampling is seeded by (seed, iteration, rank), so a resumed run draws the same rollouts."""
+    def generate(self, prompts: list[list[int]], iteration: int,
+                 greedy: bool = False) -> tuple[list[list[int]], Optional[list[list[float]]], float]:
+        """Responses (token ids, cut after the first stop token) for this rank's prompts, their tokens'
+        log-probs when sampling records them (rollout.old_logprobs; None otherwise), and the seconds
+        taken. Sampling is seeded by (seed, iteration, rank), so a resumed run draws the same rollouts."""
         t0 = time.perf_counter()
         r = self.cfg.rollout
+        record = not greedy and old_logprobs_from_generation(r, self.precision)
+        recorder = SampledLogprobs(r.temperature) if record else None
         torch.manual_seed(self.cfg.seed * 1_000_003 + iteration * 1009 + self.rank)
         zero3 = self.replica is None
         model = self.engine.module if zero3 else self.replica
@@ -77,11 +120,15 @@ class PolicyWorker(RoleWorker):
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
             synced_gpus=zero3 and self.world_size > 1,
+            logits_processor=LogitsProcessorList([recorder] if recorder else []),
             **sampling,
         )
         stops = set(self.stop_ids)
         responses = [cut_at_stop(row.tolist(), stops) for row in out[:, input_ids.shape[1]:].cpu()]
-        return responses, time.perf_counter() - t0
+        logps = None
+        if recorder is not None:
+            logps = [row[: len(resp)] for row, resp in zip(recorder.finish(out).cpu().tolist(), responses)]
+        return responses, logps, time.perf_counter() - t0
 
     @torch.no_grad()
     def log_probs(self, exp: Experience) -> torch.Tensor:

@@ -26,9 +26,11 @@ from trainer.config import (
 )
 from rlhf.algorithms import KL_CONTROLLERS, KL_ESTIMATORS
 from rlhf.placement import COLOCATE_MODES, ROLES
+from trainer.engine import resolve_zero_stage
 
 TRAINED_ROLES = ("actor", "critic")
 GENERATION_MODES = ("replica", "zero3")
+OLD_LOGPROBS = ("auto", "generation", "recompute")
 KL_PLACES = ("reward", "loss")
 
 
@@ -67,6 +69,20 @@ class RolloutConfig:
     # replica: a plain copy of the policy generates (KV cache, no ZeRO hooks), refreshed after each
     # policy update. zero3: generate through the ZeRO-3 engine, which re-gathers every layer per token.
     generation: str = "replica"
+    # Where PPO's "old" log-probs come from. generation: recorded while sampling (as TRL does), from
+    # the temperature-scaled logits before top-p/top-k truncation (the distribution the policy loss
+    # scores), which saves the policy a forward pass over every rollout. recompute: a forward pass
+    # over the finished rollouts (as OpenRLHF and veRL do). auto: generation in fp32, where the two
+    # agree to float rounding; recompute in bf16/fp16, where KV-cached logits can differ by more.
+    old_logprobs: str = "auto"
+
+
+def old_logprobs_from_generation(r: RolloutConfig, precision: str) -> bool:
+    """Whether the policy records the old log-probs while sampling (rollout.old_logprobs, with auto
+    resolved for the policy's resolved precision)."""
+    if r.old_logprobs == "auto":
+        return precision == "fp32"
+    return r.old_logprobs == "generation"
 
 
 @dataclass
@@ -156,6 +172,7 @@ def validate(cfg: PPOConfig) -> None:
     _require(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _require(r.generation in GENERATION_MODES, "rollout.generation", f"must be one of {GENERATION_MODES}, got {r.generation!r}")
+    _require(r.old_logprobs in OLD_LOGPROBS, "rollout.old_logprobs", f"must be one of {OLD_LOGPROBS}, got {r.old_logprobs!r}")
     _require(a.kl_estimator in KL_ESTIMATORS, "algo.kl_estimator", f"must be one of {KL_ESTIMATORS}, got {a.kl_estimator!r}")
     _require(a.kl_in in KL_PLACES, "algo.kl_in", f"must be one of {KL_PLACES}, got {a.kl_in!r}")
     _require(a.kl_controller in KL_CONTROLLERS, "algo.kl_controller",
@@ -188,5 +205,7 @@ def validate(cfg: PPOConfig) -> None:
         _require(per_rank % role.micro_batch_size == 0 or per_rank < role.micro_batch_size,
                  f"{name}.micro_batch_size", f"{role.micro_batch_size} must divide the {per_rank} rollouts "
                  f"of a mini-batch per rank (algo.mini_batch_size / ranks)")
-    if r.generation == "zero3" and cfg.actor.deepspeed.stage != 3:
-        raise ConfigError("rollout.generation=zero3 needs actor.deepspeed.stage=3 (use replica otherwise)")
+    if r.generation == "zero3" and resolve_zero_stage(cfg.actor.deepspeed, cfg.actor.world_size).stage != 3:
+        raise ConfigError(f"rollout.generation=zero3 needs the policy under ZeRO-3 (actor.deepspeed.stage=3, or auto "
+                          f"with more than one rank; it is {cfg.actor.deepspeed.stage} with "
+                          f"{cfg.actor.world_size}); use rollout.generation=replica otherwise")

@@ -73,6 +73,14 @@ def pad_right(x: torch.Tensor, width: int, value=0) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
+def pad_rows(rows: list[list[float]], width: int, value: float = 0.0) -> torch.Tensor:
+    """Ragged per-token values (one list per rollout) -> (B, width) float32, right-padded with `value`."""
+    out = torch.full((len(rows), width), value, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
 def cut_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
     """A generated response up to and including its first stop token (the rest is padding)."""
     for i, t in enumerate(tokens):

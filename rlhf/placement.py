@@ -270,14 +270,14 @@ def describe_actor() -> dict:
 
 
 def placement_table(rows: list[dict]) -> str:
-    """Fixed-width table of rows {"role", "rank", "node_ip", "node_id", "devices"}, by role (actor, critic,
-    reference, reward, then others by name) and rank."""
-    columns = ("role", "rank", "node_ip", "node_id", "devices")
+    """Fixed-width table of rows {"role", "rank", "node_ip", "node_id", "devices", "zero_stage"} ("-" where a
+    row lacks a column), by role (actor, critic, reference, reward, then others by name) and rank."""
+    columns = ("role", "rank", "node_ip", "node_id", "devices", "zero_stage")
     def order(row: dict) -> tuple:
         role = row["role"]
         return (ROLES.index(role) if role in ROLES else len(ROLES), role, row["rank"])
 
     ordered = sorted(rows, key=order)
-    cells = [list(columns)] + [[str(row[c]) for c in columns] for row in ordered]
+    cells = [list(columns)] + [[str(row.get(c, "-")) for c in columns] for row in ordered]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.local_ray import check_join, keep_local_ray_on_loopback
+from trainer.local_ray import check_join, keep_local_ray_on_loopback
 
 if __name__ == "__main__":  # before anything below imports Ray
     keep_local_ray_on_loopback(sys.argv[1:])
@@ -38,7 +38,7 @@ from rlhf.algorithms import (
     token_level_rewards,
 )
 from rlhf.config import PPOConfig, ROLES, register_ppo_config, validate
-from rlhf.experience import Experience, build_rollout, pad_right
+from rlhf.experience import Experience, build_rollout, pad_right, pad_rows
 from rlhf.group import ActorGroup, RoleFailure, wait_all
 from rlhf.placement import (
     PlacementError,
@@ -217,12 +217,16 @@ class Driver:
         prompt_ids = [p.prompt_ids for p in prompts]
         actor = g["actor"]
         generated = wait_all([actor.call_sharded("generate", split_evenly(prompt_ids, actor.world_size), it)])[0]
-        responses = [r for rank_out, _ in generated for r in rank_out]
+        responses = [r for rank_out, _, _ in generated for r in rank_out]
+        # Old log-probs recorded while sampling (rollout.old_logprobs), else None: the forward phase computes them.
+        sampled_logp = None if generated[0][1] is None else [lp for _, rank_lp, _ in generated for lp in rank_lp]
         t_generated = time.perf_counter()
         rollout = build_rollout(prompt_ids, responses, self.tokenizer.pad_token_id)
         texts = self._texts(prompts, responses)
 
-        old_logp, ref_logp, values, raw = self._forward_phase(rollout, texts)
+        old_logp, ref_logp, values, raw = self._forward_phase(rollout, texts, sampled_logp is None)
+        if sampled_logp is not None:
+            old_logp = pad_rows(sampled_logp, rollout.responses.shape[1])
         t_scored = time.perf_counter()
         exp = rollout.with_fields(old_logp=old_logp, ref_logp=ref_logp, values=values)
         exp, metrics = score_rollout(exp, raw, cfg, self.kl.value, self.reward_stats)
@@ -239,7 +243,7 @@ class Driver:
         self.kl.update(metrics["kl/seq_mean"], len(exp))
         metrics.update({
             "time/generate_s": t_generated - t_start,
-            "time/generate_rank_max_s": max(s for _, s in generated),
+            "time/generate_rank_max_s": max(s for _, _, s in generated),
             "time/forward_s": t_scored - t_generated,
             "time/train_s": t_trained - t_scored,
             "time/iteration_s": t_trained - t_start,
@@ -249,18 +253,25 @@ class Driver:
             self._log_samples(it + 1, texts, raw, exp)
         return metrics
 
-    def _forward_phase(self, rollout: Experience, texts: dict):
-        """Policy and reference log-probs, critic values and reward scores, all four groups at once."""
+    def _forward_phase(self, rollout: Experience, texts: dict, policy_logprobs: bool = True):
+        """Policy log-probs (unless sampling recorded them), reference log-probs, critic values and reward
+        scores, all groups at once; the policy's are None when not asked for."""
         g = self.groups
-        parts = wait_all([
-            g["actor"].call_sharded("log_probs", rollout.shards(g["actor"].world_size)),
+        calls = [
             g["reference"].call_sharded("log_probs", rollout.shards(g["reference"].world_size)),
             g["critic"].call_sharded("values", rollout.shards(g["critic"].world_size)),
             self._scores_call(rollout, texts),
-        ])
+        ]
+        if policy_logprobs:
+            calls.append(g["actor"].call_sharded("log_probs", rollout.shards(g["actor"].world_size)))
+        ref_parts, value_parts, score_parts, *policy_parts = wait_all(calls)
         width = rollout.responses.shape[1]
-        logp, ref_logp, values = (torch.cat([pad_right(p, width) for p in ranks]) for ranks in parts[:3])
-        return logp, ref_logp, values, torch.cat(parts[3])
+
+        def cat(ranks: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([pad_right(p, width) for p in ranks])
+
+        logp = cat(policy_parts[0]) if policy_parts else None
+        return logp, cat(ref_parts), cat(value_parts), torch.cat(score_parts)
 
     def _scores_call(self, rollout: Experience, texts: dict):
         reward = self.groups["reward"]
@@ -315,7 +326,7 @@ class Driver:
         padded = pad_to_multiple(prompts, math.lcm(actor.world_size, reward.world_size))
         ids = [p.prompt_ids for p in padded]
         generated = wait_all([actor.call_sharded("generate", split_evenly(ids, actor.world_size), it, greedy)])[0]
-        responses = [r for rank_out, _ in generated for r in rank_out]
+        responses = [r for rank_out, _, _ in generated for r in rank_out]
         rollout = build_rollout(ids, responses, self.tokenizer.pad_token_id)
         texts = self._texts(padded, responses)
         raw = torch.cat(wait_all([self._scores_call(rollout, texts)])[0])[: len(prompts)].float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,7 +27,9 @@ from trainer.engine import (
     device,
     has_gpu,
     init_distributed,
+    optimizer_step,
     resolve_precision,
+    resolve_zero_stage,
     torch_dtype,
     zero3_init_context,
 )
@@ -45,7 +48,9 @@ class RoleWorker:
 
         prepare_process()
         self.cfg, self.role, self.rank, self.world_size = cfg, role, rank, world_size
-        self.role_cfg: RoleConfig = cfg.role(role)
+        role_cfg = cfg.role(role)
+        # deepspeed.stage=auto becomes a number for this role's world size.
+        self.role_cfg: RoleConfig = replace(role_cfg, deepspeed=resolve_zero_stage(role_cfg.deepspeed, world_size))
         if not has_gpu():
             torch.set_num_threads(cfg.cluster.torch_threads)
         from transformers import set_seed
@@ -74,7 +79,7 @@ class RoleWorker:
     def describe(self) -> dict:
         from rlhf.placement import describe_actor
 
-        return {"role": self.role, "rank": self.rank, **describe_actor()}
+        return {"role": self.role, "rank": self.rank, **describe_actor(), "zero_stage": self.role_cfg.deepspeed.stage}
 
     # ------------------------------------------------------------------ models
 
@@ -172,10 +177,10 @@ class RoleWorker:
             for m in mini.micro_batches(micro):
                 loss, stats = loss_fn(m.to(device()))
                 self.engine.backward(loss * self.world_size / max(mini_tokens, 1.0), scale_wrt_gas=False)
-                self.engine.step()
+                norm = optimizer_step(self.engine)  # the global norm at the mini-batch's last micro-batch
                 for k, v in {"loss": loss, **stats}.items():
                     sums[k] = sums.get(k, 0.0) + v.detach()
-            norms.append(self.engine.get_global_grad_norm())  # the global norm: the same on every rank
+            norms.append(norm)
         self.engine.eval()
         keys = sorted(sums)
         totals = all_reduce_sum([float(sums[k]) for k in keys])

@@ -89,13 +89,18 @@ def run_stage(run_dir: Path, *overrides: str, nproc: int = 1, stage: str = "sft"
     return proc
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def metric(run_dir: Path, key: str) -> dict[int, float]:
+    """{step: value} of one metric in a run's metrics.jsonl."""
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
+        if key in rec:
+            out[rec["step"]] = rec[key]
     return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return metric(run_dir, "train/loss")
 
 
 def signal_when(cmd: list[str], ready: Callable[[], bool], sig: int, *, env: dict | None = None,

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, register_configs, validate
-from trainer.engine import build_deepspeed_config, lr_multiplier
+from trainer.config import DeepSpeedConfig
+from trainer.engine import build_deepspeed_config, lr_multiplier, resolve_zero_stage
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = CONF_DIR
@@ -37,9 +38,34 @@ def test_every_deepspeed_preset_composes_and_validates(name, preset):
     validate(cfg, world_size=2)
     ds = build_deepspeed_config(cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum, 2,
                                 cfg.optim.max_grad_norm)
-    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.stage
+    assert ds["zero_optimization"]["stage"] == (3 if preset == "auto" else cfg.deepspeed.stage)
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
     assert "auto" not in str(ds)
+
+
+@pytest.mark.parametrize("fields,world_size,stage", [
+    ({}, 1, 0),  # one rank: nothing to partition
+    ({}, 2, 3),
+    ({}, 16, 3),
+    ({"offload_optimizer": True}, 1, 2),  # ZeRO-Offload needs a ZeRO optimizer
+    ({"offload_param": True, "offload_optimizer": True}, 1, 3),  # parameter offload is ZeRO-3 only
+    ({"stage": 3}, 1, 3),  # an explicit stage is kept
+    ({"stage": 0}, 8, 0),
+])
+def test_auto_zero_stage_partitions_only_what_there_is_to_partition(fields, world_size, stage):
+    ds = resolve_zero_stage(DeepSpeedConfig(**fields), world_size)
+    assert ds.stage == stage
+    assert build_deepspeed_config(DeepSpeedConfig(**fields), 4, 1, world_size, 1.0)["zero_optimization"]["stage"] == stage
+
+
+def test_trained_stages_default_to_auto_and_frozen_ppo_roles_to_plain_replicas():
+    for name in ("sft", "instruct", "reward"):
+        assert _compose(name).deepspeed.stage == "auto"
+    from rlhf.config import register_ppo_config
+
+    register_ppo_config()
+    ppo = _compose("ppo")
+    assert [ppo[r].deepspeed.stage for r in ("actor", "critic", "reference", "reward")] == ["auto", "auto", 0, 0]
 
 
 @pytest.mark.parametrize("group", ["logger", "data", "optim", "model"])

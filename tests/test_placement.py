@@ -120,12 +120,13 @@ def test_placement_table_sorts_by_role_then_rank():
         {"role": "reward", "rank": 0, "node_ip": "10.0.0.2", "node_id": "n2", "devices": "0"},
         {"role": "actor", "rank": 1, "node_ip": "10.0.0.1", "node_id": "n1", "devices": "1"},
         {"role": "critic", "rank": 0, "node_ip": "10.0.0.2", "node_id": "n2", "devices": "cpu"},
-        {"role": "actor", "rank": 0, "node_ip": "10.0.0.1", "node_id": "n1", "devices": "0"},
+        {"role": "actor", "rank": 0, "node_ip": "10.0.0.1", "node_id": "n1", "devices": "0", "zero_stage": 3},
     ]
     lines = placement_table(rows).splitlines()
-    assert lines[0].split() == ["role", "rank", "node_ip", "node_id", "devices"]
+    assert lines[0].split() == ["role", "rank", "node_ip", "node_id", "devices", "zero_stage"]
     expected = [["actor", "0"], ["actor", "1"], ["critic", "0"], ["reward", "0"]]
     assert [line.split()[:2] for line in lines[1:]] == expected
+    assert [line.split()[-1] for line in lines[1:]] == ["3", "-", "-", "-"]
     assert all(line.index("10.0.0") == lines[0].index("node_ip") for line in lines[1:])  # fixed-width columns
 
 

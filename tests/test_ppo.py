@@ -113,6 +113,47 @@ def test_response_logprobs_are_aligned_and_padding_invariant():
             assert torch.allclose(batched[i, : len(r)], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 8, 0.9)])
+def test_log_probs_recorded_while_sampling_equal_a_forward_over_the_rollout(temperature, top_k, top_p):
+    """rollout.old_logprobs=generation: what `SampledLogprobs` records during batched, left-padded,
+    KV-cached sampling is what the policy's forward pass over the finished rollout gives, token for
+    token (fp32), including rows that stopped early; with top-k/top-p too (both score the full
+    temperature-scaled distribution)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+
+    from rlhf.actor import SampledLogprobs
+    from trainer.evaluate import left_pad
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 9]]
+    input_ids, attention_mask = left_pad(prompts, 0)
+    recorder = SampledLogprobs(temperature)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=True,
+                             temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=[2, 3], pad_token_id=0,
+                             logits_processor=LogitsProcessorList([recorder]))
+    recorded = recorder.finish(out)
+    assert recorded.shape == (3, out.shape[1] - input_ids.shape[1])
+    responses = [cut_at_stop(row.tolist(), {2, 3}) for row in out[:, input_ids.shape[1]:]]
+    assert any(len(r) < recorded.shape[1] for r in responses), "no row stopped early: pick another seed"
+    exp = build_rollout(prompts, responses, pad_id=0)
+    with torch.no_grad():
+        forward = RoleWorker.response_logprobs(SimpleNamespace(model=model), exp, temperature=temperature)
+    for i, r in enumerate(responses):
+        assert torch.allclose(recorded[i, : len(r)], forward[i, : len(r)], atol=1e-5), i
+
+
+def test_old_log_probs_auto_records_them_in_fp32_and_recomputes_them_in_bf16():
+    from rlhf.config import RolloutConfig, old_logprobs_from_generation
+
+    assert old_logprobs_from_generation(RolloutConfig(), "fp32")
+    assert not old_logprobs_from_generation(RolloutConfig(), "bf16")
+    assert old_logprobs_from_generation(RolloutConfig(old_logprobs="generation"), "bf16")
+    assert not old_logprobs_from_generation(RolloutConfig(old_logprobs="recompute"), "fp32")
+
+
 # ------------------------------------------------------------------------------------------ driver pieces
 
 
@@ -160,6 +201,9 @@ def test_ppo_runs_all_four_roles_and_learns_signals(straight_run):
     assert placement.count("actor") == 2  # the policy group has 2 ranks by default
     # The local instance is on loopback even though the CLI ran without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER.
     assert [row.split()[2] for row in placement.splitlines()[1:]] == ["127.0.0.1"] * 5
+    # deepspeed.stage=auto: ZeRO-3 over the policy's 2 ranks, unpartitioned on the critic's one; the frozen
+    # roles are plain replicas (stage 0).
+    assert [row.split()[-1] for row in placement.splitlines()[1:]] == ["3", "3", "0", "0", "0"]
     recs = records(run)
     assert sorted(k for k in recs if k > 0) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
@@ -208,12 +252,12 @@ def test_sigusr1_saves_the_iteration_and_resume_reproduces_the_straight_run(stra
 @pytest.mark.distributed
 def test_reward_function_kl_in_loss_zero3_generation_colocated_then_a_dying_actor_ends_the_run(tiny_model, tmp_path):
     """One run for two things (each PPO start costs ~20 s): a rule-based reward, the KL in the loss, ZeRO-3
-    generation and colocated devices work for an iteration; then the reward actor dies mid-run, the error
+    generation, old log-probs from a forward pass and colocated devices work for an iteration; then the reward actor dies mid-run, the error
     names it and iteration 1's checkpoint stays the good one."""
     run = tmp_path / "dies"
     proc = run_ppo(run, tiny_model, "train.iterations=4", "train.save_every=1", "reward=exact_match",
                    "algo=ppo_kl_loss", "cluster.colocate=both", "reference.devices_per_node=2",
-                   "rollout.generation=zero3",
+                   "rollout.generation=zero3", "rollout.old_logprobs=recompute",
                    "+reward.function.call=4", "reward.function._target_=ppo_faults.die_on_call",
                    check=False, pythonpath=str(REPO / "tests"))
     placement = (run / "placement.txt").read_text().splitlines()
@@ -310,8 +354,8 @@ def test_a_policy_rank_killed_mid_run_ends_it_naming_the_rank(tiny_model, tmp_pa
     (["hydra/launcher=ray_cluster", "hydra.launcher.ray.init.address=auto"], {}, True),
 ])
 def test_the_command_line_decides_whether_ray_stays_on_loopback(overrides, environ, joins, monkeypatch):
-    from rlhf import local_ray
-    from rlhf.local_ray import LOOPBACK_SWITCH, joins_a_cluster, keep_local_ray_on_loopback
+    from trainer import local_ray
+    from trainer.local_ray import LOOPBACK_SWITCH, joins_a_cluster, keep_local_ray_on_loopback
 
     monkeypatch.setattr(local_ray, "_switched_here", False)
 

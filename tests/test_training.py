@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import TINY, losses, run_stage, signal_when, write_sft_jsonl
+from runs import TINY, losses, metric, run_stage, signal_when, write_sft_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +22,14 @@ def small_data(tmp_path_factory) -> Path:
 @pytest.mark.distributed
 def test_one_and_two_process_zero3_runs_train_and_agree(tmp_path, small_data):
     """2 ranks x micro-batch 2 and 1 rank x micro-batch 4 see the same global batches
-    and must produce the same loss curve; both runs actually learn."""
+    and must produce the same loss curve; both runs actually learn. The default stage (auto)
+    picks ZeRO-3 for two ranks; one rank asks for it (auto would train it unpartitioned, from
+    another random init: zero.Init draws the weights in another order)."""
     common = [*TINY, f"data.path={small_data}", "data.eval_path=null", "train.max_steps=8", "optim.lr=3e-3"]
     one = tmp_path / "one"
     two = tmp_path / "two"
-    run_stage(one, *common, "train.micro_batch_size=4")
-    run_stage(two, *common, "train.micro_batch_size=2", nproc=2)
+    assert "zero_stage=3 " in run_stage(one, *common, "train.micro_batch_size=4", "deepspeed=zero3").stdout
+    assert "zero_stage=3 (auto)" in run_stage(two, *common, "train.micro_batch_size=2", nproc=2).stdout
 
     l1, l2 = losses(one), losses(two)
     assert sorted(l1) == list(range(1, 9)) == sorted(l2)
@@ -54,11 +56,20 @@ def test_gradient_accumulation_matches_a_bigger_micro_batch(tmp_path, small_data
     lb, la = losses(big), losses(accum)
     for step in lb:
         assert lb[step] == pytest.approx(la[step], rel=1e-4, abs=1e-5)
+    # One rank trains at stage 0 (deepspeed.stage=auto), where DeepSpeed keeps no gradient norm: ours is
+    # taken at the accumulation boundary, over both micro-batches' gradients.
+    nb, na = metric(big, "train/grad_norm"), metric(accum, "train/grad_norm")
+    assert sorted(nb) == sorted(na) == [1, 2, 3, 4]
+    for step in nb:
+        assert nb[step] > 0 and nb[step] == pytest.approx(na[step], rel=1e-4), (step, nb[step], na[step])
 
 
 @pytest.mark.distributed
 def test_resume_reproduces_the_straight_run(tmp_path, small_data):
-    common = [*TINY, f"data.path={small_data}", "data.eval_path=null", "train.micro_batch_size=4", "optim.decay_steps=10"]
+    # ZeRO-3 asked for explicitly on one rank (auto would train unpartitioned there; the reward
+    # stage's resume test covers that): its partitioned checkpoint must resume exactly.
+    common = [*TINY, f"data.path={small_data}", "data.eval_path=null", "train.micro_batch_size=4", "optim.decay_steps=10",
+              "deepspeed=zero3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_stage(straight, *common, "train.max_steps=10")
     run_stage(resumed, *common, "train.max_steps=5")
@@ -132,8 +143,10 @@ def test_hf_export_reloads_with_the_trained_weights(tmp_path, small_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = tmp_path / "export"
+    # ZeRO-3 asked for on one rank: the export consolidates partitioned weights (the reward stage's export
+    # test covers the unpartitioned path that deepspeed.stage=auto takes on one rank).
     run_stage(run_dir, *[o for o in TINY if o != "train.export=false"], f"data.path={small_data}",
-              "data.eval_path=null", "train.max_steps=3", "train.micro_batch_size=4")
+              "data.eval_path=null", "train.max_steps=3", "train.micro_batch_size=4", "deepspeed=zero3")
     export = run_dir / "hf_model"
     model = AutoModelForCausalLM.from_pretrained(export).eval()
     tok = AutoTokenizer.from_pretrained(export)

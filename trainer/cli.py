@@ -93,7 +93,7 @@ def register_resolvers() -> None:
 
 
 def launch(hydra_main: Callable[[], None]) -> None:
-    from rlhf.local_ray import keep_local_ray_on_loopback
+    from trainer.local_ray import keep_local_ray_on_loopback
 
     # Before anything imports Ray: a sweep on Hydra's Ray launcher starts Ray in this process.
     keep_local_ray_on_loopback(sys.argv[1:])

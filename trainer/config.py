@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -114,7 +114,11 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    stage: int = 3
+    # 0-3, or auto: ZeRO-3 when there is more than one rank to partition over, and on one rank
+    # stage 0 (or 2 with optimizer offload, 3 with parameter offload). ZeRO on one rank partitions
+    # nothing, and its bookkeeping cost 23-36% of a step on small CPU models (docs/benchmarks.md).
+    # `trainer.engine.resolve_zero_stage` turns auto into a number once the world size is known.
+    stage: Union[int, str] = "auto"
     offload_optimizer: bool = False
     offload_param: bool = False
     overlap_comm: bool = False
@@ -246,11 +250,12 @@ def validate_optim(o: OptimConfig, key: str = "optim") -> None:
 
 
 def validate_deepspeed(ds: DeepSpeedConfig, key: str = "deepspeed") -> None:
-    _require(ds.stage in (0, 1, 2, 3), f"{key}.stage", f"must be 0, 1, 2 or 3, got {ds.stage}")
+    _require(ds.stage in (0, 1, 2, 3, "auto"), f"{key}.stage", f"must be 0, 1, 2, 3 or auto, got {ds.stage}")
     _require(ds.precision in ("auto", "bf16", "fp16", "fp32"), f"{key}.precision",
              f"must be auto|bf16|fp16|fp32, got {ds.precision!r}")
-    _require(not ds.offload_param or ds.stage == 3, f"{key}.offload_param", f"parameter offload needs {key}.stage=3")
-    _require(not ds.offload_optimizer or ds.stage >= 1, f"{key}.offload_optimizer",
+    _require(not ds.offload_param or ds.stage in (3, "auto"), f"{key}.offload_param",
+             f"parameter offload needs {key}.stage=3")
+    _require(not ds.offload_optimizer or ds.stage in (1, 2, 3, "auto"), f"{key}.offload_optimizer",
              f"optimizer offload needs {key}.stage >= 1")
 
 

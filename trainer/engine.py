@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -91,10 +91,25 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def resolve_zero_stage(ds: DeepSpeedConfig, world_size: int) -> DeepSpeedConfig:
+    """`ds` with `stage: auto` turned into a number for a world of `world_size` ranks: ZeRO-3 over
+    several ranks; on one rank, where ZeRO has nothing to partition, the lowest stage that still
+    does what was asked (3 for parameter offload, 2 for optimizer offload, else 0). An explicit
+    stage is kept as it is."""
+    if ds.stage != "auto":
+        return ds
+    if world_size > 1 or ds.offload_param:
+        stage = 3
+    else:
+        stage = 2 if ds.offload_optimizer else 0
+    return replace(ds, stage=stage)
+
+
 def build_deepspeed_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, world_size: int,
                            max_grad_norm: float) -> dict:
     """DeepSpeed's JSON for one engine: a supervised stage's, or a PPO role's (frozen roles
     pass grad_accum=1; their optimizer keys are unused)."""
+    ds = resolve_zero_stage(ds, world_size)
     precision = resolve_precision(ds.precision)
     zero: dict = {"stage": ds.stage}
     if ds.stage >= 1:
@@ -130,6 +145,25 @@ def build_deepspeed_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accu
     for key, value in ds.extra.items():
         config[key] = value
     return config
+
+
+def optimizer_step(engine) -> Optional[float]:
+    """`engine.step()`, returning the global gradient norm of the update at an accumulation boundary
+    (before clipping; None between boundaries).
+
+    DeepSpeed keeps that norm for its ZeRO and bf16/fp16 optimizers, but with a plain fp32 optimizer
+    at stage 0 (what `deepspeed.stage=auto` runs on one rank) it clips without keeping it. There it is
+    computed here, from the gradients the step is about to apply, which backward has already
+    averaged over the ranks."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    own_norm = boundary and not (engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled())
+    norm = None
+    if own_norm:
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]))
+    engine.step()
+    if not boundary:
+        return None
+    return norm if own_norm else engine.get_global_grad_norm()
 
 
 def lr_multiplier(step: int, optim: OptimConfig, total_steps: int) -> float:

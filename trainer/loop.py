@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from trainer.checkpoint import save_checkpoint
 from trainer.config import TrainingJobConfig
-from trainer.engine import DistInfo, all_reduce_sum, device
+from trainer.engine import DistInfo, all_reduce_sum, device, optimizer_step
 from trainer.metrics import MetricsLogger
 from trainer.objectives import Task
 
@@ -146,7 +146,8 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
             global_items, global_tokens, stop_votes = all_reduce_sum([local_items, local_tokens, float(flag.requested)])
             global_items = max(global_items, 1.0)
 
-            local_loss_sum, skipped = _train_step(engine, task, batches, global_items, info.world_size, state.step, cfg)
+            local_loss_sum, skipped, grad_norm = _train_step(engine, task, batches, global_items, info.world_size,
+                                                             state.step, cfg)
             if skipped:
                 state.nonfinite_skips += 1
                 if state.nonfinite_skips > t.max_nonfinite_skips:
@@ -155,7 +156,6 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
                         f"train.max_nonfinite_skips={t.max_nonfinite_skips}; stopping (last checkpoint is intact)"
                     )
             else:
-                grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None and not math.isfinite(float(grad_norm)):
                     raise NonFiniteError(
                         f"step {state.step}: gradient norm is {grad_norm}; the update is already applied, so "
@@ -190,10 +190,11 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
     return state
 
 
-def _train_step(engine, task: Task, batches, global_items: float, world_size: int, step: int, cfg) -> tuple[float, bool]:
+def _train_step(engine, task: Task, batches, global_items: float, world_size: int, step: int,
+                cfg) -> tuple[float, bool, Optional[float]]:
     """Forward/backward every micro-batch and take one optimizer step.
 
-    Returns (this rank's summed loss, skipped). DeepSpeed averages
+    Returns (this rank's summed loss, skipped, the global gradient norm). DeepSpeed averages
     gradients over ranks, so the loss is scaled by world_size / global_items: the
     result is the gradient of the per-item mean over the whole global batch."""
     total = 0.0
@@ -210,11 +211,11 @@ def _train_step(engine, task: Task, batches, global_items: float, world_size: in
                     f"step {step}: non-finite loss in micro-batch {m} of a gradient-accumulation window; "
                     f"cannot skip it exactly, stopping (last checkpoint is intact)"
                 )
-            return float("nan"), True
+            return float("nan"), True, None
         engine.backward(loss_sum * world_size / global_items, scale_wrt_gas=False)
-        engine.step()
+        grad_norm = optimizer_step(engine)  # None until the last micro-batch (the accumulation boundary)
         total += float(loss_sum.detach())
-    return total, False
+    return total, False, grad_norm
 
 
 @dataclass

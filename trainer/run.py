@@ -23,6 +23,7 @@ from trainer.engine import (
     build_engine,
     init_distributed,
     resolve_precision,
+    resolve_zero_stage,
     torch_dtype,
     zero3_init_context,
 )
@@ -56,6 +57,7 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     cfg: TrainingJobConfig = OmegaConf.to_object(dcfg)
     info = init_distributed()
     validate(cfg, info.world_size)
+    cfg.deepspeed = resolve_zero_stage(cfg.deepspeed, info.world_size)  # everything below sees a number
     run_dir = Path(cfg.output_dir)
     set_seed(cfg.seed)
 
@@ -79,7 +81,8 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
         (run_dir / "data_stats.json").write_text(json.dumps(parts.stats.as_dict(), indent=2))
         print(parts.stats.summary(), flush=True)
         source = cfg.model.name_or_path or "tiny random init (model.tiny)"
-        print(f"model={source} precision={precision} zero_stage={cfg.deepspeed.stage} "
+        requested_stage = " (auto)" if dcfg.deepspeed.stage == "auto" else ""
+        print(f"model={source} precision={precision} zero_stage={cfg.deepspeed.stage}{requested_stage} "
               f"world_size={info.world_size} run_dir={run_dir}", flush=True)
 
     with zero3_init_context(ds_config):
