@@ -75,6 +75,11 @@ class PolicyWorker(RoleWorker):
             self.replica.requires_grad_(False)
             self.replica.to(device()).eval()
             self.refresh_replica()
+        if self.rank == 0:
+            how = ("recorded while sampling" if old_logprobs_from_generation(self.cfg.rollout, self.precision)
+                   else "recomputed by a forward pass")
+            print(f"policy: {self.precision}, old log-probs {how} (rollout.old_logprobs={self.cfg.rollout.old_logprobs})",
+                  flush=True)
 
     def refresh_replica(self) -> float:
         """Copy the engine's current weights into the generation replica (gathered once under ZeRO-3)."""

@@ -8,8 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, register_configs, validate
-from trainer.config import DeepSpeedConfig
+from trainer.config import CONF_DIR, ConfigError, DeepSpeedConfig, TrainingJobConfig, register_configs, validate
 from trainer.engine import build_deepspeed_config, lr_multiplier, resolve_zero_stage
 
 REPO = Path(__file__).resolve().parent.parent

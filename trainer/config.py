@@ -116,7 +116,7 @@ class OptimConfig:
 class DeepSpeedConfig:
     # 0-3, or auto: ZeRO-3 when there is more than one rank to partition over, and on one rank
     # stage 0 (or 2 with optimizer offload, 3 with parameter offload). ZeRO on one rank partitions
-    # nothing, and its bookkeeping cost 23-36% of a step on small CPU models (docs/benchmarks.md).
+    # nothing, and its bookkeeping cost 23-42% of a step on small CPU models (docs/benchmarks.md).
     # `trainer.engine.resolve_zero_stage` turns auto into a number once the world size is known.
     stage: Union[int, str] = "auto"
     offload_optimizer: bool = False
