@@ -224,7 +224,7 @@ class Driver:
         rollout = build_rollout(prompt_ids, responses, self.tokenizer.pad_token_id)
         texts = self._texts(prompts, responses)
 
-        old_logp, ref_logp, values, raw = self._forward_phase(rollout, texts, sampled_logp is None)
+        old_logp, ref_logp, values, raw = self._forward_phase(rollout, texts, policy_logprobs=sampled_logp is None)
         if sampled_logp is not None:
             old_logp = pad_rows(sampled_logp, rollout.responses.shape[1])
         t_scored = time.perf_counter()
@@ -253,7 +253,7 @@ class Driver:
             self._log_samples(it + 1, texts, raw, exp)
         return metrics
 
-    def _forward_phase(self, rollout: Experience, texts: dict, policy_logprobs: bool = True):
+    def _forward_phase(self, rollout: Experience, texts: dict, policy_logprobs: bool):
         """Policy log-probs (unless sampling recorded them), reference log-probs, critic values and reward
         scores, all groups at once; the policy's are None when not asked for."""
         g = self.groups

@@ -94,13 +94,18 @@ def test_trimmed_shards_cover_the_rows_in_order_with_ragged_widths():
     assert torch.equal(values, exp.values * exp.response_mask)
 
 
-def test_response_logprobs_are_aligned_and_padding_invariant():
-    """Log-probs of a batched, right-padded rollout equal each sequence scored alone."""
+def toy_policy():
+    """A seeded 2-layer Llama over a 32-token vocabulary, in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4)).eval()
+
+
+def test_response_logprobs_are_aligned_and_padding_invariant():
+    """Log-probs of a batched, right-padded rollout equal each sequence scored alone."""
+    model = toy_policy()
     prompts, responses = [[1, 5, 6, 7], [1, 8]], [[9, 10, 2], [11, 2]]
     exp = build_rollout(prompts, responses, pad_id=0)
     worker = SimpleNamespace(model=model)
@@ -119,14 +124,12 @@ def test_log_probs_recorded_while_sampling_equal_a_forward_over_the_rollout(temp
     KV-cached sampling is what the policy's forward pass over the finished rollout gives, token for
     token (fp32), including rows that stopped early; with top-k/top-p too (both score the full
     temperature-scaled distribution)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     from rlhf.actor import SampledLogprobs
     from trainer.evaluate import left_pad
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4)).eval()
+    model = toy_policy()
     prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 9]]
     input_ids, attention_mask = left_pad(prompts, 0)
     recorder = SampledLogprobs(temperature)
