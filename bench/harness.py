@@ -67,6 +67,7 @@ class Comparison:
     # The interpreter that runs the TRL side (None: this one); the result file records its library versions.
     trl_python: Optional[Path] = None
     profiled: bool = True  # offers --profile (py-spy on each run's one training process)
+    optional_systems: tuple[str, ...] = ()  # run only when --systems names them (after the default ones)
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -83,7 +84,8 @@ def parse_args(c: Comparison, doc: str, argv: Optional[list[str]],
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP/MKL/torch threads for every run")
     p.add_argument("--skip-steps", type=int, default=5, help="first steps left out of the throughput (warm-up)")
     p.add_argument("--loss-window", type=int, default=10, help=f"final {c.final} = mean over this many last steps")
-    p.add_argument("--systems", nargs="+", choices=c.systems, default=list(c.systems), help="what to run")
+    p.add_argument("--systems", nargs="+", choices=c.systems + c.optional_systems, default=list(c.systems),
+                   help="what to run" + (f" (not by default: {', '.join(c.optional_systems)})" if c.optional_systems else ""))
     if add_arguments is not None:
         add_arguments(p)
     p.add_argument("--seed", type=int, default=1234)
@@ -421,7 +423,7 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
 
     runs = []
     for repeat in range(args.repeats):
-        for system in (s for s in c.systems if s in args.systems):
+        for system in (s for s in c.systems + c.optional_systems if s in args.systems):
             run_dir = setup.work / "runs" / f"{system}-r{repeat}"
             records, wall = run_system(system, run_dir)
             result = {"system": system, "repeat": repeat, "wall_s": wall,

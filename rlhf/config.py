@@ -123,9 +123,16 @@ class PPOTrainConfig:
     iterations: int = 40
     eval_every: int = 20  # also evaluated before the first iteration; 0: only at start and end
     eval_prompts: int = 200  # first N held-out prompts, greedy
-    save_every: int = 20  # 0: only at the end
+    save_every: int = 20  # 0: only at the end; -1: never (benchmarks, sweeps that keep only metrics)
     keep_last: int = 2
     samples_every: int = 10  # a table of prompts/responses/scores in the log and W&B
+
+    def saves_at(self, step: int) -> bool:
+        """Whether iteration `step` (counted from 1) ends with a checkpoint. save_every=-1 writes none
+        (a preemption still saves, so that the run can resume)."""
+        if self.save_every < 0:
+            return False
+        return step == self.iterations or (self.save_every > 0 and step % self.save_every == 0)
 
 
 @dataclass
@@ -169,6 +176,7 @@ def validate(cfg: PPOConfig) -> None:
                        ("algo.ppo_epochs", a.ppo_epochs), ("algo.mini_batch_size", a.mini_batch_size),
                        ("train.iterations", t.iterations), ("train.keep_last", t.keep_last)):
         _require(value > 0, key, f"must be > 0, got {value}")
+    _require(t.save_every >= -1, "train.save_every", f"must be >= 0, or -1 for no checkpoints, got {t.save_every}")
     _require(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _require(r.generation in GENERATION_MODES, "rollout.generation", f"must be one of {GENERATION_MODES}, got {r.generation!r}")

@@ -448,7 +448,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
             if t.eval_every and step % t.eval_every == 0 and step != t.iterations and not preemption.requested:
                 metrics.update(driver.evaluate(step))
             driver.logger.log(step, metrics)
-            if (t.save_every and step % t.save_every == 0) or step == t.iterations or preemption.requested:
+            if t.saves_at(step) or preemption.requested:
                 driver.save(step)
             tqdm.write(f"iter {step}: score {metrics['reward/score_raw_mean']:.3f} kl {metrics['kl/seq_mean']:.3f} "
                        f"len {metrics['response/length_mean']:.1f} {metrics['time/iteration_s']:.1f}s")

@@ -28,6 +28,7 @@ from trainer.engine import (
     has_gpu,
     init_distributed,
     optimizer_step,
+    peak_memory_gb,
     resolve_precision,
     resolve_zero_stage,
     torch_dtype,
@@ -188,6 +189,7 @@ class RoleWorker:
         metrics["grad_norm"] = sum(float(n) for n in norms if n is not None) / max(len(norms), 1)
         metrics["lr"] = self.engine.get_lr()[0]
         metrics["update_s"] = time.perf_counter() - t0
+        metrics["memory_gb"] = peak_memory_gb()  # this rank's peak so far (rank 0's is what the driver logs)
         return metrics
 
     def total_optimizer_steps(self) -> int:

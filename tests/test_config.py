@@ -211,6 +211,7 @@ def test_ppo_without_an_sft_export_names_the_stage_to_run(tmp_path, monkeypatch)
     ("algo.kl_estimator=k4", "algo.kl_estimator"),
     ("cluster.colocate=sometimes", "cluster.colocate"),
     ("rollout.generation=vllm", "rollout.generation"),
+    ("train.save_every=-2", "train.save_every"),
 ])
 def test_bad_ppo_values_name_the_key(override, key, tmp_path, monkeypatch):
     from rlhf.config import register_ppo_config
@@ -220,6 +221,14 @@ def test_bad_ppo_values_name_the_key(override, key, tmp_path, monkeypatch):
     cfg = OmegaConf.to_object(_compose("ppo", [f"{r}.model.name_or_path=x" for r in PPO_GROUPS[:4]] + [override]))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_ppo(cfg)
+
+
+@pytest.mark.parametrize("save_every,saved", [(0, [6]), (2, [2, 4, 6]), (4, [4, 6]), (-1, [])])
+def test_ppo_checkpoints_at_save_every_and_the_end_unless_minus_one(save_every, saved):
+    from rlhf.config import PPOTrainConfig
+
+    t = PPOTrainConfig(iterations=6, save_every=save_every)
+    assert [step for step in range(1, 7) if t.saves_at(step)] == saved
 
 
 def test_a_killed_builds_lock_is_removed_and_a_fresh_one_kept(tmp_path):

@@ -278,6 +278,25 @@ def test_reward_function_kl_in_loss_zero3_generation_colocated_then_a_dying_acto
     assert (run / "checkpoints" / "actor" / "step_00000001" / "COMPLETE").exists()
 
 
+@pytest.mark.distributed
+def test_the_one_device_layout_all_colocated_with_an_unpartitioned_policy_and_no_checkpoints(tiny_model, tmp_path):
+    """The layout of one GPU (bench.gpu_check --ppo): every role on the same device, the policy on one rank,
+    where `auto` leaves it unpartitioned and its own module generates (no replica to refresh);
+    train.save_every=-1 writes no checkpoint."""
+    run = tmp_path / "one_device"
+    # One CPU slot in Ray's accounting: the four roles fit only by sharing it.
+    run_ppo(run, tiny_model, "train.iterations=2", "train.save_every=-1", "actor.devices_per_node=1",
+            "cluster.colocate=all", "cluster.num_cpus=1")
+    placement = [row.split() for row in (run / "placement.txt").read_text().splitlines()[1:]]
+    assert [(row[0], row[-1]) for row in placement] == [("actor", "0"), ("critic", "0"), ("reference", "0"),
+                                                        ("reward", "0")]
+    recs = records(run)
+    assert recs[1]["kl/seq_mean"] == pytest.approx(0.0, abs=1e-4) and abs(recs[2]["kl/seq_mean"]) > 1e-6
+    assert recs[2]["policy/replica_refresh_s"] == 0.0
+    assert recs[2]["policy/memory_gb"] > 0 and recs[2]["critic/memory_gb"] > 0
+    assert not (run / "checkpoints").exists()
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

@@ -71,6 +71,15 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if has_gpu() else torch.device("cpu")
 
 
+def peak_memory_gb() -> float:
+    """This process's peak memory: allocated GPU memory, or resident memory on the CPU."""
+    if has_gpu():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few scalars over all ranks in one collective (a no-op in a world of one)."""
     t = torch.tensor(values, dtype=torch.float64, device=device())

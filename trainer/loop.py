@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from trainer.checkpoint import save_checkpoint
 from trainer.config import TrainingJobConfig
-from trainer.engine import DistInfo, all_reduce_sum, device, optimizer_step
+from trainer.engine import DistInfo, all_reduce_sum, device, optimizer_step, peak_memory_gb
 from trainer.metrics import MetricsLogger
 from trainer.objectives import Task
 
@@ -116,14 +116,6 @@ def _row_tokens(row: dict) -> int:
     """Real (unpadded) tokens of a data row: `input_ids` of a causal-LM row, or
     `chosen_input_ids` + `rejected_input_ids` of a preference pair."""
     return sum(len(v) for k, v in row.items() if k.endswith("input_ids"))
-
-
-def _memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState) -> TrainState:
@@ -252,7 +244,7 @@ class _Window:
                 "train/epoch": sampler.epoch(state.step),
                 "train/tokens_seen": state.tokens_seen,
                 "train/nonfinite_skips": state.nonfinite_skips,
-                "system/memory_gb": _memory_gb(),
+                "system/memory_gb": peak_memory_gb(),
             }
         self.__init__()
         return metrics
