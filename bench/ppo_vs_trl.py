@@ -68,7 +68,7 @@ PPO = harness.Comparison(
     ),
     systems=("tuneforge", "trl", "tuneforge-zero0", "tuneforge-zero3-recompute"),
     # Gradient clipping off on both tuneforge models, as TRL's PPO loop never clips: isolates that difference.
-    optional_systems=("tuneforge-noclip",),
+    optional_systems=("tuneforge-noclip", "tuneforge-plain-linear"),
     trl_systems=("trl",),
     counts={"rollouts": "rollouts", "response_tokens": "resp tok", "prompt_tokens": "prompt tok"},
     sizes={"steps": 30, "rollout_batch": 64, "mini_batch_size": 32, "ppo_epochs": 1, "response_length": 16},
@@ -87,6 +87,7 @@ PPO = harness.Comparison(
 SYSTEM_OVERRIDES = {
     "tuneforge": (),
     "tuneforge-zero0": ("actor.deepspeed.stage=0", "critic.deepspeed.stage=0"),
+    "tuneforge-plain-linear": ("actor.deepspeed.memory_efficient_linear=false",),
     "tuneforge-noclip": ("actor.optim.max_grad_norm=0", "critic.optim.max_grad_norm=0"),
     "tuneforge-zero3-recompute": ("actor.deepspeed.stage=3", "critic.deepspeed.stage=3", "rollout.old_logprobs=recompute"),
 }

@@ -23,7 +23,7 @@ from rlhf.algorithms import kl_estimate, policy_loss
 from rlhf.config import old_logprobs_from_generation
 from rlhf.experience import Experience, cut_at_stop
 from rlhf.worker import RoleWorker
-from trainer.engine import device
+from trainer.engine import device, torch_linear
 from trainer.evaluate import left_pad, stop_token_ids
 from trainer.model import build_causal_lm
 
@@ -121,18 +121,19 @@ class PolicyWorker(RoleWorker):
         synced = self.replica is None and self.role_cfg.deepspeed.stage == 3 and self.world_size > 1
         input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         sampling = {} if greedy else dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-        out = model.generate(
-            input_ids=input_ids.to(device()),
-            attention_mask=attention_mask.to(device()),
-            max_new_tokens=r.max_new_tokens,
-            do_sample=not greedy,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            use_cache=True,
-            synced_gpus=synced,
-            logits_processor=LogitsProcessorList([recorder] if recorder else []),
-            **sampling,
-        )
+        with torch_linear():  # no gradients here: ZeRO-3's Linear wrapper would only cost time
+            out = model.generate(
+                input_ids=input_ids.to(device()),
+                attention_mask=attention_mask.to(device()),
+                max_new_tokens=r.max_new_tokens,
+                do_sample=not greedy,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True,
+                synced_gpus=synced,
+                logits_processor=LogitsProcessorList([recorder] if recorder else []),
+                **sampling,
+            )
         stops = set(self.stop_ids)
         responses = [cut_at_stop(row.tolist(), stops) for row in out[:, input_ids.shape[1]:].cpu()]
         logps = None

@@ -32,6 +32,7 @@ from trainer.engine import (
     resolve_precision,
     resolve_zero_stage,
     torch_dtype,
+    torch_linear,
     zero3_init_context,
 )
 from trainer.model import load_tokenizer
@@ -117,9 +118,11 @@ class RoleWorker:
     # ------------------------------------------------------------------ forward passes
 
     def _forward_micro(self, exp: Experience, fn: Callable[[Experience], torch.Tensor]) -> list[torch.Tensor]:
-        """fn over micro-batches of this rank's shard (every rank runs the same count, as ZeRO-3 needs)."""
+        """fn over micro-batches of this rank's shard (every rank runs the same count, as ZeRO-3 needs),
+        without gradients."""
         # Trimmed on the CPU (no device sync for the widths), then moved.
-        return [fn(micro.to(device())) for micro in exp.micro_batches(self.role_cfg.micro_batch_size)]
+        with torch.no_grad(), torch_linear():
+            return [fn(micro.to(device())) for micro in exp.micro_batches(self.role_cfg.micro_batch_size)]
 
     def response_logprobs(self, micro: Experience, temperature: float, with_entropy: bool = False,
                           entropy_grad: bool = False):

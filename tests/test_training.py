@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from runs import TINY, losses, metric, run_stage, signal_when, write_sft_jsonl
+from runs import REPO, TINY, losses, metric, run_env, run_stage, signal_when, write_sft_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,40 @@ def test_one_and_two_process_zero3_runs_train_and_agree(tmp_path, small_data):
     assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
     ds = json.loads((two / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 4
+
+
+# Builds a ZeRO-3 engine in a fresh process and says which F.linear it left: after the build, inside
+# `torch_linear()`, and after that.
+_LINEAR_PROBE = """
+import sys, torch
+from trainer.config import DeepSpeedConfig, ModelConfig, OptimConfig
+from trainer.engine import build_deepspeed_config, build_engine, init_distributed, torch_linear, zero3_init_context
+from trainer.model import build_causal_lm, load_tokenizer
+init_distributed()
+plain = torch.nn.functional.linear
+ds = DeepSpeedConfig(stage=3, memory_efficient_linear=sys.argv[1] == "true")
+ds_config = build_deepspeed_config(ds, 2, 1, 1, 1.0)
+with zero3_init_context(ds_config):
+    model = build_causal_lm(ModelConfig(), load_tokenizer(ModelConfig()), torch.float32)
+build_engine(model, ds, OptimConfig(), ds_config, total_steps=1)
+seen = [torch.nn.functional.linear is plain]
+with torch_linear():
+    seen.append(torch.nn.functional.linear is plain)
+seen.append(torch.nn.functional.linear is plain)
+print(" ".join("plain" if s else "wrapped" for s in seen))
+"""
+
+
+@pytest.mark.parametrize("memory_efficient_linear,seen", [("true", "wrapped plain wrapped"),
+                                                          ("false", "plain plain plain")])
+def test_torch_linear_undoes_zero3s_process_wide_linear_wrapper_for_a_while(memory_efficient_linear, seen):
+    """ZeRO-3's memory-efficient Linear replaces torch's F.linear in the whole process (DeepSpeed's default);
+    PPO's gradient-free passes (the policy's plain generation replica among them) run inside
+    `torch_linear()`, which hands torch's op back and restores the wrapper for training."""
+    proc = subprocess.run([sys.executable, "-c", _LINEAR_PROBE, memory_efficient_linear], cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == seen
 
 
 @pytest.mark.distributed

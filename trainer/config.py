@@ -130,6 +130,10 @@ class DeepSpeedConfig:
     # the granularity FSDP wraps at, instead of hooking every Linear and norm inside it:
     # fewer, larger all-gathers and less hook overhead. false: DeepSpeed's per-module default.
     stage3_gather_per_block: bool = True
+    # ZeRO-3's Linear wrapper (DeepSpeed's default): with it, backward does not keep every layer's gathered
+    # weights alive. Building a ZeRO-3 model installs it as torch.nn.functional.linear for the whole
+    # process; `trainer.engine.torch_linear` takes torch's own op back where no gradient is taken.
+    memory_efficient_linear: bool = True
     # auto picks bf16 where the accelerator supports it, fp32 otherwise.
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     # Raw keys merged last into the generated DeepSpeed JSON (expert escape hatch).

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from trainer.engine import DistInfo, all_reduce_sum, device
+from trainer.engine import DistInfo, all_reduce_sum, device, torch_linear
 from trainer.objectives import Task, bradley_terry_loss_sum, pair_scores
 
 
@@ -31,10 +31,12 @@ def _rank_batches(items: list, info: DistInfo, batch_size: int) -> Iterator[tupl
 
 @contextlib.contextmanager
 def _eval_mode(module: torch.nn.Module):
+    """Evaluation: eval mode, and torch's own Linear (no gradients, so ZeRO-3's wrapper would only cost time)."""
     was_training = module.training
     module.eval()
     try:
-        yield
+        with torch_linear():
+            yield
     finally:
         module.train(was_training)
 
