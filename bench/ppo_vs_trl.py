@@ -32,12 +32,16 @@ entropy of the policy over its last `--loss-window` iterations (`final entropy`)
 
 Systems (`--systems`), run in this order `--repeats` times; the tables show medians and tuneforge/TRL ratios:
 - tuneforge: the PPO defaults (the policy's 2 ranks under ZeRO-3, the critic's 1 rank unpartitioned, both by
-  `deepspeed.stage=auto`; old log-probs recorded while sampling, `rollout.old_logprobs=auto` in fp32);
+  `deepspeed.stage=auto`; old log-probs recorded while sampling, `rollout.old_logprobs=auto` in fp32; the next
+  rollouts sampled while the critic's update finishes, `rollout.overlap_critic_update`);
 - trl: TRL 1.12.0's PPOTrainer;
 - tuneforge-zero0: the defaults with the policy unpartitioned too (`actor.deepspeed.stage=0`);
 - tuneforge-zero3-recompute: the defaults before 2026-11-26's second change: policy and critic under ZeRO-3 and old
   log-probs from a second policy forward (`actor.deepspeed.stage=3 critic.deepspeed.stage=3
   rollout.old_logprobs=recompute`).
+Optional systems (run only when --systems names them): tuneforge-noclip (no gradient clipping, as TRL),
+tuneforge-plain-linear (ZeRO-3's Linear wrapper off for training too), tuneforge-no-overlap (each iteration waits for
+both updates before sampling: `rollout.overlap_critic_update=false`).
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ PPO = harness.Comparison(
     ),
     systems=("tuneforge", "trl", "tuneforge-zero0", "tuneforge-zero3-recompute"),
     # Gradient clipping off on both tuneforge models, as TRL's PPO loop never clips: isolates that difference.
-    optional_systems=("tuneforge-noclip", "tuneforge-plain-linear"),
+    optional_systems=("tuneforge-noclip", "tuneforge-plain-linear", "tuneforge-no-overlap"),
     trl_systems=("trl",),
     counts={"rollouts": "rollouts", "response_tokens": "resp tok", "prompt_tokens": "prompt tok"},
     sizes={"steps": 30, "rollout_batch": 64, "mini_batch_size": 32, "ppo_epochs": 1, "response_length": 16},
@@ -89,6 +93,7 @@ SYSTEM_OVERRIDES = {
     "tuneforge-zero0": ("actor.deepspeed.stage=0", "critic.deepspeed.stage=0"),
     "tuneforge-plain-linear": ("actor.deepspeed.memory_efficient_linear=false",),
     "tuneforge-noclip": ("actor.optim.max_grad_norm=0", "critic.optim.max_grad_norm=0"),
+    "tuneforge-no-overlap": ("rollout.overlap_critic_update=false",),
     "tuneforge-zero3-recompute": ("actor.deepspeed.stage=3", "critic.deepspeed.stage=3", "rollout.old_logprobs=recompute"),
 }
 

@@ -75,6 +75,11 @@ class RolloutConfig:
     # over the finished rollouts (as OpenRLHF and veRL do). auto: generation in fp32, where the two
     # agree to float rounding; recompute in bf16/fp16, where KV-cached logits can differ by more.
     old_logprobs: str = "auto"
+    # Start sampling the next iteration's rollouts as soon as the policy has updated, while the critic's
+    # update finishes: its new weights are first read when those rollouts are scored, so the computation is
+    # the same and the devices idle less. Off: each iteration waits for both updates before sampling
+    # (less peak memory where the policy and critic share a device).
+    overlap_critic_update: bool = True
 
 
 def old_logprobs_from_generation(r: RolloutConfig, precision: str) -> bool:

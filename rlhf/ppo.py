@@ -4,7 +4,8 @@ actor groups, orchestrated by this one driver.
 One iteration: sample prompts -> the policy generates -> in parallel, policy log-probs, reference
 log-probs, critic values and reward scores -> token rewards, KL and advantages (here, in pure
 functions over the whole rollout batch) -> critic and policy updates in parallel (the policy's
-generation replica is refreshed at the end of its update) -> log. The run directory gets
+generation replica is refreshed at the end of its update; the next iteration's generation starts as
+soon as the policy is done, while the critic finishes) -> log. The run directory gets
 metrics.jsonl, samples.jsonl, placement.txt, checkpoints and before_after.json.
 """
 
@@ -39,7 +40,7 @@ from rlhf.algorithms import (
 )
 from rlhf.config import PPOConfig, ROLES, register_ppo_config, validate
 from rlhf.experience import Experience, build_rollout, pad_right, pad_rows
-from rlhf.group import ActorGroup, RoleFailure, wait_all
+from rlhf.group import ActorGroup, PendingCall, RoleFailure, wait_all
 from rlhf.placement import (
     PlacementError,
     RoleLayout,
@@ -172,6 +173,7 @@ class Driver:
                         "reward": RewardWorker}
         self.groups: dict = {}
         self.placements: dict = {}
+        self._next_generation: dict[int, PendingCall] = {}  # iteration -> its generation, already started
         logger_cfg, logged_config = tag_logger(cfg.logger, resolved, current_member())
         self.logger = MetricsLogger(run_dir, logger_cfg, logged_config, job_type="ppo", enabled=True)
         a = cfg.algo
@@ -209,14 +211,25 @@ class Driver:
 
     # -------------------------------------------------------------- one iteration
 
+    def _rollout_prompts(self, it: int) -> list:
+        cfg = self.cfg
+        return [p for p in sample_prompts(self.train_prompts, it, cfg.rollout.prompts_per_iteration, cfg.seed)
+                for _ in range(cfg.rollout.samples_per_prompt)]
+
+    def _generate_call(self, it: int) -> PendingCall:
+        actor = self.groups["actor"]
+        prompt_ids = [p.prompt_ids for p in self._rollout_prompts(it)]
+        return actor.call_sharded("generate", split_evenly(prompt_ids, actor.world_size), it)
+
     def iteration(self, it: int) -> dict:
         cfg, g = self.cfg, self.groups
         t_start = time.perf_counter()
-        prompts = [p for p in sample_prompts(self.train_prompts, it, cfg.rollout.prompts_per_iteration, cfg.seed)
-                   for _ in range(cfg.rollout.samples_per_prompt)]
+        prompts = self._rollout_prompts(it)
         prompt_ids = [p.prompt_ids for p in prompts]
         actor = g["actor"]
-        generated = wait_all([actor.call_sharded("generate", split_evenly(prompt_ids, actor.world_size), it)])[0]
+        # Started by the previous iteration while its critic update finished (rollout.overlap_critic_update).
+        started = self._next_generation.pop(it, None)
+        generated = wait_all([started or self._generate_call(it)])[0]
         responses = [r for rank_out, _, _ in generated for r in rank_out]
         # Old log-probs recorded while sampling (rollout.old_logprobs), else None: the forward phase computes them.
         sampled_logp = None if generated[0][1] is None else [lp for _, rank_lp, _ in generated for lp in rank_lp]
@@ -231,15 +244,16 @@ class Driver:
         exp = rollout.with_fields(old_logp=old_logp, ref_logp=ref_logp, values=values)
         exp, metrics = score_rollout(exp, raw, cfg, self.kl.value, self.reward_stats)
 
-        calls = [g["critic"].call_sharded("train", exp.shards(g["critic"].world_size), it)]
-        policy_trains = it >= cfg.algo.critic_warmup_iterations
-        if policy_trains:
-            calls.append(actor.call_sharded("train", exp.shards(actor.world_size), it, self.kl.value))
-        results = wait_all(calls)
+        critic_update = g["critic"].call_sharded("train", exp.shards(g["critic"].world_size), it)
+        if it >= cfg.algo.critic_warmup_iterations:
+            policy = wait_all([actor.call_sharded("train", exp.shards(actor.world_size), it, self.kl.value)])[0]
+            metrics.update({f"policy/{k}": v for k, v in policy[0].items()})
+        # The next rollouts need only the updated policy: they are sampled while the critic finishes, whose new
+        # weights are first read when they are scored. The same computation, with less idle time.
+        if cfg.rollout.overlap_critic_update and it + 1 < cfg.train.iterations:
+            self._next_generation = {it + 1: self._generate_call(it + 1)}
+        metrics.update({f"critic/{k}": v for k, v in wait_all([critic_update])[0][0].items()})
         t_trained = time.perf_counter()
-        metrics.update({f"critic/{k}": v for k, v in results[0][0].items()})
-        if policy_trains:
-            metrics.update({f"policy/{k}": v for k, v in results[1][0].items()})
         self.kl.update(metrics["kl/seq_mean"], len(exp))
         metrics.update({
             "time/generate_s": t_generated - t_start,
