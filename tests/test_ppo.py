@@ -20,7 +20,7 @@ from runs import PPO_SMALL, REPO, run_env, signal_when, tiny_ppo_model
 from rlhf.config import PPOConfig
 from rlhf.experience import build_rollout, cut_at_stop, pad_right, response_positions
 from rlhf.ppo import sample_prompts, score_rollout
-from rlhf.worker import RoleWorker
+from rlhf.worker import RoleWorker, takes_logits_to_keep
 
 
 
@@ -104,9 +104,11 @@ def toy_policy():
 
 
 def test_response_logprobs_are_aligned_and_padding_invariant():
-    """Log-probs of a batched, right-padded rollout equal each sequence scored alone."""
+    """Log-probs of a batched, right-padded rollout equal each sequence scored alone, with logits computed
+    only from the shortest prompt's last position on (`logits_to_keep`, taken through a DeepSpeed engine too)."""
     model = toy_policy()
-    prompts, responses = [[1, 5, 6, 7], [1, 8]], [[9, 10, 2], [11, 2]]
+    assert takes_logits_to_keep(model) and takes_logits_to_keep(SimpleNamespace(module=model))
+    prompts, responses = [[1, 5, 6, 7], [1, 8, 3]], [[9, 10, 2], [11, 2]]
     exp = build_rollout(prompts, responses, pad_id=0)
     worker = SimpleNamespace(model=model)
     with torch.no_grad():
