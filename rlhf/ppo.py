@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -221,7 +221,9 @@ class Driver:
         prompt_ids = [p.prompt_ids for p in self._rollout_prompts(it)]
         return actor.call_sharded("generate", split_evenly(prompt_ids, actor.world_size), it)
 
-    def iteration(self, it: int) -> dict:
+    def iteration(self, it: int, stopping: Callable[[], bool] = lambda: False) -> dict:
+        """One PPO iteration; `stopping()` true (a preemption) starts no generation for the next one, which a
+        checkpoint of the policy would otherwise have to wait for."""
         cfg, g = self.cfg, self.groups
         t_start = time.perf_counter()
         prompts = self._rollout_prompts(it)
@@ -250,7 +252,7 @@ class Driver:
             metrics.update({f"policy/{k}": v for k, v in policy[0].items()})
         # The next rollouts need only the updated policy: they are sampled while the critic finishes, whose new
         # weights are first read when they are scored. The same computation, with less idle time.
-        if cfg.rollout.overlap_critic_update and it + 1 < cfg.train.iterations:
+        if cfg.rollout.overlap_critic_update and it + 1 < cfg.train.iterations and not stopping():
             self._next_generation = {it + 1: self._generate_call(it + 1)}
         metrics.update({f"critic/{k}": v for k, v in wait_all([critic_update])[0][0].items()})
         t_trained = time.perf_counter()
@@ -457,7 +459,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
             driver.logger.log(0, before)
         metrics = {}
         for it in tqdm(range(done, t.iterations), desc="ppo", initial=done, total=t.iterations, dynamic_ncols=True):
-            metrics = driver.iteration(it)
+            metrics = driver.iteration(it, stopping=lambda: preemption.requested)
             step = it + 1
             if t.eval_every and step % t.eval_every == 0 and step != t.iterations and not preemption.requested:
                 metrics.update(driver.evaluate(step))

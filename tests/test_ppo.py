@@ -232,14 +232,13 @@ def test_ppo_runs_all_four_roles_and_learns_signals(straight_run):
 def test_sigusr1_saves_the_iteration_and_resume_reproduces_the_straight_run(straight_run, tiny_model, tmp_path):
     """What a scheduler's preemption does: SIGUSR1 (or SIGTERM) ends the current iteration with a
     checkpoint, whatever save_every says, and exit status 75; `resume=auto` then continues exactly
-    as the uninterrupted run did. The straight run samples each iteration's rollouts while the critic's
-    previous update finishes (rollout.overlap_critic_update, the default); this one waits for both
-    updates, and the two must agree: the overlap changes only when work runs."""
+    as the uninterrupted run did. The straight and the interrupted run sample each iteration's rollouts
+    while the critic's previous update finishes (rollout.overlap_critic_update, the default); the resumed
+    part waits for both updates, and all must agree: the overlap changes only when work runs."""
     run, _ = straight_run
     resumed = tmp_path / "resumed"
-    sequential = "rollout.overlap_critic_update=false"
     cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, "train.iterations=4", "train.save_every=100",
-           sequential, f"hydra.run.dir={resumed}"]
+           f"hydra.run.dir={resumed}"]
     proc = signal_when(cmd, lambda: bool(iterations_done(resumed)), signal.SIGUSR1)
     assert proc.returncode == 75, proc.stderr[-3000:]
     assert "preempted: saved iteration" in proc.stdout
@@ -248,7 +247,8 @@ def test_sigusr1_saves_the_iteration_and_resume_reproduces_the_straight_run(stra
     for role in ("actor", "critic"):
         assert (resumed / "checkpoints" / role / f"step_{stopped_at:08d}" / "COMPLETE").exists()
 
-    proc = run_ppo(resumed, tiny_model, "train.iterations=4", "train.save_every=100", sequential, "resume=auto")
+    proc = run_ppo(resumed, tiny_model, "train.iterations=4", "train.save_every=100",
+                   "rollout.overlap_critic_update=false", "resume=auto")
     assert "resumed from" in proc.stdout
     a, b = records(run), records(resumed)
     assert iterations_done(resumed) == [1, 2, 3, 4], "each iteration logged once"
