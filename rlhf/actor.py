@@ -135,7 +135,6 @@ class PolicyWorker(RoleWorker):
             logps = [row[: len(resp)] for row, resp in zip(recorder.finish(out).cpu().tolist(), responses)]
         return responses, logps, time.perf_counter() - t0
 
-    @torch.no_grad()
     def log_probs(self, exp: Experience) -> torch.Tensor:
         """(B, T) log-probs of this rank's shard under the current policy (the PPO 'old' log-probs)."""
         t = self.cfg.rollout.temperature

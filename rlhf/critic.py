@@ -29,7 +29,6 @@ class CriticWorker(RoleWorker):
         mean, std = self.value_scale
         return (super().response_values(micro) - mean) / std
 
-    @torch.no_grad()
     def values(self, exp: Experience) -> torch.Tensor:
         """(B, T) values of this rank's shard."""
         return self._stack(self._forward_micro(exp, self.response_values), exp.responses.shape[1])

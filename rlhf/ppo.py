@@ -173,7 +173,7 @@ class Driver:
                         "reward": RewardWorker}
         self.groups: dict = {}
         self.placements: dict = {}
-        self._next_generation: dict[int, PendingCall] = {}  # iteration -> its generation, already started
+        self._next_generation: dict[int, tuple[list, PendingCall]] = {}  # iteration -> its prompts and generation
         logger_cfg, logged_config = tag_logger(cfg.logger, resolved, current_member())
         self.logger = MetricsLogger(run_dir, logger_cfg, logged_config, job_type="ppo", enabled=True)
         a = cfg.algo
@@ -211,27 +211,24 @@ class Driver:
 
     # -------------------------------------------------------------- one iteration
 
-    def _rollout_prompts(self, it: int) -> list:
-        cfg = self.cfg
-        return [p for p in sample_prompts(self.train_prompts, it, cfg.rollout.prompts_per_iteration, cfg.seed)
-                for _ in range(cfg.rollout.samples_per_prompt)]
-
-    def _generate_call(self, it: int) -> PendingCall:
-        actor = self.groups["actor"]
-        prompt_ids = [p.prompt_ids for p in self._rollout_prompts(it)]
-        return actor.call_sharded("generate", split_evenly(prompt_ids, actor.world_size), it)
+    def _start_generation(self, it: int) -> tuple[list, PendingCall]:
+        """Iteration `it`'s prompts, and the policy's generation call for them, in flight."""
+        cfg, actor = self.cfg, self.groups["actor"]
+        prompts = [p for p in sample_prompts(self.train_prompts, it, cfg.rollout.prompts_per_iteration, cfg.seed)
+                   for _ in range(cfg.rollout.samples_per_prompt)]
+        ids = [p.prompt_ids for p in prompts]
+        return prompts, actor.call_sharded("generate", split_evenly(ids, actor.world_size), it)
 
     def iteration(self, it: int, stopping: Callable[[], bool] = lambda: False) -> dict:
         """One PPO iteration; `stopping()` true (a preemption) starts no generation for the next one, which a
         checkpoint of the policy would otherwise have to wait for."""
         cfg, g = self.cfg, self.groups
         t_start = time.perf_counter()
-        prompts = self._rollout_prompts(it)
+        # Started by the previous iteration while its critic update finished (rollout.overlap_critic_update).
+        prompts, generation = self._next_generation.pop(it, None) or self._start_generation(it)
         prompt_ids = [p.prompt_ids for p in prompts]
         actor = g["actor"]
-        # Started by the previous iteration while its critic update finished (rollout.overlap_critic_update).
-        started = self._next_generation.pop(it, None)
-        generated = wait_all([started or self._generate_call(it)])[0]
+        generated = wait_all([generation])[0]
         responses = [r for rank_out, _, _ in generated for r in rank_out]
         # Old log-probs recorded while sampling (rollout.old_logprobs), else None: the forward phase computes them.
         sampled_logp = None if generated[0][1] is None else [lp for _, rank_lp, _ in generated for lp in rank_lp]
@@ -253,7 +250,7 @@ class Driver:
         # The next rollouts need only the updated policy: they are sampled while the critic finishes, whose new
         # weights are first read when they are scored. The same computation, with less idle time.
         if cfg.rollout.overlap_critic_update and it + 1 < cfg.train.iterations and not stopping():
-            self._next_generation = {it + 1: self._generate_call(it + 1)}
+            self._next_generation = {it + 1: self._start_generation(it + 1)}
         metrics.update({f"critic/{k}": v for k, v in wait_all([critic_update])[0][0].items()})
         t_trained = time.perf_counter()
         self.kl.update(metrics["kl/seq_mean"], len(exp))

@@ -13,7 +13,6 @@ class ReferenceWorker(RoleWorker):
     def setup(self) -> None:
         self.build(build_causal_lm)
 
-    @torch.no_grad()
     def log_probs(self, exp: Experience) -> torch.Tensor:
         """(B, T) reference log-probs of this rank's shard (same temperature as the policy's)."""
         t = self.cfg.rollout.temperature

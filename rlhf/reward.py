@@ -43,7 +43,6 @@ class RewardWorker(RoleWorker):
             return
         self.build(build_reward_model)
 
-    @torch.no_grad()
     def scores(self, exp: Experience, texts: dict) -> torch.Tensor:
         """(B,) raw scores of this rank's shard. `texts` holds the decoded prompts, responses and
         reference answers of the shard (what a reward function reads)."""
