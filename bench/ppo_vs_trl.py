@@ -41,7 +41,8 @@ Systems (`--systems`), run in this order `--repeats` times; the tables show medi
   rollout.old_logprobs=recompute`).
 Optional systems (run only when --systems names them): tuneforge-noclip (no gradient clipping, as TRL),
 tuneforge-plain-linear (ZeRO-3's Linear wrapper off for training too), tuneforge-no-overlap (each iteration waits for
-both updates before sampling: `rollout.overlap_critic_update=false`).
+both updates before sampling: `rollout.overlap_critic_update=false`), tuneforge-persist (the policy's ZeRO-3 keeps
+DeepSpeed's 100k parameter persistence threshold, the default before 2026-11-27).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ PPO = harness.Comparison(
     ),
     systems=("tuneforge", "trl", "tuneforge-zero0", "tuneforge-zero3-recompute"),
     # Gradient clipping off on both tuneforge models, as TRL's PPO loop never clips: isolates that difference.
-    optional_systems=("tuneforge-noclip", "tuneforge-plain-linear", "tuneforge-no-overlap"),
+    optional_systems=("tuneforge-noclip", "tuneforge-plain-linear", "tuneforge-no-overlap", "tuneforge-persist"),
     trl_systems=("trl",),
     counts={"rollouts": "rollouts", "response_tokens": "resp tok", "prompt_tokens": "prompt tok"},
     sizes={"steps": 30, "rollout_batch": 64, "mini_batch_size": 32, "ppo_epochs": 1, "response_length": 16},
@@ -94,6 +95,7 @@ SYSTEM_OVERRIDES = {
     "tuneforge-plain-linear": ("actor.deepspeed.memory_efficient_linear=false",),
     "tuneforge-noclip": ("actor.optim.max_grad_norm=0", "critic.optim.max_grad_norm=0"),
     "tuneforge-no-overlap": ("rollout.overlap_critic_update=false",),
+    "tuneforge-persist": ("actor.deepspeed.stage3_param_persistence_threshold=100000",),
     "tuneforge-zero3-recompute": ("actor.deepspeed.stage=3", "critic.deepspeed.stage=3", "rollout.old_logprobs=recompute"),
 }
 

@@ -135,11 +135,6 @@ class PolicyWorker(RoleWorker):
             logps = [row[: len(resp)] for row, resp in zip(recorder.finish(out).cpu().tolist(), responses)]
         return responses, logps, time.perf_counter() - t0
 
-    def log_probs(self, exp: Experience) -> torch.Tensor:
-        """(B, T) log-probs of this rank's shard under the current policy (the PPO 'old' log-probs)."""
-        t = self.cfg.rollout.temperature
-        return self._stack(self._forward_micro(exp, lambda m: self.response_logprobs(m, t)), exp.responses.shape[1])
-
     def train(self, exp: Experience, iteration: int, kl_coef: float) -> dict:
         """One PPO update on this rank's shard; `kl_coef` weighs the KL term when algo.kl_in=loss."""
         a, temperature = self.cfg.algo, self.cfg.rollout.temperature

@@ -160,6 +160,12 @@ class RoleWorker:
             return logp
         return logp, entropy_from_logits(logits if entropy_grad else logits.detach())
 
+    def log_probs(self, exp: Experience) -> torch.Tensor:
+        """(B, T) log-probs of this rank's shard at the sampling temperature: the reference's scoring call, and
+        the policy's when it recomputes the PPO 'old' log-probs (rollout.old_logprobs=recompute)."""
+        t = self.cfg.rollout.temperature
+        return self._stack(self._forward_micro(exp, lambda m: self.response_logprobs(m, t)), exp.responses.shape[1])
+
     def response_values(self, micro: Experience) -> torch.Tensor:
         """(b, t) scalar-head outputs at the positions before each response token (critic values)."""
         per_token = per_token_scores(self.model, input_ids=micro.sequences, attention_mask=micro.attention_mask)

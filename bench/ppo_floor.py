@@ -1,0 +1,255 @@
+"""The compute floor of one PPO iteration of `bench.ppo_vs_trl` on this machine: each piece of the iteration's
+work timed alone, in one process on one thread, as plain PyTorch with the bench's Hugging Face models (no
+DeepSpeed, no Ray, no collectives), so what remains is the work itself.
+
+    python -m bench.ppo_floor [--rollout-batch 64] [--mini-batch-size 32] [--response-length 16]
+                              [--policy-ranks 2] [--model-size tiny] [--repeats 7] [--cores N]
+                              [--zero3-option KEY=VALUE ...]
+                              [--vs bench/results/ppo_vs_trl.json] [--out bench/results/ppo_floor.json]
+
+The pieces, each the median of --repeats timings after two warm-up rounds:
+- generate: one policy rank's share of the prompts (rollout batch / --policy-ranks), sampled at temperature 1
+  with the KV cache, counted once per rank; every response runs to --response-length (no stop token), so every
+  pass below reads full-length rollouts;
+- reference log-probs, reward scores, critic values: one forward pass each over every rollout, in micro-batches
+  of 32 (the reference with logits only where responses are, as `RoleWorker.response_logprobs` asks);
+- policy update, critic update: forward + backward + AdamW step per mini-batch over every rollout;
+- the policy update again as tuneforge runs it by default: a ZeRO-3 engine (`trainer.engine`) over --policy-ranks
+  processes started by torchrun, each mini-batch split over them, counted as ranks x its median wall time;
+  --zero3-option sets a `DeepSpeedConfig` field for it.
+
+The floor is the plain pieces' sum divided by --cores: the iteration time if every core did nothing but this
+work, with no overhead and perfect packing. A second floor swaps in the ZeRO-3 update. No real system reaches
+either; they tell how far a throughput target is from what the machine can do at all. With --vs, both are set
+beside the rows of a `bench.ppo_vs_trl` result, as multiples of its TRL median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+if not __package__:  # run as `python bench/ppo_floor.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench import harness  # noqa: E402
+
+
+def median_s(fn: Callable[[], None], repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from bench.ppo_vs_trl import compose_ppo, save_models
+    from rlhf.ppo import sample_prompts
+    from trainer.data import build_prompts
+    from trainer.evaluate import left_pad
+    from trainer.model import load_tokenizer
+    from trainer.objectives import per_token_scores
+
+    policy_dir, reward_dir = save_models(work, args.model_size, args.seed)
+    cfg = compose_ppo([f"actor.model.name_or_path={policy_dir}", f"seed={args.seed}"])
+    tokenizer = load_tokenizer(cfg.actor.model)
+    d = cfg.data
+    prompts = sample_prompts(build_prompts(d, tokenizer, d.path, d.split, d.format, d.name), 0,
+                             args.rollout_batch, args.seed)
+    ids, mask = left_pad([p.prompt_ids for p in prompts], tokenizer.pad_token_id)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    reward = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    share = args.rollout_batch // args.policy_ranks
+
+    def generate(rows: slice) -> torch.Tensor:
+        return policy.generate(input_ids=ids[rows], attention_mask=mask[rows], do_sample=True, temperature=1.0,
+                               top_k=0, top_p=1.0, max_new_tokens=args.response_length,
+                               min_new_tokens=args.response_length, pad_token_id=tokenizer.pad_token_id)
+
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        sequences = generate(slice(None))  # (B, prompt width + response length): what every pass below reads
+    attention = torch.cat([mask, torch.ones(len(sequences), args.response_length, dtype=mask.dtype)], dim=1)
+    keep = args.response_length + 1  # logits from the last prompt position on
+    micros = micro_batches(len(sequences), 32)
+
+    def lm_forward(rows: slice):
+        return policy(input_ids=sequences[rows], attention_mask=attention[rows], logits_to_keep=keep).logits
+
+    def scalar_forward(rows: slice):  # the head at every position, as the critic and reward model read it
+        return per_token_scores(reward, input_ids=sequences[rows], attention_mask=attention[rows])
+
+    def update(model: torch.nn.Module, forward: Callable[[slice], torch.Tensor]) -> Callable[[], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=True)
+
+        def run() -> None:
+            for rows in micro_batches(len(sequences), args.mini_batch_size):
+                forward(rows).float().square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return run
+
+    def frozen(forward: Callable[[slice], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                for rows in micros:
+                    forward(rows)
+        return run
+
+    def generate_share() -> None:
+        with torch.no_grad():
+            generate(slice(0, share))
+
+    torch.save({"sequences": sequences, "attention": attention}, work / "rollouts.pt")
+    pieces = {
+        "generate": median_s(generate_share, args.repeats) * args.policy_ranks,
+        "reference log-probs": median_s(frozen(lm_forward), args.repeats),
+        "reward scores": median_s(frozen(scalar_forward), args.repeats),
+        "critic values": median_s(frozen(scalar_forward), args.repeats),
+        "policy update": median_s(update(policy, lm_forward), args.repeats),
+        "critic update": median_s(update(reward, scalar_forward), args.repeats),
+    }
+    return pieces
+
+
+def zero3_options(pairs: list[str]) -> list[tuple[str, int]]:
+    """--zero3-option KEY=VALUE pairs as `DeepSpeedConfig` fields (integer values: thresholds and sizes)."""
+    from dataclasses import fields
+
+    from trainer.config import DeepSpeedConfig
+
+    names = {f.name for f in fields(DeepSpeedConfig)}
+    out = []
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in names or not value.lstrip("-").isdigit():
+            raise SystemExit(f"error: --zero3-option {pair}: expected KEY=INTEGER with KEY a field of "
+                             f"trainer.config.DeepSpeedConfig")
+        out.append((key, int(value)))
+    return out
+
+
+def zero3_child(args: argparse.Namespace) -> None:
+    """One rank of the policy's update as tuneforge runs it by default: a DeepSpeed ZeRO-3 engine built by
+    `trainer.engine` over the ranks torchrun started, each mini-batch split over them, one step per mini-batch.
+    Rank 0 writes the median seconds of one iteration's update."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.config import DeepSpeedConfig, OptimConfig
+    from trainer.engine import build_deepspeed_config, build_engine, init_distributed, optimizer_step, zero3_init_context
+
+    info = init_distributed()
+    rollouts = torch.load(args.work / "rollouts.pt", weights_only=True)
+    sequences, attention = rollouts["sequences"], rollouts["attention"]
+    per_rank = args.mini_batch_size // info.world_size
+    ds = DeepSpeedConfig(stage=3, **dict(zero3_options(args.zero3_option)))
+    config = build_deepspeed_config(ds, per_rank, 1, info.world_size, 1.0)
+    with zero3_init_context(config):
+        model = AutoModelForCausalLM.from_pretrained(args.work / "policy")
+    engine = build_engine(model, ds, OptimConfig(lr=1e-7, warmup_steps=0, min_lr_ratio=1.0), config, 10**6)
+    keep = args.response_length + 1
+
+    def run() -> None:
+        for start in range(0, len(sequences), args.mini_batch_size):
+            rows = slice(start + info.rank * per_rank, start + (info.rank + 1) * per_rank)
+            logits = engine(input_ids=sequences[rows], attention_mask=attention[rows], logits_to_keep=keep).logits
+            engine.backward(logits.float().square().mean(), scale_wrt_gas=False)
+            optimizer_step(engine)
+
+    seconds = median_s(run, args.repeats)
+    if info.rank == 0:
+        (args.work / "zero3.json").write_text(json.dumps({"seconds": seconds, "ranks": info.world_size}))
+
+
+def zero3_policy_update(args: argparse.Namespace, work: Path) -> float:
+    """Core-seconds of one iteration's policy update under ZeRO-3 over --policy-ranks processes (ranks x the
+    median wall time: each rank holds a core for the whole update)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.policy_ranks}",
+           "-m", "bench.ppo_floor", "--zero3-child", str(work), f"--mini-batch-size={args.mini_batch_size}",
+           f"--response-length={args.response_length}", f"--repeats={args.repeats}",
+           *(f"--zero3-option={pair}" for pair in args.zero3_option)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=harness.ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: the ZeRO-3 policy update failed:\n{done.stderr[-3000:]}")
+    measured = json.loads((work / "zero3.json").read_text())
+    return measured["seconds"] * measured["ranks"]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rollout-batch", type=int, default=64)
+    p.add_argument("--mini-batch-size", type=int, default=32)
+    p.add_argument("--response-length", type=int, default=16)
+    p.add_argument("--policy-ranks", type=int, default=2, help="ranks the prompts are split over for generation")
+    p.add_argument("--model-size", choices=sorted(harness.MODEL_SIZES), default="tiny")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--cores", type=int, default=os.cpu_count())
+    p.add_argument("--zero3-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a DeepSpeedConfig field for the ZeRO-3 policy update, e.g. "
+                        "stage3_param_persistence_threshold=100000 (repeatable)")
+    p.add_argument("--vs", type=Path, default=None, help="a bench.ppo_vs_trl result to set the floor beside")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--zero3-child", dest="work", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    zero3_options(args.zero3_option)  # a bad pair stops here, before any timing
+    torch.set_num_threads(1)
+    if args.work is not None:
+        return zero3_child(args)
+    with tempfile.TemporaryDirectory(prefix="ppo_floor_") as tmp:
+        pieces = measure(args, Path(tmp))
+        zero3_update = zero3_policy_update(args, Path(tmp)) if args.policy_ranks > 1 else None
+    floors = {"floor": sum(pieces.values())}  # core-seconds of one iteration's work
+    if zero3_update is not None:
+        floors[f"floor, policy update under ZeRO-3 on {args.policy_ranks} ranks"] = (
+            floors["floor"] - pieces["policy update"] + zero3_update)
+    rate = {name: args.rollout_batch * args.cores / core_s for name, core_s in floors.items()}
+    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "vs", "work")} | {"vs": str(args.vs)},
+              "machine": harness.machine_info(1), "code": harness.code_version(),
+              "pieces_s": pieces, "zero3_policy_update_core_s": zero3_update,
+              "floors_core_s": floors, "floors_rollouts_per_s": rate}
+    rows = [[name, f"{sec:.3f}"] for name, sec in pieces.items()]
+    if zero3_update is not None:
+        rows.append([f"policy update, ZeRO-3 on {args.policy_ranks} ranks (ranks x wall)", f"{zero3_update:.3f}"])
+    print(harness.markdown_table(["piece of one iteration (one core)", "seconds"], rows))
+    table = [[name, f"{core_s:.3f}", f"{core_s / args.cores:.3f}", f"{rate[name]:.1f}"] for name, core_s in floors.items()]
+    print("\n" + harness.markdown_table(["", "core-s", f"s/iteration on {args.cores} cores", "rollouts/s"], table))
+    if args.vs:
+        medians = json.loads(args.vs.read_text())["medians"]
+        trl = medians["trl"]["rollouts_per_s"]
+        result["vs"] = {name: m["rollouts_per_s"] for name, m in medians.items()}
+        top = max(rate.values())
+        print("\n" + harness.markdown_table(
+            ["", "rollouts/s", "vs TRL", "share of the floor"],
+            [[name, f"{r:.1f}", f"{r / trl:.2f}x", f"{r / top:.2f}"] for name, r in rate.items()]
+            + [[name, f"{m['rollouts_per_s']:.1f}", f"{m['rollouts_per_s'] / trl:.2f}x", f"{m['rollouts_per_s'] / top:.2f}"]
+               for name, m in medians.items()]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+if __name__ == "__main__":
+    main()
