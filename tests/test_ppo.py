@@ -1,6 +1,7 @@
-"""PPO: rollout layout and alignment, the driver's pure pieces, and real runs of `python -m rlhf.ppo`
-on a local Ray instance (loopback) with tiny random-init roles: learning signals, preemption and
-resume equivalence, a reward function, a dying actor and a killed policy rank."""
+"""PPO: rollout layout and alignment, the driver's pure pieces and iteration schedule (fake groups, no
+Ray), and real runs of `python -m rlhf.ppo` on a local Ray instance (loopback) with tiny random-init
+roles: learning signals, preemption and resume equivalence, a reward function, a dying actor and a
+killed policy rank."""
 
 from __future__ import annotations
 
@@ -185,6 +186,83 @@ def test_score_rollout_puts_the_score_on_the_last_token_minus_kl():
     assert torch.allclose(scored.advantages, torch.tensor([[-0.1, -0.05, 0.0], [0.85, 0.9, 0.95]]))
     assert metrics["kl/seq_mean"] == pytest.approx((1.0 + 1.5) / 2)
     assert metrics["reward/score_raw_mean"] == pytest.approx(2.0)
+
+
+class FakeGroup:
+    """An actor group that answers at once, logging each call for the schedule tests below."""
+
+    def __init__(self, role: str, world_size: int, log: list):
+        self.role, self.world_size, self.log = role, world_size, log
+
+    def answer(self, method: str, shard, *args):
+        if method == "generate":  # (responses, their sampled log-probs, seconds) for this rank's prompts
+            return [[10, 11, 2] for _ in shard], [[-1.0, -1.0, -1.0] for _ in shard], 0.0
+        if method == "train":
+            return {"loss": 0.0}
+        if method == "scores":
+            return torch.ones(len(shard[0]))
+        return torch.zeros(len(shard), shard.responses.shape[1])  # log_probs, values
+
+    def call_sharded(self, method: str, shards, *args):
+        from rlhf.group import PendingCall
+
+        self.log.append(("call", self.role, method, args[0] if method in ("generate", "train") else None))
+        return PendingCall(self, method, [self.answer(method, s, *args) for s in shards])
+
+    def call_per_rank(self, method: str, args):
+        return self.call_sharded(method, args)
+
+
+def scheduling_driver(monkeypatch, iterations: int, overlap: bool):
+    """A Driver whose groups are FakeGroups and whose waits are logged: its iteration logic, no Ray."""
+    import rlhf.ppo as ppo
+    from trainer.config import ModelConfig
+    from trainer.model import load_tokenizer
+
+    log: list = []
+
+    def wait_all(pending):
+        log.append(("wait", tuple((p.group.role, p.method) for p in pending)))
+        return [list(p.refs) for p in pending]
+
+    monkeypatch.setattr(ppo, "wait_all", wait_all)
+    cfg = PPOConfig()
+    cfg.rollout.prompts_per_iteration, cfg.rollout.overlap_critic_update = 4, overlap
+    cfg.train.iterations, cfg.train.samples_every = iterations, 0
+    driver = ppo.Driver.__new__(ppo.Driver)
+    driver.cfg, driver.reward_stats, driver._next_generation = cfg, None, {}
+    driver.tokenizer = load_tokenizer(ModelConfig())
+    driver.train_prompts = [SimpleNamespace(prompt_ids=[1, 5 + i], answer="") for i in range(8)]
+    driver.kl = ppo.build_kl_controller("fixed", 0.05, None, None)
+    driver.groups = {role: FakeGroup(role, n, log) for role, n in
+                     (("actor", 2), ("critic", 1), ("reference", 1), ("reward", 1))}
+    return driver, log
+
+
+def generations(log: list) -> list[int]:
+    """The iterations whose generation was called, in order."""
+    return [e[3] for e in log if e[:3] == ("call", "actor", "generate")]
+
+
+def test_the_next_generation_starts_before_the_wait_on_the_critic_and_never_when_stopping(monkeypatch):
+    driver, log = scheduling_driver(monkeypatch, iterations=3, overlap=True)
+    driver.iteration(0)
+    early = log.index(("call", "actor", "generate", 1))
+    assert early < log.index(("wait", (("critic", "train"),)))  # sampled while the critic's update runs
+    assert log.index(("wait", (("actor", "train"),))) < early  # ... from the updated policy
+    log.clear()
+    driver.iteration(1, stopping=lambda: True)  # a preemption: the checkpoint must not wait on a generation
+    assert generations(log) == []  # iteration 1's was started by iteration 0, and none for 2
+    assert driver._next_generation == {}
+    log.clear()
+    driver.iteration(2)  # nothing was started for it: it samples its own, and as the last, none beyond
+    assert generations(log) == [2]
+    assert driver._next_generation == {}
+
+    driver, log = scheduling_driver(monkeypatch, iterations=3, overlap=False)
+    driver.iteration(0)
+    assert generations(log) == [0]
+    assert driver._next_generation == {}
 
 
 # ------------------------------------------------------------------------------------------ real runs on Ray
