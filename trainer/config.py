@@ -130,7 +130,7 @@ class DeepSpeedConfig:
     # small norms already travel in its one coalesced fetch, while every persistent parameter costs a
     # collective of its own after each optimizer step (one per norm: 38 on the tiny model, 65 on a
     # Llama-7B). 0 made a 2-rank ZeRO-3 step of the tiny policy 12-16% faster on CPU (docs/benchmarks.md);
-    # with stage3_gather_per_block=false, 100_000 is the better value again.
+    # with stage3_gather_per_block=false, 100_000 is likely the better value again (not measured).
     stage3_param_persistence_threshold: int = 0
     # ZeRO-3 gathers each transformer block (the model's `_no_split_modules`) as one unit,
     # the granularity FSDP wraps at, instead of hooking every Linear and norm inside it:
