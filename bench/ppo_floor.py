@@ -13,7 +13,8 @@ The pieces, each the median of --repeats timings after two warm-up rounds:
   pass below reads full-length rollouts;
 - reference log-probs, reward scores, critic values: one forward pass each over every rollout, in micro-batches
   of 32 (the reference with logits only where responses are, as `RoleWorker.response_logprobs` asks);
-- policy update, critic update: forward + backward + AdamW step per mini-batch over every rollout;
+- policy update, critic update: forward + backward + AdamW step per mini-batch over every rollout (no gradient
+  clipping: about a millisecond here, which the ZeRO-3 piece below does pay);
 - the policy update again as tuneforge runs it by default: a ZeRO-3 engine (`trainer.engine`) over --policy-ranks
   processes started by torchrun, each mini-batch split over them, counted as ranks x its median wall time;
   --zero3-option sets a `DeepSpeedConfig` field for it.
@@ -226,7 +227,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         floors[f"floor, policy update under ZeRO-3 on {args.policy_ranks} ranks"] = (
             floors["floor"] - pieces["policy update"] + zero3_update)
     rate = {name: args.rollout_batch * args.cores / core_s for name, core_s in floors.items()}
-    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "vs", "work")} | {"vs": str(args.vs)},
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "vs", "work")}
+    result = {"settings": settings | {"vs": str(args.vs) if args.vs else None},
               "machine": harness.machine_info(1), "code": harness.code_version(),
               "pieces_s": pieces, "zero3_policy_update_core_s": zero3_update,
               "floors_core_s": floors, "floors_rollouts_per_s": rate}
