@@ -129,7 +129,7 @@ def prepared(args: argparse.Namespace, c: Comparison) -> Iterator[Setup]:
         work.mkdir(parents=True, exist_ok=True)
         os.environ["HF_DATASETS_CACHE"] = str(work / "datasets_cache")  # before `datasets` is imported
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from trainer.data import compose_job_config
+        from trainer.compose import compose
         from trainer.synthetic import make_rows
 
         data_path = work / f"{c.data}_train.jsonl"
@@ -138,7 +138,7 @@ def prepared(args: argparse.Namespace, c: Comparison) -> Iterator[Setup]:
             for row in rows:
                 f.write(json.dumps({k: row[k] for k in c.data_columns}) + "\n")
         overrides = [*c.tuneforge_overrides, *tuneforge_overrides(args, data_path)]
-        yield Setup(work, data_path, len(rows), overrides, compose_job_config(c.stage, overrides))
+        yield Setup(work, data_path, len(rows), overrides, compose(c.stage, overrides))
 
 
 def tuneforge_overrides(args: argparse.Namespace, data_path: Path) -> list[str]:

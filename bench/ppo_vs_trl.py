@@ -130,11 +130,10 @@ def save_models(out: Path, model_size: str, seed: int) -> tuple[Path, Path]:
 
 def compose_ppo(overrides: list[str]):
     """tuneforge's typed, validated PPOConfig for these overrides (what `python -m rlhf.ppo` will run)."""
-    from rlhf.config import register_ppo_config, validate
-    from trainer.data import compose_job_config
+    from rlhf.config import validate
+    from trainer.compose import compose
 
-    register_ppo_config()
-    cfg = compose_job_config("ppo", overrides)
+    cfg = compose("ppo", overrides)
     validate(cfg)
     return cfg
 
@@ -172,8 +171,8 @@ def trl_spec(cfg, policy: Path, reward: Path, prompts_path: Path, threads: int) 
 def tuneforge_layout(cfg) -> dict:
     """Where tuneforge's work runs: ranks, micro-batch and ZeRO stage per role (tuneforge-zero0: stage 0 for the
     actor and critic), and the torch threads of each Ray actor."""
-    from rlhf.config import ROLES
-    from trainer.engine import resolve_zero_stage
+    from trainer.config import resolve_zero_stage
+    from trainer.contracts import ROLES
 
     return {"torch_threads_per_actor": cfg.cluster.torch_threads,
             **{role: {"ranks": cfg.role(role).world_size, "micro_batch_size": cfg.role(role).micro_batch_size,

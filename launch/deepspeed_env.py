@@ -6,7 +6,7 @@
 DeepSpeed's pdsh launcher starts the ranks of other nodes over ssh with only a few of
 this shell's variables (NCCL_*, PYTHON*, ...); the rest come from `.deepspeed_env` in the
 working directory or the home directory, one `KEY=VALUE` per line. This writes the run
-variables `launch.stages.forwarded_env` picks (W&B project and mode, HF cache, NCCL and
+variables `launch.job.forwarded_env` picks (W&B project and mode, HF cache, NCCL and
 Gloo settings, TUNEFORGE_*) and no secret: the launcher logs every exported value in its
 command line, so `WANDB_API_KEY` and tokens must reach the nodes another way (`wandb login`
 on each node writes ~/.netrc; or the nodes' own environment).
@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launch.stages import forwarded_env
-from trainer.metrics import SECRET_KEY
+from launch.job import forwarded_env
+from trainer.contracts import SECRET_KEY
 
 
 def write_deepspeed_env(path: Path, environ: Optional[dict] = None) -> dict[str, str]:

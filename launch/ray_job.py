@@ -4,7 +4,7 @@
     python -m launch.ray_job sft --gpus 8 hydra.run.dir=/shared/runs/sft-1 ...
 
 The job's runtime environment carries this working directory and the run variables of
-this shell (`launch.stages.forwarded_env`: W&B project/entity, HF cache, NCCL settings),
+this shell (`launch.job.forwarded_env`: W&B project/entity, HF cache, NCCL settings),
 never a secret: `WANDB_API_KEY` and tokens must already be in the cluster's environment
 (a Kubernetes Secret, or exported before `ray start`). PPO joins the cluster it runs on
 (`cluster=existing`); a supervised stage runs torchrun on the node that gets `--gpus`.
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from launch.stages import REPO, LaunchError, check_overrides, forwarded_env, stage_module
+from launch.job import REPO, LaunchError, check_overrides, forwarded_env, stage_module
 
 AGENT_WAIT_S = 120
 # What the working-directory upload leaves out: runs, caches and environments.

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launch.stages import REPO, LaunchError, check_overrides, stage_module
+from launch.job import REPO, LaunchError, check_overrides, stage_module
+from trainer.contracts import PREEMPTED_EXIT_CODE
 
 # torchrun forwards these to the ranks and waits `--grace` seconds for them to save.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -201,8 +202,6 @@ def render(job: SlurmJob) -> str:
     argv = shlex.join(["python", "-m", "launch.slurm", job.stage, *job.overrides])
     preamble = _PREAMBLE.format(repo=shlex.quote(str(REPO)), log_dir=shlex.quote(job.log_dir),
                                 port_base=PORT_BASE, port_span=PORT_SPAN)
-    from trainer.loop import PREEMPTED_EXIT_CODE
-
     epilogue = _EPILOGUE.format(preempted_code=PREEMPTED_EXIT_CODE)
     return f"{header}\n# Rendered by: {argv}\n{preamble}\n{body}{epilogue}"
 

@@ -26,6 +26,7 @@ from rlhf.worker import RoleWorker
 from trainer.engine import device, torch_linear
 from trainer.evaluate import left_pad, stop_token_ids
 from trainer.model import build_causal_lm
+from trainer.sampling import derive_seed
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -109,7 +110,7 @@ class PolicyWorker(RoleWorker):
         r = self.cfg.rollout
         record = not greedy and old_logprobs_from_generation(r, self.precision)
         recorder = SampledLogprobs(r.temperature) if record else None
-        torch.manual_seed(self.cfg.seed * 1_000_003 + iteration * 1009 + self.rank)
+        torch.manual_seed(derive_seed(self.cfg.seed, "generate", iteration, self.rank))
         model = self.engine.module if self.replica is None else self.replica
         # Every rank of a ZeRO-3 group takes part in each other's per-layer gathers until all have finished.
         synced = self.replica is None and self.role_cfg.deepspeed.stage == 3 and self.world_size > 1

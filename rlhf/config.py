@@ -20,15 +20,13 @@ from trainer.config import (
     ModelConfig,
     OptimConfig,
     _require,
+    resolve_zero_stage,
     validate_deepspeed,
     validate_model,
     validate_optim,
 )
-from rlhf.algorithms import KL_CONTROLLERS, KL_ESTIMATORS
-from rlhf.placement import COLOCATE_MODES, ROLES
-from trainer.engine import resolve_zero_stage
+from trainer.contracts import COLOCATE_MODES, NONFINITE_MODES, ROLES, TRAINED_ROLES
 
-TRAINED_ROLES = ("actor", "critic")
 GENERATION_MODES = ("replica", "zero3")
 OLD_LOGPROBS = ("auto", "generation", "recompute")
 KL_PLACES = ("reward", "loss")
@@ -131,6 +129,9 @@ class PPOTrainConfig:
     save_every: int = 20  # 0: only at the end; -1: never (benchmarks, sweeps that keep only metrics)
     keep_last: int = 2
     samples_every: int = 10  # a table of prompts/responses/scores in the log and W&B
+    # A mini-batch update whose loss is non-finite: skip it (counted) or stop, as in the supervised stages.
+    nonfinite: str = "skip"  # skip | stop
+    max_nonfinite_skips: int = 10  # over the whole run, per trained role
 
     def saves_at(self, step: int) -> bool:
         """Whether iteration `step` (counted from 1) ends with a checkpoint. save_every=-1 writes none
@@ -174,6 +175,8 @@ def register_ppo_config() -> None:
 
 def validate(cfg: PPOConfig) -> None:
     """Everything checkable before Ray starts; raises ConfigError naming the key."""
+    from rlhf.algorithms import KL_CONTROLLERS, KL_ESTIMATORS  # the math (torch) loads only where a run validates
+
     r, a, t = cfg.rollout, cfg.algo, cfg.train
     batch = cfg.rollout_batch
     for key, value in (("rollout.prompts_per_iteration", r.prompts_per_iteration),
@@ -181,6 +184,8 @@ def validate(cfg: PPOConfig) -> None:
                        ("algo.ppo_epochs", a.ppo_epochs), ("algo.mini_batch_size", a.mini_batch_size),
                        ("train.iterations", t.iterations), ("train.keep_last", t.keep_last)):
         _require(value > 0, key, f"must be > 0, got {value}")
+    _require(t.nonfinite in NONFINITE_MODES, "train.nonfinite", f"must be skip|stop, got {t.nonfinite!r}")
+    _require(t.max_nonfinite_skips >= 0, "train.max_nonfinite_skips", f"must be >= 0, got {t.max_nonfinite_skips}")
     _require(t.save_every >= -1, "train.save_every", f"must be >= 0, or -1 for no checkpoints, got {t.save_every}")
     _require(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")

@@ -27,8 +27,8 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-ROLES = ("actor", "critic", "reference", "reward")
-COLOCATE_MODES = ("none", "reference_with_actor", "reward_with_critic", "both", "all")
+from trainer.contracts import COLOCATE_MODES, ROLES
+
 # Which role joins which, per mode: {guest: host}. The guest runs on the host's devices.
 _COLOCATIONS = {
     "none": {},

@@ -38,7 +38,7 @@ from rlhf.algorithms import (
     normalize_scores,
     token_level_rewards,
 )
-from rlhf.config import PPOConfig, ROLES, register_ppo_config, validate
+from rlhf.config import PPOConfig, validate
 from rlhf.experience import Experience, build_rollout, pad_right, pad_rows
 from rlhf.group import ActorGroup, PendingCall, RoleFailure, wait_all
 from rlhf.placement import (
@@ -49,9 +49,11 @@ from rlhf.placement import (
     placement_table,
     remove_placements,
 )
-from trainer.cli import register_resolvers
+from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError
-from trainer.loop import PREEMPTED_EXIT_CODE, PreemptionFlag
+from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES
+from trainer.sampling import SeededOrder
+from trainer.loop import PreemptionFlag
 from trainer.sweep import current_member, objective, tag_logger
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,16 +64,10 @@ STATE_DIR = "driver"
 
 
 def sample_prompts(prompts: list, iteration: int, n: int, seed: int) -> list:
-    """The n prompts of an iteration: a fresh seeded permutation per pass over the data, so the
-    sampler's position is a function of the iteration alone (resume needs nothing else)."""
-    perms: dict[int, torch.Tensor] = {}  # at most two passes per call
-    out = []
-    for g in range(iteration * n, (iteration + 1) * n):
-        epoch, i = divmod(g, len(prompts))
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7 + epoch))
-        out.append(prompts[int(perms[epoch][i])])
-    return out
+    """The n prompts of an iteration: positions iteration*n .. of the endless seeded order over the prompts
+    (one permutation per pass), so the sampler's position is a function of the iteration alone (resume
+    needs nothing else)."""
+    return [prompts[i] for i in SeededOrder(len(prompts), seed, "prompts").take(iteration * n, n)]
 
 
 def split_evenly(items: list, n: int) -> list[list]:
@@ -140,7 +136,7 @@ def check_tokenizers(cfg: PPOConfig) -> None:
 
 def load_reward_stats(cfg: PPOConfig) -> Optional[dict]:
     """The reward stage's score mean/std for normalisation, when asked for and available."""
-    from rlhf.reward import read_reward_stats
+    from trainer.reward_stats import read_reward_stats
 
     rc = cfg.reward
     if not cfg.algo.normalize_reward or rc.function is not None:
@@ -427,7 +423,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
 
     from trainer.metrics import scrub_secrets
 
-    cfg: PPOConfig = OmegaConf.to_object(dcfg)
+    cfg: PPOConfig = to_typed(dcfg, hydra_overrides())
     validate(cfg)
     check_tokenizers(cfg)
     run_dir = Path(cfg.output_dir)
@@ -510,8 +506,7 @@ def main() -> None:
 
 # Sweep members that a launcher plugin runs in another process import this module to unpickle
 # `entry`; the config they resolve needs the schema and resolvers.
-register_resolvers()
-register_ppo_config()
+register_all()
 
 if __name__ == "__main__":
     # Run the importable `rlhf.ppo`, not this `__main__` copy: a launcher plugin (submitit) pickles

@@ -7,29 +7,11 @@ A reward model whose tokenizer differs from the policy's re-tokenizes the decode
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-from typing import Optional
-
 import torch
 
 from rlhf.experience import Experience, build_rollout
 from rlhf.worker import RoleWorker
-from trainer.config import ConfigError
 from trainer.model import build_reward_model
-from trainer.stages import REWARD_STATS_FILE
-
-
-def read_reward_stats(model_dir: Optional[str]) -> Optional[dict]:
-    """The score mean/std the reward stage saved next to its export (None where there is none)."""
-    if model_dir is None or not (Path(model_dir) / REWARD_STATS_FILE).exists():
-        return None
-    path = Path(model_dir) / REWARD_STATS_FILE
-    stats = json.loads(path.read_text())
-    if not isinstance(stats.get("std"), (int, float)) or not math.isfinite(stats["std"]) or stats["std"] <= 0:
-        raise ConfigError(f"{path}: std must be a positive number, got {stats.get('std')!r}")
-    return stats
 
 
 class RewardWorker(RoleWorker):

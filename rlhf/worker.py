@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf.config import PPOConfig, RoleConfig
+from trainer.config import resolve_zero_stage
 from rlhf.experience import Experience, gather_response, last_token_positions, response_positions
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.engine import (
@@ -29,16 +30,16 @@ from trainer.engine import (
     device,
     has_gpu,
     init_distributed,
-    optimizer_step,
     peak_memory_gb,
     resolve_precision,
-    resolve_zero_stage,
     torch_dtype,
     torch_linear,
     zero3_init_context,
 )
 from trainer.model import load_tokenizer
 from trainer.objectives import per_token_scores
+from trainer.sampling import derive_seed
+from trainer.step import count_skip, optimizer_step_over
 
 
 def takes_logits_to_keep(model) -> bool:
@@ -75,6 +76,7 @@ class RoleWorker:
         self.engine = None
         self.model: Optional[torch.nn.Module] = None  # what forward passes run through
         self.info: Optional[DistInfo] = None
+        self.nonfinite_skips = 0  # mini-batches skipped for a non-finite loss, over the whole run
 
     # ------------------------------------------------------------------ process group
 
@@ -187,13 +189,14 @@ class RoleWorker:
     def ppo_update(self, exp: Experience, iteration: int,
                    loss_fn: Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> dict:
         """algo.ppo_epochs passes over this rank's shard in mini-batches (algo.mini_batch_size over all
-        ranks), one optimizer step each. `loss_fn(micro)` returns (token-summed loss, token-summed
-        stats); each micro-batch's loss is divided by the mini-batch's global token count, so a
-        step minimises the token mean over the whole mini-batch on every rank together."""
-        a = self.cfg.algo
+        ranks), one optimizer step each (`trainer.step`, the supervised stages' step). `loss_fn(micro)`
+        returns (token-summed loss, token-summed stats); a step minimises the token mean over the whole
+        mini-batch on every rank together. A mini-batch whose loss is non-finite is skipped and counted
+        (train.nonfinite, train.max_nonfinite_skips), as in the supervised stages."""
+        a, t = self.cfg.algo, self.cfg.train
         per_rank = a.mini_batch_size // self.world_size
         micro = min(self.role_cfg.micro_batch_size, per_rank)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + iteration)
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "ppo_minibatches", iteration))
         t0 = time.perf_counter()
         # Every mini-batch of every epoch up front, on the CPU (trimming and token counts need no device
         # sync), and their global token counts in one collective.
@@ -202,21 +205,36 @@ class RoleWorker:
                  for start in range(0, len(exp), per_rank)]
         tokens = all_reduce_sum([float(m.response_mask.sum()) for m in minis])
         sums: dict[str, torch.Tensor] = {}  # token-summed loss and stats, kept on the device until the end
-        norms = []
-        self.engine.train()
-        for mini, mini_tokens in zip(minis, tokens):
+        norms, counted, skipped = [], 0.0, 0
+
+        def micro_losses(mini: Experience, mini_sums: dict):
             for m in mini.micro_batches(micro):
                 loss, stats = loss_fn(m.to(device()))
-                self.engine.backward(loss * self.world_size / max(mini_tokens, 1.0), scale_wrt_gas=False)
-                norm = optimizer_step(self.engine)  # the global norm at the mini-batch's last micro-batch
                 for k, v in {"loss": loss, **stats}.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach()
-            norms.append(norm)
+                    mini_sums[k] = mini_sums.get(k, 0.0) + v.detach()
+                yield loss
+
+        self.engine.train()
+        for i, (mini, mini_tokens) in enumerate(zip(minis, tokens)):
+            where = f"{self.role} iteration {iteration + 1} mini-batch {i}"
+            mini_sums: dict[str, torch.Tensor] = {}
+            result = optimizer_step_over(self.engine, micro_losses(mini, mini_sums), mini_tokens, self.world_size,
+                                         t.nonfinite, where)
+            if result.skipped:
+                self.nonfinite_skips = count_skip(self.nonfinite_skips, t.max_nonfinite_skips, where)
+                skipped += 1
+                continue
+            for k, v in mini_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            counted += mini_tokens
+            norms.append(result.grad_norm)  # the global norm at the mini-batch's last micro-batch
         self.engine.eval()
-        keys = sorted(sums)
+        keys = sorted(sums)  # the same on every rank: a skip is decided on all ranks together
         totals = all_reduce_sum([float(sums[k]) for k in keys])
-        metrics = {k: v / max(sum(tokens), 1.0) for k, v in zip(keys, totals)}
-        metrics["grad_norm"] = sum(float(n) for n in norms if n is not None) / max(len(norms), 1)
+        metrics = {k: v / max(counted, 1.0) for k, v in zip(keys, totals)}
+        metrics["grad_norm"] = sum(n for n in norms if n is not None) / max(len(norms), 1)
+        metrics["nonfinite_skipped"] = skipped
+        metrics["nonfinite_skips"] = self.nonfinite_skips
         metrics["lr"] = self.engine.get_lr()[0]
         metrics["update_s"] = time.perf_counter() - t0
         metrics["memory_gb"] = peak_memory_gb()  # this rank's peak so far (rank 0's is what the driver logs)
@@ -233,11 +251,13 @@ class RoleWorker:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, ckpt_root: str, iteration: int) -> str:
-        return str(save_checkpoint(self.engine, Path(ckpt_root) / self.role, iteration, {"iteration": iteration},
+        client_state = {"iteration": iteration, "nonfinite_skips": self.nonfinite_skips}
+        return str(save_checkpoint(self.engine, Path(ckpt_root) / self.role, iteration, client_state,
                                    self.cfg.train.keep_last))
 
     def load(self, ckpt_root: str, tag: str) -> int:
         state = load_checkpoint(self.engine, Path(ckpt_root) / self.role, tag)
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.after_load()
         return int(state.get("iteration", -1))
 

@@ -5,23 +5,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trainer.config import CONF_DIR, ConfigError, DeepSpeedConfig, TrainingJobConfig, register_configs, validate
-from trainer.engine import build_deepspeed_config, lr_multiplier, resolve_zero_stage
+from trainer.compose import compose
+from trainer.config import CONF_DIR, ConfigError, DeepSpeedConfig, TrainingJobConfig, resolve_zero_stage, validate
+from trainer.engine import build_deepspeed_config, lr_multiplier
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = CONF_DIR
 
 
 def _compose(name: str, overrides=()):
-    register_configs()
-    if not OmegaConf.has_resolver("tf_run_id"):
-        OmegaConf.register_new_resolver("tf_run_id", lambda: "test")
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        # output_dir normally interpolates Hydra's runtime dir, which compose() lacks.
-        return compose(config_name=name, overrides=["output_dir=.", *overrides])
+    return compose(name, overrides, typed=False)
 
 
 def _typed(dcfg) -> TrainingJobConfig:
@@ -60,9 +55,7 @@ def test_auto_zero_stage_partitions_only_what_there_is_to_partition(fields, worl
 def test_trained_stages_default_to_auto_and_frozen_ppo_roles_to_plain_replicas():
     for name in ("sft", "instruct", "reward"):
         assert _compose(name).deepspeed.stage == "auto"
-    from rlhf.config import register_ppo_config
 
-    register_ppo_config()
     ppo = _compose("ppo")
     assert [ppo[r].deepspeed.stage for r in ("actor", "critic", "reference", "reward")] == ["auto", "auto", 0, 0]
 
@@ -177,10 +170,9 @@ PPO_GROUPS = ("actor", "critic", "reference", "reward", "rollout", "algo", "clus
 
 @pytest.mark.parametrize("group", PPO_GROUPS)
 def test_every_ppo_group_option_composes_and_validates(group, tmp_path, monkeypatch):
-    from rlhf.config import PPOConfig, register_ppo_config
+    from rlhf.config import PPOConfig
     from rlhf.config import validate as validate_ppo
 
-    register_ppo_config()
     monkeypatch.chdir(tmp_path)
     for stage in ("sft", "reward"):
         (tmp_path / "outputs" / stage / "run1" / "hf_model").mkdir(parents=True)
@@ -197,9 +189,6 @@ def test_every_ppo_group_option_composes_and_validates(group, tmp_path, monkeypa
 def test_ppo_without_an_sft_export_names_the_stage_to_run(tmp_path, monkeypatch):
     from omegaconf.errors import InterpolationResolutionError
 
-    from rlhf.config import register_ppo_config
-
-    register_ppo_config()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InterpolationResolutionError, match=r"python -m trainer\.sft"):
         OmegaConf.to_object(_compose("ppo"))
@@ -214,10 +203,8 @@ def test_ppo_without_an_sft_export_names_the_stage_to_run(tmp_path, monkeypatch)
     ("train.save_every=-2", "train.save_every"),
 ])
 def test_bad_ppo_values_name_the_key(override, key, tmp_path, monkeypatch):
-    from rlhf.config import register_ppo_config
     from rlhf.config import validate as validate_ppo
 
-    register_ppo_config()
     cfg = OmegaConf.to_object(_compose("ppo", [f"{r}.model.name_or_path=x" for r in PPO_GROUPS[:4]] + [override]))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_ppo(cfg)

@@ -1,4 +1,4 @@
-"""trainer/data.py: formats, masks checked on decoded text, errors users see, packing, mixing, collate, preview."""
+"""trainer/data.py: formats, masks checked on decoded text, errors users see, packing, mixing, collate; the preview CLI (trainer/preview.py)."""
 
 import json
 import subprocess
@@ -355,7 +355,7 @@ def test_synthetic_default_builds_packed_rows(tok):
 
 
 def run_preview(repo_root, *args):
-    return subprocess.run([sys.executable, "-m", "trainer.data", "preview", *args], cwd=repo_root,
+    return subprocess.run([sys.executable, "-m", "trainer.preview", *args], cwd=repo_root,
                           capture_output=True, text=True, timeout=300)
 
 

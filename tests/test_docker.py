@@ -395,10 +395,10 @@ def test_kuberay_check_catches_exposure_and_leaks(kuberay, dockerfile, mutate, e
 
 
 def test_kuberay_ppo_command_validates_and_fits_the_gpu_workers(kuberay, tmp_path, monkeypatch):
-    from rlhf.config import register_ppo_config
     from rlhf.config import validate as validate_ppo
-    from rlhf.placement import ROLES, RoleLayout, check_resources
-    from trainer.data import compose_job_config
+    from rlhf.placement import RoleLayout, check_resources
+    from trainer.contracts import ROLES
+    from trainer.compose import compose
 
     cluster, job = kuberay
     driver = containers(job)[0]
@@ -407,8 +407,7 @@ def test_kuberay_ppo_command_validates_and_fits_the_gpu_workers(kuberay, tmp_pat
     for stage in ("sft", "reward"):
         (tmp_path / "outputs" / stage / "run1" / "hf_model").mkdir(parents=True)
         (tmp_path / "outputs" / stage / "run1" / "train_state.json").write_text("{}")
-    register_ppo_config()
-    cfg = compose_job_config("ppo", ppo_overrides(driver))
+    cfg = compose("ppo", ppo_overrides(driver))
     validate_ppo(cfg)
     assert cfg.cluster.address == "auto"
 

@@ -19,7 +19,7 @@ import pytest
 from launch.deepspeed_env import write_deepspeed_env
 from launch.ray_job import RayJob, submission
 from launch.slurm import SlurmJob, main as slurm_main, render
-from launch.stages import LaunchError, check_overrides, forwarded_env
+from launch.job import LaunchError, check_overrides, forwarded_env
 from runs import REPO, TINY, run_env, write_sft_jsonl
 from trainer.engine import free_port
 

@@ -1,6 +1,6 @@
 """What every Hydra entry point does before Hydra starts.
 
-- Registers the config schema and the `tf_run_id` resolver.
+- Registers every config schema and `tf_*` resolver (`trainer.compose.register_all`).
 - Makes every rank of a distributed run resolve the same run directory: rank 0
   picks the id and broadcasts it (a per-rank `${now:}` would split the run).
 - Keeps ranks other than 0 from writing Hydra's files and logs.
@@ -17,17 +17,11 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import OmegaConf
+from trainer.compose import register_all, run_id
+from trainer.config import ConfigError
+from trainer.contracts import RUN_ID_ENV, USER_ERROR_EXIT_CODE
 
-from trainer.config import ConfigError, register_configs
-
-RUN_ID_ENV = "TUNEFORGE_RUN_ID"
-USER_ERROR_EXIT_CODE = 2
 STALE_BUILD_LOCK_S = 600
-
-
-def _run_id() -> str:
-    return os.environ.get(RUN_ID_ENV) or time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def _agree_on_run_id() -> None:
@@ -38,7 +32,7 @@ def _agree_on_run_id() -> None:
     from trainer.engine import init_distributed
 
     init_distributed()
-    box = [_run_id() if dist.get_rank() == 0 else None]
+    box = [run_id() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     os.environ[RUN_ID_ENV] = box[0]
 
@@ -82,23 +76,13 @@ def prepare_process() -> None:
     _per_environment_extension_cache()
 
 
-def register_resolvers() -> None:
-    """The config schema and every `tf_*` resolver the configs use. Besides `launch`, the modules
-    that define task functions call this on import: a sweep member that a launcher plugin
-    (submitit, Ray) runs in another process unpickles its task function, never passes through
-    `launch`, and still resolves `hydra.sweep.dir` (the run id itself comes from Hydra's cache)."""
-    register_configs()
-    if not OmegaConf.has_resolver("tf_run_id"):
-        OmegaConf.register_new_resolver("tf_run_id", _run_id, use_cache=True)
-
-
 def launch(hydra_main: Callable[[], None]) -> None:
     from trainer.local_ray import keep_local_ray_on_loopback
 
     # Before anything imports Ray: a sweep on Hydra's Ray launcher starts Ray in this process.
     keep_local_ray_on_loopback(sys.argv[1:])
     prepare_process()
-    register_resolvers()
+    register_all()
     _agree_on_run_id()
     _quiet_non_zero_ranks()
     hydra_main()

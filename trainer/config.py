@@ -10,12 +10,14 @@ these objects down; nothing deeper reads `cfg.foo.bar` from a DictConfig.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+
+from trainer.contracts import NONFINITE_MODES, SUPERVISED_STAGES
 
 
 # The Hydra config tree every entry point composes from.
@@ -117,7 +119,7 @@ class DeepSpeedConfig:
     # 0-3, or auto: ZeRO-3 when there is more than one rank to partition over, and on one rank
     # stage 0 (or 2 with optimizer offload, 3 with parameter offload). ZeRO on one rank partitions
     # nothing, and its bookkeeping cost 23-42% of a step on small CPU models (docs/benchmarks.md).
-    # `trainer.engine.resolve_zero_stage` turns auto into a number once the world size is known.
+    # `resolve_zero_stage` (below) turns auto into a number once the world size is known.
     stage: Union[int, str] = "auto"
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -210,14 +212,11 @@ class TrainingJobConfig:
     objective: str = "eval/loss"
 
 
-STAGES = ("sft", "instruct", "reward")
-
-
 def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     """Semantic checks Hydra's type checks cannot express; raise ConfigError naming the key."""
     t, o, d, ds = cfg.train, cfg.optim, cfg.data, cfg.deepspeed
     validate_model(cfg.model)
-    _require(cfg.stage in STAGES, "stage", f"must be one of {'|'.join(STAGES)}, got {cfg.stage!r}")
+    _require(cfg.stage in SUPERVISED_STAGES, "stage", f"must be one of {'|'.join(SUPERVISED_STAGES)}, got {cfg.stage!r}")
     formats = PREFERENCE_FORMATS if cfg.stage == "reward" else DATA_FORMATS
     _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
@@ -225,7 +224,7 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _require(t.save_every >= 0, "train.save_every", f"must be >= 0, got {t.save_every}")
     _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
-    _require(t.nonfinite in ("skip", "stop"), "train.nonfinite", f"must be skip|stop, got {t.nonfinite!r}")
+    _require(t.nonfinite in NONFINITE_MODES, "train.nonfinite", f"must be skip|stop, got {t.nonfinite!r}")
     validate_optim(o)
     _require(d.max_length > 0, "data.max_length", f"must be > 0, got {d.max_length}")
     _require(d.overlong in ("truncate", "drop"), "data.overlong", f"must be truncate|drop, got {d.overlong!r}")
@@ -247,6 +246,20 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
         _require(not (cfg.reward.share_prompt and cfg.model.attn_implementation not in ("sdpa", "eager")),
                  "reward.share_prompt", f"needs model.attn_implementation=sdpa|eager (a 4D attention mask), got "
                  f"{cfg.model.attn_implementation!r}; set reward.share_prompt=false")
+
+
+def resolve_zero_stage(ds: DeepSpeedConfig, world_size: int) -> DeepSpeedConfig:
+    """`ds` with `stage: auto` turned into a number for a world of `world_size` ranks: ZeRO-3 over
+    several ranks; on one rank, where ZeRO has nothing to partition, the lowest stage that still
+    does what was asked (3 for parameter offload, 2 for optimizer offload, else 0). An explicit
+    stage is kept as it is."""
+    if ds.stage != "auto":
+        return ds
+    if world_size > 1 or ds.offload_param:
+        stage = 3
+    else:
+        stage = 2 if ds.offload_optimizer else 0
+    return replace(ds, stage=stage)
 
 
 def validate_optim(o: OptimConfig, key: str = "optim") -> None:

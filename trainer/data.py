@@ -14,16 +14,14 @@ Rows are packed several to a sequence with `position_ids` restarting at 0 per ex
 Transformers' sdpa/eager attention then keeps packed examples from attending to each other (the packing test
 checks per-example losses of a packed batch against separate runs).
 
-    python -m trainer.data preview [--config sft|instruct] [--n 3] [hydra overrides...]
+`python -m trainer.preview` (trainer/preview.py) prints what a config makes of the data.
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import functools
 import hashlib
-import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -35,7 +33,7 @@ import jinja2
 import numpy as np
 import torch
 
-from trainer.config import CONF_DIR, DataConfig, DatasetSpec
+from trainer.config import DataConfig, DatasetSpec
 
 IGNORE_INDEX = -100
 FORMAT_FIELDS = {
@@ -654,94 +652,7 @@ def _eval_prompts(ds: datasets.Dataset, out: dict, tokenizer, max_length: int) -
             if ids and len(ids) < max_length]
 
 
-def format_trained_spans(row: dict, tokenizer) -> str:
-    """Decode one example with every trained (loss) span wrapped in [[...]]."""
-    out, run, trained = [], [], None
-    for token, label in zip(row["input_ids"], row["labels"]):
-        if (label != IGNORE_INDEX) != trained and run:
-            out.append(_decode_run(tokenizer, run, trained))
-            run = []
-        run.append(token)
-        trained = label != IGNORE_INDEX
-    if run:
-        out.append(_decode_run(tokenizer, run, trained))
-    return "".join(out)
-
-
-def _decode_run(tokenizer, ids: list[int], trained: bool) -> str:
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    return f"[[{text}]]" if trained else text
-
-
 def unpack_row(row: dict) -> list[dict]:
     """The examples of a packed row ({"input_ids", "labels"} each), split where position_ids restart at 0."""
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
     return [{k: row[k][a:b] for k in ("input_ids", "labels")} for a, b in zip(starts, starts[1:])]
-
-
-def compose_job_config(config_name: str, overrides: list[str]):
-    """The typed TrainingJobConfig that `conf/<config_name>.yaml` plus overrides compose to, outside a Hydra run."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from trainer.config import register_configs
-
-    register_configs()
-    if not OmegaConf.has_resolver("tf_run_id"):
-        OmegaConf.register_new_resolver("tf_run_id", lambda: "preview")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name, overrides=overrides)
-    if OmegaConf.is_interpolation(cfg, "output_dir"):
-        cfg.output_dir = "."  # it names the Hydra run directory, which exists only inside a Hydra run; preview writes nothing
-    return OmegaConf.to_object(cfg)
-
-
-def preview(config_name: str, n: int, overrides: list[str]) -> None:
-    from trainer.config import validate
-    from trainer.model import load_tokenizer
-
-    job = compose_job_config(config_name, overrides)
-    validate(job)
-    tokenizer = load_tokenizer(job.model)
-    if job.stage == "reward":
-        from trainer.preference import preview_pairs  # preference builds on this module
-
-        preview_pairs(job.data, tokenizer, job.seed, n)
-        return
-    data = build_supervised_data(job.data, tokenizer, job.seed)
-    examples = (ex for row in data.train for ex in unpack_row(row))
-    for i, ex in enumerate(itertools.islice(examples, n)):
-        trained = sum(t != IGNORE_INDEX for t in ex["labels"])
-        print(f"--- example {i} ({len(ex['input_ids'])} tokens, {trained} trained, [[...]] = trained) ---")
-        print(format_trained_spans(ex, tokenizer))
-    print("--- stats ---")
-    print(data.stats.summary())
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m trainer.data", description="Inspect what the model will train on.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("preview", help="print tokenized examples with trained spans marked, then data stats")
-    p.add_argument("--config", default="sft", help="config name under conf/ (sft, instruct, reward)")
-    p.add_argument("--n", type=int, default=3, help="examples to print")
-    p.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data.path=my.jsonl")
-    args = parser.parse_args(argv)
-
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from trainer.cli import exit_with_user_error, user_errors
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own load errors are re-raised as DataError
-    try:
-        preview(args.config, args.n, args.overrides)
-    except (*user_errors(), HydraException, OmegaConfBaseException) as e:
-        exit_with_user_error(" ".join(str(e).split()))
-
-
-if __name__ == "__main__":
-    # Run the imported module, not this __main__ copy, so its DataError is the class callers catch.
-    from trainer.data import main as _main
-
-    _main()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from trainer.config import DeepSpeedConfig, OptimConfig
+from trainer.config import DeepSpeedConfig, OptimConfig, resolve_zero_stage
 
 
 @dataclass(frozen=True)
@@ -98,20 +98,6 @@ def resolve_precision(requested: str) -> str:
 
 def torch_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def resolve_zero_stage(ds: DeepSpeedConfig, world_size: int) -> DeepSpeedConfig:
-    """`ds` with `stage: auto` turned into a number for a world of `world_size` ranks: ZeRO-3 over
-    several ranks; on one rank, where ZeRO has nothing to partition, the lowest stage that still
-    does what was asked (3 for parameter offload, 2 for optimizer offload, else 0). An explicit
-    stage is kept as it is."""
-    if ds.stage != "auto":
-        return ds
-    if world_size > 1 or ds.offload_param:
-        stage = 3
-    else:
-        stage = 2 if ds.offload_optimizer else 0
-    return replace(ds, stage=stage)
 
 
 def build_deepspeed_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, world_size: int,

@@ -8,7 +8,6 @@ rows and the loss — comes in as `rows` and a `Task`.
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -20,17 +19,11 @@ from tqdm import tqdm
 
 from trainer.checkpoint import save_checkpoint
 from trainer.config import TrainingJobConfig
-from trainer.engine import DistInfo, all_reduce_sum, device, optimizer_step, peak_memory_gb
+from trainer.engine import DistInfo, all_reduce_sum, device, peak_memory_gb
 from trainer.metrics import MetricsLogger
 from trainer.objectives import Task
-
-# Exit status of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint;
-# rerun the same command with resume=auto to continue.
-PREEMPTED_EXIT_CODE = 75
-
-
-class NonFiniteError(RuntimeError):
-    pass
+from trainer.sampling import SeededOrder
+from trainer.step import count_skip, optimizer_step_over
 
 
 @dataclass
@@ -56,29 +49,22 @@ class TrainState:
 class GlobalBatchSampler:
     """Deterministic sample order that depends only on (seed, step), never on world size.
 
-    Step s consumes positions [s*G, (s+1)*G) of an endless stream made of one seeded
-    permutation per epoch, G = micro * accum * world. Rank r's micro-batch m takes a
-    contiguous slice of that window, so 2 ranks x b and 1 rank x 2b see the same global
-    batch, and resuming needs nothing but the step counter.
+    Step s consumes positions [s*G, (s+1)*G) of the endless seeded order over the rows (one permutation
+    per epoch), G = micro * accum * world. Rank r's micro-batch m takes a contiguous slice of that
+    window, so 2 ranks x b and 1 rank x 2b see the same global batch, and resuming needs nothing but
+    the step counter.
     """
 
     def __init__(self, num_rows: int, micro: int, accum: int, world: int, seed: int):
-        self.n, self.micro, self.accum, self.world, self.seed = num_rows, micro, accum, world, seed
-        self._perms: dict[int, list[int]] = {}
+        self.n, self.micro, self.accum, self.world = num_rows, micro, accum, world
+        self.order = SeededOrder(num_rows, seed, "train_rows")
 
     @property
     def global_batch(self) -> int:
         return self.micro * self.accum * self.world
 
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
-        return self._perms[epoch]
-
     def micro_batch(self, step: int, micro_idx: int, rank: int) -> list[int]:
-        start = step * self.global_batch + (micro_idx * self.world + rank) * self.micro
-        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.micro)]
+        return self.order.take(step * self.global_batch + (micro_idx * self.world + rank) * self.micro, self.micro)
 
     def epoch(self, step: int) -> float:
         return step * self.global_batch / self.n
@@ -138,22 +124,12 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
             global_items, global_tokens, stop_votes = all_reduce_sum([local_items, local_tokens, float(flag.requested)])
             global_items = max(global_items, 1.0)
 
-            local_loss_sum, skipped, grad_norm = _train_step(engine, task, batches, global_items, info.world_size,
-                                                             state.step, cfg)
-            if skipped:
-                state.nonfinite_skips += 1
-                if state.nonfinite_skips > t.max_nonfinite_skips:
-                    raise NonFiniteError(
-                        f"step {state.step}: {state.nonfinite_skips} non-finite losses skipped, more than "
-                        f"train.max_nonfinite_skips={t.max_nonfinite_skips}; stopping (last checkpoint is intact)"
-                    )
+            result = optimizer_step_over(engine, (task.loss(engine, b) for b in batches), global_items,
+                                         info.world_size, t.nonfinite, where=f"step {state.step}")
+            if result.skipped:
+                state.nonfinite_skips = count_skip(state.nonfinite_skips, t.max_nonfinite_skips, f"step {state.step}")
             else:
-                if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                    raise NonFiniteError(
-                        f"step {state.step}: gradient norm is {grad_norm}; the update is already applied, so "
-                        f"stopping without saving (last checkpoint is intact)"
-                    )
-                window.add(local_loss_sum, global_items, grad_norm)
+                window.add(result.loss_sum, global_items, result.grad_norm)
 
             state.step += 1
             state.samples_seen += sampler.global_batch
@@ -180,34 +156,6 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
         bar.close()
         flag.restore()
     return state
-
-
-def _train_step(engine, task: Task, batches, global_items: float, world_size: int, step: int,
-                cfg) -> tuple[float, bool, Optional[float]]:
-    """Forward/backward every micro-batch and take one optimizer step.
-
-    Returns (this rank's summed loss, skipped, the global gradient norm). DeepSpeed averages
-    gradients over ranks, so the loss is scaled by world_size / global_items: the
-    result is the gradient of the per-item mean over the whole global batch."""
-    total = 0.0
-    for m, batch in enumerate(batches):
-        loss_sum = task.loss(engine, batch)
-        finite = all_reduce_sum([float(not torch.isfinite(loss_sum).item())])[0] == 0
-        if not finite:
-            if cfg.train.nonfinite == "stop":
-                raise NonFiniteError(f"step {step}: non-finite loss; stopping (train.nonfinite=stop, last checkpoint is intact)")
-            if m > 0:
-                # Earlier micro-batches' gradients already sit in DeepSpeed's partitioned
-                # buffers and cannot be withdrawn exactly.
-                raise NonFiniteError(
-                    f"step {step}: non-finite loss in micro-batch {m} of a gradient-accumulation window; "
-                    f"cannot skip it exactly, stopping (last checkpoint is intact)"
-                )
-            return float("nan"), True, None
-        engine.backward(loss_sum * world_size / global_items, scale_wrt_gas=False)
-        grad_norm = optimizer_step(engine)  # None until the last micro-batch (the accumulation boundary)
-        total += float(loss_sum.detach())
-    return total, False, grad_norm
 
 
 @dataclass

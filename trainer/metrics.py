@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from trainer.config import LoggerConfig
-
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+from trainer.contracts import SECRET_KEY
 
 
 def scrub_secrets(obj: Any) -> Any:

@@ -427,15 +427,3 @@ def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8,
         other_tail = (part_of[:, :, None] == 2) & (part_of[:, None, :] == 1)  # (R, T, T)
         out["attention_mask"] = (causal & same_unit & ~other_tail)[:, None]  # (R, 1, T, T)
     return out
-
-
-def preview_pairs(cfg: DataConfig, tokenizer, seed: int, n: int) -> None:
-    """Print the first n training pairs as the reward model sees them (decoded), then the stats."""
-    data = build_preference_data(cfg, tokenizer, seed)
-    for i, pair in enumerate(data.train[:n]):
-        for side in ("chosen", "rejected"):
-            ids = pair[f"{side}_input_ids"]
-            print(f"--- pair {i} {side} ({len(ids)} tokens, margin {pair['margin']:g}; scored at the last token) ---")
-            print(tokenizer.decode(ids, skip_special_tokens=False))
-    print("--- stats ---")
-    print(data.stats.summary())

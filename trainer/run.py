@@ -16,26 +16,26 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from trainer.checkpoint import find_resume_dir, load_checkpoint
-from trainer.cli import exit_with_user_error, prepare_process, register_resolvers, user_errors
-from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, validate
+from trainer.cli import exit_with_user_error, prepare_process, user_errors
+from trainer.compose import hydra_overrides, register_all, to_typed
+from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, resolve_zero_stage, validate
 from trainer.engine import (
     build_deepspeed_config,
     build_engine,
     init_distributed,
     resolve_precision,
-    resolve_zero_stage,
     torch_dtype,
     zero3_init_context,
 )
-from trainer.loop import PREEMPTED_EXIT_CODE, FitContext, NonFiniteError, TrainState, fit
+from trainer.contracts import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from trainer.loop import FitContext, TrainState, fit
+from trainer.step import NonFiniteError
 from trainer.metrics import MetricsLogger, scrub_secrets
 from trainer.model import load_tokenizer
 from trainer.stages import build_stage
 from trainer.sweep import current_member, join_submitit_ranks, objective, tag_logger
 
-NONFINITE_EXIT_CODE = 3
-
-register_resolvers()  # see its docstring: sweep members import this module in another process
+register_all()  # see its docstring: sweep members import this module in another process
 
 
 def run_stage(dcfg: DictConfig) -> Optional[float]:
@@ -54,7 +54,7 @@ def run_stage(dcfg: DictConfig) -> Optional[float]:
 
 
 def _run(dcfg: DictConfig) -> tuple[int, dict]:
-    cfg: TrainingJobConfig = OmegaConf.to_object(dcfg)
+    cfg: TrainingJobConfig = to_typed(dcfg, hydra_overrides())
     info = init_distributed()
     validate(cfg, info.world_size)
     cfg.deepspeed = resolve_zero_stage(cfg.deepspeed, info.world_size)  # everything below sees a number

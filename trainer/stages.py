@@ -23,8 +23,7 @@ from trainer.metrics import MetricsLogger
 from trainer.model import build_causal_lm, build_reward_model
 from trainer.objectives import CausalLMTask, RewardTask, Task
 from trainer.preference import build_preference_data, collate_pairs
-
-REWARD_STATS_FILE = "reward_stats.json"
+from trainer.reward_stats import reward_stats
 
 
 @dataclass
@@ -103,14 +102,8 @@ def _reward_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> StagePar
         # pairs when there are some, else on (at most 1024) training pairs.
         rows = data.eval or data.train[:1024]
         metrics = pairwise_metrics(engine, rows, pair_collate, cfg.train.micro_batch_size, info)
-        stats = {
-            "mean": metrics["eval/reward_mean"],
-            "std": metrics["eval/reward_std"],
-            "pairs": len(rows),
-            "split": "eval" if data.eval else "train",
-            "accuracy": metrics["eval/accuracy"],
-        }
-        export_hf(engine, tokenizer, out_dir, zero3=cfg.deepspeed.stage == 3, extra_files={REWARD_STATS_FILE: stats})
+        export_hf(engine, tokenizer, out_dir, zero3=cfg.deepspeed.stage == 3,
+                  extra_files=reward_stats(metrics, len(rows), "eval" if data.eval else "train"))
 
     return StageParts(
         train=data.train,

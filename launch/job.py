@@ -1,20 +1,14 @@
-"""What every launcher needs to know about the stages: their modules, how to check
-overrides before anything is submitted, and which environment crosses to other nodes."""
+"""What every launcher needs to know about a job: the module a stage runs, how to check its overrides
+before anything is submitted, and which environment crosses to other nodes. Loads no training code."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from trainer.metrics import SECRET_KEY
+from trainer.contracts import SECRET_KEY, STAGE_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_MODULES = {
-    "sft": "trainer.sft",
-    "instruct": "trainer.instruct",
-    "reward": "trainer.reward",
-    "ppo": "rlhf.ppo",
-}
 
 # Variables a run on another node needs from the submitting shell. Launchers that copy the
 # environment to other nodes (srun does; pdsh and `ray job submit` do not) pass these only.
@@ -36,21 +30,15 @@ def check_overrides(stage: str, overrides: list[str]) -> None:
     """Compose the stage's config with `overrides`, so a typo or a bad value fails here, at
     submission, not hours later in a queue. Interpolations stay unresolved: the SFT export a
     PPO job starts from may not exist until an earlier job in the same pipeline has run."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from trainer.config import CONF_DIR, register_configs
+    from trainer.compose import compose
+    from trainer.config import ConfigError
 
-    register_configs()
-    if stage == "ppo":
-        from rlhf.config import register_ppo_config
-
-        register_ppo_config()
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            compose(config_name=stage, overrides=["output_dir=.", *overrides])
-    except (HydraException, OmegaConfBaseException) as e:
+        compose(stage, overrides, typed=False)
+    except (HydraException, OmegaConfBaseException, ConfigError) as e:
         raise LaunchError(f"{stage} overrides {overrides}: {e}") from None
 
 

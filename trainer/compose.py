@@ -1,0 +1,101 @@
+"""The one way to turn a stage name and Hydra overrides into a config, inside or outside a Hydra run.
+
+- `register_all()` registers every schema (the supervised stages' and PPO's) and every `tf_*` resolver
+  the configs use; entry points, launchers, the preview, benchmarks and tests all call it (via `compose`).
+- `compose(stage, overrides)` composes `conf/<stage>.yaml` outside a Hydra run: the typed config, or
+  with `typed=False` the DictConfig with interpolations unresolved (a launcher checks overrides before
+  the exports they point to exist).
+- `to_typed(dcfg, overrides)` is the one conversion to the typed dataclass, shared by Hydra entry points
+  and `compose`: it applies the rules that depend on what the user typed (a `data.path` on the command
+  line replaces the stage's default data) and converts once.
+
+Loads Hydra and the config schemas only: no torch, Ray or data pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from trainer.config import CONF_DIR, ConfigError, register_configs
+from trainer.contracts import RUN_ID_ENV
+
+
+def run_id() -> str:
+    """The run directory's id: the one every rank agreed on (trainer.cli), or the start time."""
+    return os.environ.get(RUN_ID_ENV) or time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def register_all() -> None:
+    """Every schema and resolver, idempotent. Besides the entry points, the modules that define Hydra task
+    functions call this on import: a sweep member that a launcher plugin (submitit, Ray) runs in another
+    process unpickles its task function, never passes through `trainer.cli.launch`, and still resolves
+    `hydra.sweep.dir` (the run id itself comes from Hydra's cache)."""
+    from rlhf.config import register_ppo_config
+
+    register_configs()
+    register_ppo_config()
+    if not OmegaConf.has_resolver("tf_run_id"):
+        OmegaConf.register_new_resolver("tf_run_id", run_id, use_cache=True)
+
+
+def override_key(override: str) -> str:
+    """The config key an override sets: `data.path` for `data.path=x`, `+data.path=x` or `~data.path`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def apply_user_data(dcfg: DictConfig, overrides: list[str]) -> Optional[str]:
+    """A `data.path` the user gave replaces the stage's default data (the `data.mixture` that, say,
+    conf/instruct.yaml sets), instead of losing silently to it. Both keys given is ambiguous: an error
+    naming both. Returns the note to print when something was replaced."""
+    keys = {override_key(o) for o in overrides}
+    path_given = "data.path" in keys
+    mixture_given = any(k == "data.mixture" or k.startswith("data.mixture.") or k.startswith("data.mixture[")
+                        for k in keys)
+    if path_given and mixture_given:
+        raise ConfigError("data.path and data.mixture are both set on the command line: give data.path for one "
+                          "dataset or data.mixture for several, not both")
+    if "data" not in dcfg or not path_given or not dcfg.data.get("mixture"):
+        return None
+    replaced = ", ".join(str(m.path) for m in dcfg.data.mixture)
+    with open_dict(dcfg):
+        dcfg.data.mixture = []
+    return f"data.path={dcfg.data.path} replaces the stage's default data.mixture ({replaced})"
+
+
+def to_typed(dcfg: DictConfig, overrides: list[str]) -> Any:
+    """The typed config (TrainingJobConfig or PPOConfig) that `dcfg`, composed with `overrides`, stands for."""
+    note = apply_user_data(dcfg, overrides)
+    if note and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return OmegaConf.to_object(dcfg)
+
+
+def hydra_overrides() -> list[str]:
+    """Inside a Hydra run: the overrides the user gave this job (a sweep member's include its swept values)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+def compose(stage: str, overrides: list[str] = (), typed: bool = True) -> Any:
+    """`conf/<stage>.yaml` with `overrides`, outside a Hydra run: the typed config, or with `typed=False`
+    the DictConfig, interpolations unresolved. `output_dir` names the Hydra run directory, which exists
+    only inside a Hydra run, so it is `.` here unless an override sets it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_all()
+    overrides = list(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        dcfg = hydra_compose(config_name=stage, overrides=overrides)
+    if OmegaConf.is_interpolation(dcfg, "output_dir"):
+        dcfg.output_dir = "."
+    if not typed:
+        apply_user_data(dcfg, overrides)
+        return dcfg
+    return to_typed(dcfg, overrides)
