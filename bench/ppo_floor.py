@@ -64,7 +64,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from bench.ppo_vs_trl import compose_ppo, save_models
-    from rlhf.ppo import sample_prompts
+    from rlhf.scoring import sample_prompts
     from trainer.data import build_prompts
     from trainer.evaluate import left_pad
     from trainer.model import load_tokenizer

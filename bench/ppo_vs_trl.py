@@ -209,7 +209,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory(prefix=f"{PPO.name}_") as tmp:
         work = args.keep_runs or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        from rlhf.ppo import sample_prompts
+        from rlhf.scoring import sample_prompts
         from trainer.data import build_prompts
         from trainer.model import load_tokenizer
 

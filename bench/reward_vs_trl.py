@@ -21,11 +21,11 @@ pairs of a given step, and so its tokens, differ between the two.
 
 Systems (`--systems`), run in this order `--repeats` times; the tables show medians and tuneforge/TRL ratios:
 - tuneforge-auto: the reward stage's defaults (`deepspeed=auto`: unpartitioned on this one process), pairs packed into rows of `--max-length` tokens with each
-  pair's shared prompt computed once (`data.packing=true reward.share_prompt=true`; scores equal to the padded
+  pair's shared prompt computed once (`data.packing=true preference_loss.share_prompt=true`; scores equal to the padded
   layout's, tested in tests/test_reward.py);
 - trl: TRL's RewardTrainer, one padded batch of chosen then rejected rows;
 - tuneforge-zero3: the same under ZeRO-3 (`deepspeed=zero3`; the default until 2026-11-26);
-- tuneforge-zero3-padded: ZeRO-3 with TRL's batch layout (`data.packing=false reward.share_prompt=false`), the
+- tuneforge-zero3-padded: ZeRO-3 with TRL's batch layout (`data.packing=false preference_loss.share_prompt=false`), the
   same tensors TRL computes on;
 - tuneforge-zero0: `deepspeed=zero0`, which writes the same DeepSpeed config as auto on one process.
 `padded tok` counts the tokens each system's batches really hold, padding included.
@@ -48,7 +48,7 @@ REWARD = harness.Comparison(
     name="reward_vs_trl", stage="reward", data="preference", data_columns=("prompt", "chosen", "rejected"),
     tuneforge_overrides=(
         "model=tiny",  # random init on both sides, never the newest SFT export (conf/model/sft_output.yaml)
-        "reward.center_coef=0.0",  # TRL's center_rewards_coefficient=None
+        "preference_loss.center_coef=0.0",  # TRL's center_rewards_coefficient=None
         "data.overlong=drop",  # TRL drops pairs with a side over max_length
         "train.save_every=0",  # no checkpoint inside the measured steps (the final one comes after them)
     ),
@@ -62,7 +62,7 @@ REWARD = harness.Comparison(
 
 
 # Overrides that give tuneforge TRL's batch layout (one padded row per sequence).
-PADDED_LAYOUT = ("data.packing=false", "reward.share_prompt=false")
+PADDED_LAYOUT = ("data.packing=false", "preference_loss.share_prompt=false")
 
 
 def tuneforge_pairs(job, padded: bool) -> tuple[dict, list[dict]]:
@@ -77,7 +77,7 @@ def tuneforge_pairs(job, padded: bool) -> tuple[dict, list[dict]]:
     pairs = build_preference_data(job.data, tokenizer, seed=job.seed).train
     sides = [(p["chosen_input_ids"], p["rejected_input_ids"]) for p in pairs]
     data = {"pairs": len(pairs), "tokens": sum(len(c) + len(r) for c, r in sides), "digest": pairs_digest(sides)}
-    layout = {} if padded else {"pack_length": job.data.max_length, "share_prompt": job.reward.share_prompt}
+    layout = {} if padded else {"pack_length": job.data.max_length, "share_prompt": job.preference_loss.share_prompt}
     steps = [{"pairs": len(picked),
               "tokens": sum(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in picked),
               "padded_tokens": collate_pairs(picked, tokenizer.pad_token_id, **layout)["input_ids"].numel()}
@@ -110,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         spec = {
             **harness.trl_spec(job, setup.data_path, args.threads),
             "pad_to_multiple_of": inspect.signature(collate_pairs).parameters["pad_to_multiple_of"].default,
-            "center_coef": job.reward.center_coef,
+            "center_coef": job.preference_loss.center_coef,
         }
         print(f"training pairs: {data['pairs']} ({data['tokens']} tokens, {data['tokens'] / data['pairs']:.1f} "
               f"per pair)", flush=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from launch.job import REPO, LaunchError, check_overrides, forwarded_env, stage_module
+from trainer.contracts import STAGE_MODULES
 
 AGENT_WAIT_S = 120
 # What the working-directory upload leaves out: runs, caches and environments.
@@ -118,7 +119,7 @@ def submit(spec: dict, address: Optional[str], follow: bool) -> tuple[str, str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.ray_job", description=__doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=["sft", "instruct", "reward", "ppo"])
+    p.add_argument("stage", choices=list(STAGE_MODULES))
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the stage")
     p.add_argument("--address", help="Ray job API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     p.add_argument("--gpus", type=int, default=0, help="supervised stages: GPUs (ranks) on one node")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch.job import REPO, LaunchError, check_overrides, stage_module
-from trainer.contracts import PREEMPTED_EXIT_CODE
+from trainer.contracts import PREEMPTED_EXIT_CODE, STAGE_MODULES
 
 # torchrun forwards these to the ranks and waits `--grace` seconds for them to save.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -228,7 +228,7 @@ def submit(script: str, path: Path) -> str:
 def parse_args(argv: list[str]) -> tuple[SlurmJob, bool, bool]:
     p = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["sft", "instruct", "reward", "ppo"])
+    p.add_argument("stage", choices=list(STAGE_MODULES))
     p.add_argument("overrides", nargs="*", help="Hydra overrides for the stage")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0)

@@ -14,14 +14,13 @@ log-prob (`SampledLogprobs`), and the driver skips the policy's forward pass ove
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhf.algorithms import kl_estimate, policy_loss
 from rlhf.config import old_logprobs_from_generation
-from rlhf.experience import Experience, cut_at_stop
+from rlhf.experience import Experience, Generation, cut_at_stop
 from rlhf.worker import RoleWorker
 from trainer.engine import device, torch_linear
 from trainer.evaluate import left_pad, stop_token_ids
@@ -74,8 +73,8 @@ class PolicyWorker(RoleWorker):
             from transformers import AutoModelForCausalLM
 
             config = self.engine.module.config
-            # Built on the device: built on the CPU (a random init that refresh_replica overwrites anyway), a
-            # 1.24B replica made an H100 run's start 49 s longer.
+            # Built on the device: on the CPU, a large replica's random init, which refresh_replica overwrites
+            # anyway, is slow and delays the start for nothing.
             with torch.device(device()):
                 self.replica = AutoModelForCausalLM.from_config(config, dtype=next(self.engine.module.parameters()).dtype)
             self.replica.requires_grad_(False).eval()
@@ -101,8 +100,7 @@ class PolicyWorker(RoleWorker):
         return time.perf_counter() - t0
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], iteration: int,
-                 greedy: bool = False) -> tuple[list[list[int]], Optional[list[list[float]]], float]:
+    def generate(self, prompts: list[list[int]], iteration: int, greedy: bool = False) -> Generation:
         """Responses (token ids, cut after the first stop token) for this rank's prompts, their tokens'
         log-probs when sampling records them (rollout.old_logprobs; None otherwise), and the seconds
         taken. Sampling is seeded by (seed, iteration, rank), so a resumed run draws the same rollouts."""
@@ -134,7 +132,7 @@ class PolicyWorker(RoleWorker):
         logps = None
         if recorder is not None:
             logps = [row[: len(resp)] for row, resp in zip(recorder.finish(out).cpu().tolist(), responses)]
-        return responses, logps, time.perf_counter() - t0
+        return Generation(responses, logps, time.perf_counter() - t0)
 
     def train(self, exp: Experience, iteration: int, kl_coef: float) -> dict:
         """One PPO update on this rank's shard; `kl_coef` weighs the KL term when algo.kl_in=loss."""

@@ -45,7 +45,7 @@ class RoleConfig:
     # Sequences per forward pass on one rank (and per micro-batch of an update, for trained roles).
     micro_batch_size: int = 16
     # reward only: score with a Python function instead of a model, e.g.
-    # {_target_: rlhf.rewards.exact_match}; it is called as fn(prompts, responses, answers) -> scores.
+    # {_target_: rlhf.reward_functions.exact_match}; it is called as fn(prompts, responses, answers) -> scores.
     function: Optional[dict[str, Any]] = None
     # reward only: the reward model's tokenizer differs from the policy's, so decode the policy's
     # tokens and re-encode them with the reward model's tokenizer.

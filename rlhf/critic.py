@@ -9,6 +9,7 @@ from rlhf.algorithms import value_loss
 from rlhf.experience import Experience
 from rlhf.worker import RoleWorker
 from trainer.model import build_reward_model
+from trainer.reward_stats import read_reward_stats
 
 
 class CriticWorker(RoleWorker):
@@ -19,8 +20,6 @@ class CriticWorker(RoleWorker):
     trains = True
 
     def setup(self) -> None:
-        from rlhf.reward import read_reward_stats
-
         self.build(build_reward_model, total_steps=self.total_optimizer_steps(), grad_accum=self.grad_accum())
         stats = read_reward_stats(self.role_cfg.model.name_or_path) if self.cfg.algo.normalize_reward else None
         self.value_scale = (stats["mean"], stats["std"]) if stats else (0.0, 1.0)

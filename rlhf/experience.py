@@ -1,4 +1,5 @@
-"""The rollout batch that travels between PPO phases, and how it is laid out, split and trimmed.
+"""The rollout batch that travels between PPO phases, and how it is laid out, split and trimmed; what a
+policy rank's generation returns.
 
 Sequences are `[prompt | response | pad]`, right-padded, so positions count from 0 at each
 prompt's first token exactly as they did during generation (where prompts were left-padded and
@@ -64,6 +65,15 @@ class Experience:
     def micro_batches(self, size: int) -> Iterator["Experience"]:
         for start in range(0, len(self), size):
             yield self.select(slice(start, start + size)).trimmed()
+
+
+@dataclass
+class Generation:
+    """What one policy rank's `generate` returns for its share of the prompts."""
+
+    responses: list[list[int]]  # token ids per prompt, cut after the first stop token
+    logprobs: Optional[list[list[float]]]  # each response token's sampled log-prob; None unless sampling records them
+    seconds: float  # wall time of the call on the rank
 
 
 def pad_right(x: torch.Tensor, width: int, value=0) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The reward: a scalar-head reward model (from `trainer.reward`, or any
 AutoModelForSequenceClassification with one label), or a Python function named by
-`reward.function._target_` (rule-based / verifiable rewards, see `rlhf/rewards.py`).
+`reward.function._target_` (rule-based / verifiable rewards, see `rlhf/reward_functions.py`).
 
 A reward model whose tokenizer differs from the policy's re-tokenizes the decoded text
 (`reward.retokenize=true`); without that setting the mismatch is an error at start."""

@@ -149,7 +149,7 @@ class RoleWorker:
 
         width = micro.sequences.shape[1]
         # Only positions from the shortest prompt's last token on score a response token: the LM head and
-        # its (b, L, V) logits skip the rest (16 sequences of 1536 tokens, 128k vocabulary: 6 GB in bf16).
+        # its (b, L, V) logits skip the rest, gigabytes with long prompts and a large vocabulary.
         # (Reading the minimum waits for the device, which copying this micro-batch there has just done.)
         start = int(micro.prompt_lengths.min()) - 1 if takes_logits_to_keep(self.model) else 0
         keep = {"logits_to_keep": width - start} if start > 0 else {}

@@ -137,10 +137,10 @@ def test_each_stage_accepts_only_its_own_data_formats():
 
 
 def test_prompt_sharing_needs_packing_and_a_4d_mask_attention():
-    validate(_typed(_compose("reward", ["data.packing=false", "reward.share_prompt=false"])))
-    with pytest.raises(ConfigError, match=r"reward\.share_prompt: needs data\.packing=true"):
+    validate(_typed(_compose("reward", ["data.packing=false", "preference_loss.share_prompt=false"])))
+    with pytest.raises(ConfigError, match=r"preference_loss\.share_prompt: needs data\.packing=true"):
         validate(_typed(_compose("reward", ["data.packing=false"])))
-    with pytest.raises(ConfigError, match=r"reward\.share_prompt: needs model\.attn_implementation"):
+    with pytest.raises(ConfigError, match=r"preference_loss\.share_prompt: needs model\.attn_implementation"):
         validate(_typed(_compose("reward", ["model.attn_implementation=flash_attention_2"])))
 
 
@@ -165,7 +165,7 @@ def test_reward_default_model_falls_back_to_tiny_without_an_sft_export(tmp_path,
     assert cfg.model.name_or_path == "outputs/sft/2026-01-01_10-00-00/hf_model"
 
 
-PPO_GROUPS = ("actor", "critic", "reference", "reward", "rollout", "algo", "cluster")
+PPO_GROUPS = ("actor", "critic", "reference", "reward_source", "rollout", "algo", "cluster")
 
 
 @pytest.mark.parametrize("group", PPO_GROUPS)
@@ -205,7 +205,8 @@ def test_ppo_without_an_sft_export_names_the_stage_to_run(tmp_path, monkeypatch)
 def test_bad_ppo_values_name_the_key(override, key, tmp_path, monkeypatch):
     from rlhf.config import validate as validate_ppo
 
-    cfg = OmegaConf.to_object(_compose("ppo", [f"{r}.model.name_or_path=x" for r in PPO_GROUPS[:4]] + [override]))
+    roles = ("actor", "critic", "reference", "reward")  # the roles' keys (the reward's group is reward_source)
+    cfg = OmegaConf.to_object(_compose("ppo", [f"{r}.model.name_or_path=x" for r in roles] + [override]))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_ppo(cfg)
 
@@ -232,3 +233,14 @@ def test_a_killed_builds_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     os.utime(stale, (old, old))
     _remove_stale_build_locks(tmp_path)
     assert not stale.exists() and fresh.exists()
+
+
+def test_renamed_keys_keep_working_for_a_release_with_a_note(capsys):
+    cfg = compose("reward", ["reward.center_coef=0.25", "reward.share_prompt=false"])
+    assert cfg.preference_loss.center_coef == 0.25 and cfg.preference_loss.share_prompt is False
+    err = capsys.readouterr().err
+    assert "reward.center_coef is renamed preference_loss.center_coef" in err
+    assert "reward.share_prompt is renamed preference_loss.share_prompt" in err
+    ppo = compose("ppo", ["reward=exact_match"], typed=False)
+    assert ppo.reward.function._target_ == "rlhf.reward_functions.exact_match"
+    assert "reward is renamed reward_source" in capsys.readouterr().err

@@ -371,3 +371,65 @@ def test_preview_cli_bad_path_is_one_line(repo_root, tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing.jsonl: no such file or directory" in lines[0]
+
+
+# ------------------------------------------------------------------------------- a user's data.path
+
+
+USER_ROWS = {  # one row of each user format, distinct per index
+    "prompt_completion": lambda i: {"prompt": f"Say {i}.\nAnswer:", "completion": f" {i}"},
+    "alpaca": lambda i: {"instruction": f"Say {i}.", "input": "", "output": f"{i}"},
+    "sharegpt": lambda i: {"conversations": [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": f"{i}"}]},
+    "messages": lambda i: {"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}"}]},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(USER_ROWS))
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_user_data_path_replaces_the_instruct_stage_default_mixture(fmt, suffix, tok, tmp_path, capsys):
+    from trainer.compose import compose
+
+    rows = [USER_ROWS[fmt](i) for i in range(7)]
+    path = tmp_path / f"mine{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        write_jsonl(path, rows)
+    job = compose("instruct", [f"data.path={path}"])
+    assert job.data.mixture == [] and job.data.path == str(path)
+    assert f"data.path={path} replaces the stage's default data.mixture (synthetic:chat" in capsys.readouterr().err
+    data = build_supervised_data(job.data, tok, job.seed)
+    assert [(m["path"], m["rows"]) for m in data.stats.members] == [(str(path), 7)]
+    assert data.stats.kept == 7 and f"{path} [train] weight 1: 7 rows, 7 kept" in data.stats.summary()
+    assert "eval: synthetic:chat [eval]" in data.stats.summary()  # the stage's eval set, named
+
+
+def test_the_default_mixture_stays_without_a_data_path_and_both_keys_is_an_error(tmp_path):
+    from trainer.compose import compose
+    from trainer.config import ConfigError
+
+    assert [m.path for m in compose("instruct").data.mixture] == ["synthetic:chat", "synthetic:sharegpt",
+                                                                  "synthetic:alpaca"]
+    # Another key under data (or a data= group) is not a data.path: the mixture stays.
+    assert len(compose("instruct", ["data.max_length=64"]).data.mixture) == 3
+    with pytest.raises(ConfigError, match=r"data\.path and data\.mixture are both set"):
+        compose("instruct", [f"data.path={tmp_path}/a.jsonl", "data.mixture=[{path: x}]"])
+
+
+def test_instruct_trains_on_the_user_file_only_and_both_keys_exit_2(repo_root, tmp_path):
+    from runs import TINY, run_stage
+
+    path = write_jsonl(tmp_path / "chats.jsonl", [USER_ROWS["messages"](i) for i in range(12)])
+    run_dir = tmp_path / "run"
+    proc = run_stage(run_dir, *TINY, f"data.path={path}", "train.max_steps=1", "train.micro_batch_size=2",
+                     stage="instruct")
+    stats = json.loads((run_dir / "data_stats.json").read_text())
+    assert [(m["path"], m["rows"]) for m in stats["members"]] == [(str(path), 12)] and stats["kept"] == 12
+    assert f"{path} [train] weight 1: 12 rows, 12 kept" in proc.stdout
+    assert "replaces the stage's default data.mixture" in proc.stderr
+    both = run_stage(tmp_path / "both", *TINY, f"data.path={path}", f"data.mixture=[{{path: {path}}}]",
+                     stage="instruct", check=False)
+    assert both.returncode == 2, both.stderr[-2000:]
+    last = both.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "data.path" in last and "data.mixture" in last
+    assert not (tmp_path / "both" / "data_stats.json").exists()

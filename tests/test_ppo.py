@@ -19,8 +19,8 @@ import torch
 
 from runs import PPO_SMALL, REPO, run_env, signal_when, tiny_ppo_model
 from rlhf.config import PPOConfig
-from rlhf.experience import build_rollout, cut_at_stop, pad_right, response_positions
-from rlhf.ppo import sample_prompts, score_rollout
+from rlhf.experience import Generation, build_rollout, cut_at_stop, pad_right, response_positions
+from rlhf.scoring import sample_prompts, score_rollout
 from rlhf.worker import RoleWorker, takes_logits_to_keep
 
 
@@ -195,8 +195,8 @@ class FakeGroup:
         self.role, self.world_size, self.log = role, world_size, log
 
     def answer(self, method: str, shard, *args):
-        if method == "generate":  # (responses, their sampled log-probs, seconds) for this rank's prompts
-            return [[10, 11, 2] for _ in shard], [[-1.0, -1.0, -1.0] for _ in shard], 0.0
+        if method == "generate":  # this rank's responses, with their sampled log-probs
+            return Generation([[10, 11, 2] for _ in shard], [[-1.0, -1.0, -1.0] for _ in shard], 0.0)
         if method == "train":
             return {"loss": 0.0}
         if method == "scores":
@@ -213,10 +213,11 @@ class FakeGroup:
         return self.call_sharded(method, args)
 
 
-def scheduling_driver(monkeypatch, iterations: int, overlap: bool):
+def scheduling_driver(monkeypatch, run_dir: Path, iterations: int, overlap: bool):
     """A Driver whose groups are FakeGroups and whose waits are logged: its iteration logic, no Ray."""
-    import rlhf.ppo as ppo
-    from trainer.config import ModelConfig
+    import rlhf.driver
+    from trainer.config import LoggerConfig, ModelConfig
+    from trainer.metrics import MetricsLogger
     from trainer.model import load_tokenizer
 
     log: list = []
@@ -225,17 +226,15 @@ def scheduling_driver(monkeypatch, iterations: int, overlap: bool):
         log.append(("wait", tuple((p.group.role, p.method) for p in pending)))
         return [list(p.refs) for p in pending]
 
-    monkeypatch.setattr(ppo, "wait_all", wait_all)
+    monkeypatch.setattr(rlhf.driver, "wait_all", wait_all)
     cfg = PPOConfig()
     cfg.rollout.prompts_per_iteration, cfg.rollout.overlap_critic_update = 4, overlap
     cfg.train.iterations, cfg.train.samples_every = iterations, 0
-    driver = ppo.Driver.__new__(ppo.Driver)
-    driver.cfg, driver.reward_stats, driver._next_generation = cfg, None, {}
-    driver.tokenizer = load_tokenizer(ModelConfig())
-    driver.train_prompts = [SimpleNamespace(prompt_ids=[1, 5 + i], answer="") for i in range(8)]
-    driver.kl = ppo.build_kl_controller("fixed", 0.05, None, None)
-    driver.groups = {role: FakeGroup(role, n, log) for role, n in
-                     (("actor", 2), ("critic", 1), ("reference", 1), ("reward", 1))}
+    groups = {role: FakeGroup(role, n, log) for role, n in
+              (("actor", 2), ("critic", 1), ("reference", 1), ("reward", 1))}
+    train_prompts = [SimpleNamespace(prompt_ids=[1, 5 + i], answer="") for i in range(8)]
+    driver = rlhf.driver.Driver(cfg, run_dir, groups, load_tokenizer(ModelConfig()), train_prompts, eval_prompts=[],
+                                logger=MetricsLogger(run_dir, LoggerConfig(), {}, job_type="ppo", enabled=False))
     return driver, log
 
 
@@ -244,8 +243,8 @@ def generations(log: list) -> list[int]:
     return [e[3] for e in log if e[:3] == ("call", "actor", "generate")]
 
 
-def test_the_next_generation_starts_before_the_wait_on_the_critic_and_never_when_stopping(monkeypatch):
-    driver, log = scheduling_driver(monkeypatch, iterations=3, overlap=True)
+def test_the_next_generation_starts_before_the_wait_on_the_critic_and_never_when_stopping(monkeypatch, tmp_path):
+    driver, log = scheduling_driver(monkeypatch, tmp_path, iterations=3, overlap=True)
     driver.iteration(0)
     early = log.index(("call", "actor", "generate", 1))
     assert early < log.index(("wait", (("critic", "train"),)))  # sampled while the critic's update runs
@@ -259,7 +258,7 @@ def test_the_next_generation_starts_before_the_wait_on_the_critic_and_never_when
     assert generations(log) == [2]
     assert driver._next_generation == {}
 
-    driver, log = scheduling_driver(monkeypatch, iterations=3, overlap=False)
+    driver, log = scheduling_driver(monkeypatch, tmp_path, iterations=3, overlap=False)
     driver.iteration(0)
     assert generations(log) == [0]
     assert driver._next_generation == {}
@@ -341,7 +340,7 @@ def test_reward_function_kl_in_loss_zero3_generation_colocated_then_a_dying_acto
     generation, old log-probs from a forward pass and colocated devices work for an iteration; then the reward actor dies mid-run, the error
     names it and iteration 1's checkpoint stays the good one."""
     run = tmp_path / "dies"
-    proc = run_ppo(run, tiny_model, "train.iterations=4", "train.save_every=1", "reward=exact_match",
+    proc = run_ppo(run, tiny_model, "train.iterations=4", "train.save_every=1", "reward_source=exact_match",
                    "algo=ppo_kl_loss", "cluster.colocate=both", "reference.devices_per_node=2",
                    "rollout.generation=zero3", "rollout.old_logprobs=recompute",
                    "+reward.function.call=4", "reward.function._target_=ppo_faults.die_on_call",

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from trainer.compose import register_all, run_id
+from trainer.compose import register_all, renamed_overrides, run_id
 from trainer.config import ConfigError
 from trainer.contracts import RUN_ID_ENV, USER_ERROR_EXIT_CODE
 
@@ -81,6 +81,10 @@ def launch(hydra_main: Callable[[], None]) -> None:
 
     # Before anything imports Ray: a sweep on Hydra's Ray launcher starts Ray in this process.
     keep_local_ray_on_loopback(sys.argv[1:])
+    sys.argv[1:], notes = renamed_overrides(sys.argv[1:])
+    if int(os.environ.get("RANK", 0)) == 0:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
     prepare_process()
     register_all()
     _agree_on_run_id()

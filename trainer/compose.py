@@ -48,6 +48,28 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+# Overrides renamed in 0.1 -> 0.2 (the old names work until the next release, with a note): "reward" meant
+# the reward stage's loss settings, the PPO reward role and its config group at once.
+RENAMED_KEYS = {
+    "reward.center_coef": "preference_loss.center_coef",
+    "reward.share_prompt": "preference_loss.share_prompt",
+    "reward": "reward_source",  # the PPO group choice, reward=model|exact_match; reward.<key> stays the role's
+}
+
+
+def renamed_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`overrides` with renamed keys given their new names, and a deprecation note for each."""
+    out, notes = [], []
+    for o in overrides:
+        key = override_key(o)
+        if key in RENAMED_KEYS and "=" in o:
+            prefix = o[: len(o) - len(o.lstrip("+~"))]
+            o = f"{prefix}{RENAMED_KEYS[key]}={o.split('=', 1)[1]}"
+            notes.append(f"{key} is renamed {RENAMED_KEYS[key]}; the old name works until the next release")
+        out.append(o)
+    return out, notes
+
+
 def apply_user_data(dcfg: DictConfig, overrides: list[str]) -> Optional[str]:
     """A `data.path` the user gave replaces the stage's default data (the `data.mixture` that, say,
     conf/instruct.yaml sets), instead of losing silently to it. Both keys given is ambiguous: an error
@@ -90,7 +112,9 @@ def compose(stage: str, overrides: list[str] = (), typed: bool = True) -> Any:
     from hydra import initialize_config_dir
 
     register_all()
-    overrides = list(overrides)
+    overrides, notes = renamed_overrides(list(overrides))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         dcfg = hydra_compose(config_name=stage, overrides=overrides)
     if OmegaConf.is_interpolation(dcfg, "output_dir"):

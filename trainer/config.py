@@ -118,7 +118,7 @@ class OptimConfig:
 class DeepSpeedConfig:
     # 0-3, or auto: ZeRO-3 when there is more than one rank to partition over, and on one rank
     # stage 0 (or 2 with optimizer offload, 3 with parameter offload). ZeRO on one rank partitions
-    # nothing, and its bookkeeping cost 23-42% of a step on small CPU models (docs/benchmarks.md).
+    # nothing, and its bookkeeping is a sizeable share of a small model's step (docs/benchmarks.md).
     # `resolve_zero_stage` (below) turns auto into a number once the world size is known.
     stage: Union[int, str] = "auto"
     offload_optimizer: bool = False
@@ -130,9 +130,9 @@ class DeepSpeedConfig:
     # Parameters below this many elements stay whole on every rank ("persistent"). DeepSpeed's 100k
     # default saves latency-bound gathers under per-module hooks; with per-block gathering a block's
     # small norms already travel in its one coalesced fetch, while every persistent parameter costs a
-    # collective of its own after each optimizer step (one per norm: 38 on the tiny model, 65 on a
-    # Llama-7B). 0 made a 2-rank ZeRO-3 step of the tiny policy 12-16% faster on CPU (docs/benchmarks.md);
-    # with stage3_gather_per_block=false, 100_000 is likely the better value again (not measured).
+    # collective of its own after each optimizer step (one per norm), so 0 is the faster value here
+    # (docs/benchmarks.md has the counts and timings); with stage3_gather_per_block=false, 100_000 is
+    # likely the better value again (not measured).
     stage3_param_persistence_threshold: int = 0
     # ZeRO-3 gathers each transformer block (the model's `_no_split_modules`) as one unit,
     # the granularity FSDP wraps at, instead of hooking every Linear and norm inside it:
@@ -179,7 +179,7 @@ class TrainConfig:
 
 
 @dataclass
-class RewardConfig:
+class PreferenceLossConfig:
     # Weight of mean((r_chosen + r_rejected)^2), TRL's `center_rewards_coefficient`:
     # keeps scores centred on 0 so PPO can use them without a learned offset. 0 disables.
     center_coef: float = 0.0
@@ -206,8 +206,8 @@ class TrainingJobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Used by stage=reward only.
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    # The reward stage's Bradley-Terry loss (stage=reward only).
+    preference_loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
     # The final metric the entry function returns: what a sweeper (hydra/sweeper=optuna) optimises.
     objective: str = "eval/loss"
 
@@ -238,14 +238,16 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     _require(cfg.logger.mode in ("auto", "online", "offline"), "logger.mode", f"must be auto|online|offline, got {cfg.logger.mode!r}")
     _require(cfg.logger.log_every > 0, "logger.log_every", f"must be > 0, got {cfg.logger.log_every}")
     _require(world_size >= 1, "world_size", f"must be >= 1, got {world_size}")
-    _require(cfg.reward.center_coef >= 0, "reward.center_coef", f"must be >= 0, got {cfg.reward.center_coef}")
+    _require(cfg.preference_loss.center_coef >= 0, "preference_loss.center_coef",
+             f"must be >= 0, got {cfg.preference_loss.center_coef}")
     if cfg.stage == "reward":
         _require(not d.mixture, "data.mixture", "is not supported by the reward stage; use data.path")
-        _require(not cfg.reward.share_prompt or d.packing, "reward.share_prompt",
-                 "needs data.packing=true (or set reward.share_prompt=false)")
-        _require(not (cfg.reward.share_prompt and cfg.model.attn_implementation not in ("sdpa", "eager")),
-                 "reward.share_prompt", f"needs model.attn_implementation=sdpa|eager (a 4D attention mask), got "
-                 f"{cfg.model.attn_implementation!r}; set reward.share_prompt=false")
+        share = cfg.preference_loss.share_prompt
+        _require(not share or d.packing, "preference_loss.share_prompt",
+                 "needs data.packing=true (or set preference_loss.share_prompt=false)")
+        _require(not (share and cfg.model.attn_implementation not in ("sdpa", "eager")),
+                 "preference_loss.share_prompt", f"needs model.attn_implementation=sdpa|eager (a 4D attention mask), "
+                 f"got {cfg.model.attn_implementation!r}; set preference_loss.share_prompt=false")
 
 
 def resolve_zero_stage(ds: DeepSpeedConfig, world_size: int) -> DeepSpeedConfig:

@@ -21,9 +21,11 @@ STAGE_MODULES = {
     "sft": "trainer.sft",
     "instruct": "trainer.instruct",
     "reward": "trainer.reward",
+    "dpo": "trainer.dpo",
     "ppo": "rlhf.ppo",
 }
-SUPERVISED_STAGES = ("sft", "instruct", "reward")
+SUPERVISED_STAGES = ("sft", "instruct", "reward", "dpo")
+PREFERENCE_STAGES = ("reward", "dpo")  # the supervised stages that train on preference pairs (trainer.preference)
 
 # ---------------------------------------------------------------- RL roles
 ROLES = ("actor", "critic", "reference", "reward")  # hosts precede their guests (rlhf.placement)
@@ -33,6 +35,9 @@ COLOCATE_MODES = ("none", "reference_with_actor", "reward_with_critic", "both", 
 # ---------------------------------------------------------------- files
 # Written by the reward stage beside its export (trainer.reward_stats), read by PPO to normalise scores.
 REWARD_STATS_FILE = "reward_stats.json"
+# Written by the DPO stage in its run directory before training (trainer.reference_logps): the starting
+# model's log-probs of every pair, reused on resume.
+REFERENCE_LOGPS_FILE = "reference_logps.safetensors"
 
 # ---------------------------------------------------------------- environment
 # Every rank of a distributed run resolves the same run directory from this id (trainer.cli).

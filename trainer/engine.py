@@ -159,7 +159,10 @@ def optimizer_step(engine) -> Optional[float]:
     engine.step()
     if not boundary:
         return None
-    return norm if own_norm else engine.get_global_grad_norm()
+    if own_norm:
+        return norm
+    norm = engine.get_global_grad_norm()  # a tensor under ZeRO-3
+    return None if norm is None else float(norm)
 
 
 def lr_multiplier(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -215,9 +218,8 @@ def zero3_init_context(ds_config: dict):
 def torch_linear():
     """torch's own `F.linear` inside, whatever ZeRO-3 installed. With `memory_efficient_linear`, building a
     ZeRO-3 model swaps `F.linear` for a Python autograd Function in the whole process; it only saves memory
-    where backward runs. Without gradients (evaluation, PPO's generation and scoring) it is pure overhead:
-    it made the PPO policy's plain generation replica 33% slower on the tiny CPU model (0.24 vs 0.18 s per
-    generate call)."""
+    where backward runs. Without gradients (evaluation, PPO's generation and scoring) it is pure overhead
+    (docs/benchmarks.md has what it cost the generation replica)."""
     import torch.nn.functional as F
 
     swapped = F.linear

@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Optional
 
 import datasets
-import numpy as np
 import torch
 
 from trainer.config import PREFERENCE_FORMATS, DataConfig
+from trainer.sampling import SeededOrder
 from trainer.data import (
     DataError,
     best_fit_rows,
@@ -265,11 +265,13 @@ def _tokenize_pairs(ds: datasets.Dataset, fmt: str, tokenizer, cfg: DataConfig, 
 class PreferenceStats:
     """What happened to the training pairs (and how many eval pairs came out)."""
 
+    source: str = ""  # data.path [split]
     rows: int = 0  # source rows of the training data
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PAIR_DROP_REASONS, 0))
     truncated: int = 0
     tokens: int = 0  # chosen + rejected tokens of the kept training pairs
+    eval_source: Optional[str] = None  # data.eval_path [eval_split], None when eval is off
     eval_pairs: int = 0
     eval_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PAIR_DROP_REASONS, 0))
 
@@ -281,10 +283,11 @@ class PreferenceStats:
             return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items())
 
         return "\n".join([
-            f"train: {self.rows} rows -> {self.kept} pairs (dropped: {reasons(self.dropped)}; "
+            f"train: {self.source}: {self.rows} rows -> {self.kept} pairs (dropped: {reasons(self.dropped)}; "
             f"truncated {self.truncated})",
             f"tokens: {self.tokens} chosen + rejected ({self.tokens / max(2 * self.kept, 1):.1f} per sequence)",
-            f"eval: {self.eval_pairs} pairs (dropped: {reasons(self.eval_dropped)})",
+            f"eval: {self.eval_source or 'none (data.eval_path=null)'}: {self.eval_pairs} pairs "
+            f"(dropped: {reasons(self.eval_dropped)})",
         ])
 
 
@@ -320,14 +323,14 @@ def build_preference_data(cfg: DataConfig, tokenizer, seed: int) -> PreferenceDa
     if cfg.chat_template is not None:
         tokenizer.chat_template = cfg.chat_template  # also what an exported model will carry
     ds = load_rows(cfg.path, cfg.split, cfg.name)
-    stats = PreferenceStats(rows=len(ds))
+    stats = PreferenceStats(source=describe_source(cfg.path, cfg.split), rows=len(ds))
     _, train, stats.truncated = _kept_pairs(
         _tokenize_pairs(ds, cfg.format, tokenizer, cfg, describe_source(cfg.path, cfg.split)), stats.dropped)
     if not train:
         reasons = ", ".join(f"{k}: {v}" for k, v in stats.dropped.items())
         raise DataError(f"no preference pairs left after filtering ({stats.rows} rows; dropped {reasons}); "
                         f"check data.max_length / data.overlong and that chosen and rejected responses differ")
-    train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))]
+    train = [train[i] for i in SeededOrder(len(train), seed, "preference_pairs").permutation(0)]
     stats.kept = len(train)
     stats.tokens = sum(len(p["chosen_input_ids"]) + len(p["rejected_input_ids"]) for p in train)
     eval_pairs = []
@@ -339,6 +342,7 @@ def build_preference_data(cfg: DataConfig, tokenizer, seed: int) -> PreferenceDa
         for i, pair in zip(rows, eval_pairs):
             pair.update({k: None if v[i] is None else str(v[i]) for k, v in meta.items()})
     stats.eval_pairs = len(eval_pairs)
+    stats.eval_source = describe_source(cfg.eval_path, cfg.eval_split) if cfg.eval_path is not None else None
     return PreferenceData(train, eval_pairs, stats)
 
 

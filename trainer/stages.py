@@ -83,13 +83,13 @@ def _causal_lm_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> Stage
 
 def _reward_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> StageParts:
     data = build_preference_data(cfg.data, tokenizer, seed=cfg.seed)
-    task = RewardTask(cfg.reward.center_coef)
+    task = RewardTask(cfg.preference_loss.center_coef)
 
     pack_length = cfg.data.max_length if cfg.data.packing else None
 
     def pair_collate(rows):
         return collate_pairs(rows, tokenizer.pad_token_id, pack_length=pack_length,
-                             share_prompt=cfg.reward.share_prompt)
+                             share_prompt=cfg.preference_loss.share_prompt)
 
     def make_evaluate(engine, logger: MetricsLogger):
         def evaluate(step: int) -> dict:

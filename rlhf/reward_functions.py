@@ -3,7 +3,7 @@
 A reward function takes three equal-length lists (decoded prompts, decoded responses without
 special tokens, and each prompt's reference answer, or None where the data has none) and
 returns one float per response. Extra keyword arguments come from the config:
-`reward.function={_target_: rlhf.rewards.exact_match, correct: 1.0, wrong: 0.0}`.
+`reward.function={_target_: rlhf.reward_functions.exact_match, correct: 1.0, wrong: 0.0}`.
 """
 
 from __future__ import annotations
