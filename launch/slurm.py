@@ -3,7 +3,7 @@
     python -m launch.slurm sft --nodes 2 --gpus-per-node 8 --partition gpu --time 04:00:00 [overrides]
     python -m launch.slurm ppo --nodes 2 --gpus-per-node 8 --dry-run actor.devices_per_node=8 ...
 
-Supervised stages (sft, instruct, reward): one task per node runs torchrun, which starts
+Supervised stages (sft, instruct, reward, dpo): one task per node runs torchrun, which starts
 the node's ranks; the nodes meet at a c10d rendezvous on the allocation's first node.
 PPO: the job forms a Ray cluster inside the allocation (head on the first node, a worker
 on each other node, token authentication on, dashboard on loopback), waits until every

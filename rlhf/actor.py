@@ -9,32 +9,42 @@ e.g. `auto` on one rank) needs no replica: its engine's module generates.
 
 With `rollout.old_logprobs` resolving to generation, sampling also records each sampled token's
 log-prob (`SampledLogprobs`), and the driver skips the policy's forward pass over the rollouts.
+
+Each sequence is sampled with its own seed (`sample_responses`): its own generator draws its tokens, so a
+prompt's samples depend on (seed, iteration, prompt position, sample index) alone, not on which rank or batch
+they share.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from rlhf.algorithms import kl_estimate, policy_loss
+from rlhf.algorithms import aggregate_loss, kl_estimate, loss_items, policy_loss_terms, truncated_is_weights
 from rlhf.config import old_logprobs_from_generation
 from rlhf.experience import Experience, Generation, cut_at_stop
 from rlhf.worker import RoleWorker
 from trainer.engine import device, torch_linear
 from trainer.evaluate import left_pad, stop_token_ids
 from trainer.model import build_causal_lm
-from trainer.sampling import derive_seed
 
 
 class SampledLogprobs(LogitsProcessor):
     """Records log p(token) of every sampled token under softmax(logits / temperature), the
     distribution PPO's policy loss scores it with (`RoleWorker.response_logprobs`).
 
-    `generate` runs a processor passed to it after its own logits processors (penalties) and before
-    its sampling warpers (temperature, top-k, top-p), so the scores seen here are the logits
-    themselves; the unit test pins that order. `generate` hands each processor the sequence so far:
+    `sample_responses` runs it first, before the temperature, top-k and top-p warpers and the sampler,
+    so the scores seen here are the logits themselves (a unit test pins it). `generate` hands each processor
+    the sequence so far:
     the token drawn at step k is read at step k+1, and the last one from the finished sequences
     (`finish`). Only one step's (B, V) log-softmax is held at a time."""
 
@@ -59,6 +69,50 @@ class SampledLogprobs(LogitsProcessor):
         if not self.steps:
             return sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
         return torch.stack(self.steps, dim=1)
+
+
+class SeededRowSampler(LogitsProcessor):
+    """Draws each row's next token from softmax(scores) with that row's own generator and leaves only that
+    token possible, so `generate`'s greedy pick takes it: a sequence's sample depends on its seed alone."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1)  # (B, V)
+        tokens = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])  # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
+@torch.no_grad()
+def sample_responses(model, prompts: list[list[int]], seeds: Optional[list[int]], *, max_new_tokens: int,
+                     temperature: float, top_k: int, top_p: float, stop_ids: list[int], pad_id: int,
+                     record: bool = False, synced: bool = False) -> tuple[list[list[int]], Optional[list[list[float]]]]:
+    """Responses to left-padded, KV-cached `prompts` (token ids, cut after the first stop token): greedy when
+    `seeds` is None, else each row sampled with its own seed from softmax(logits / temperature) truncated by
+    top-k then top-p (as `generate`'s own warpers would), and, with `record`, each sampled token's log-prob
+    under the untruncated temperature-scaled distribution (the one PPO's loss scores)."""
+    dev = device()
+    input_ids, attention_mask = left_pad(prompts, pad_id)
+    recorder = SampledLogprobs(temperature) if record and seeds is not None else None
+    processors = []
+    if seeds is not None:
+        processors = [p for p in (recorder,
+                                  TemperatureLogitsWarper(temperature) if temperature != 1.0 else None,
+                                  TopKLogitsWarper(top_k) if top_k > 0 else None,
+                                  TopPLogitsWarper(top_p) if top_p < 1.0 else None,
+                                  SeededRowSampler(seeds, dev)) if p is not None]
+    with torch_linear():  # no gradients here: ZeRO-3's Linear wrapper would only cost time
+        out = model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                             pad_token_id=pad_id, use_cache=True, synced_gpus=synced,
+                             logits_processor=LogitsProcessorList(processors))
+    stops = set(stop_ids)
+    responses = [cut_at_stop(row.tolist(), stops) for row in out[:, input_ids.shape[1]:].cpu()]
+    logps = None
+    if recorder is not None:
+        logps = [row[: len(resp)] for row, resp in zip(recorder.finish(out).cpu().tolist(), responses)]
+    return responses, logps
 
 
 class PolicyWorker(RoleWorker):
@@ -99,43 +153,26 @@ class PolicyWorker(RoleWorker):
                 p.data.copy_(params[name].data)
         return time.perf_counter() - t0
 
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], iteration: int, greedy: bool = False) -> Generation:
-        """Responses (token ids, cut after the first stop token) for this rank's prompts, their tokens'
-        log-probs when sampling records them (rollout.old_logprobs; None otherwise), and the seconds
-        taken. Sampling is seeded by (seed, iteration, rank), so a resumed run draws the same rollouts."""
+    def generate(self, prompts: list[list[int]], seeds: Optional[list[int]] = None) -> Generation:
+        """Responses for this rank's prompts: greedy without `seeds`, else each sampled with its seed (a resumed
+        run draws the same rollouts), with their tokens' log-probs when sampling records them
+        (rollout.old_logprobs, or algo.tis_cap, which needs them beside recomputed ones)."""
         t0 = time.perf_counter()
         r = self.cfg.rollout
-        record = not greedy and old_logprobs_from_generation(r, self.precision)
-        recorder = SampledLogprobs(r.temperature) if record else None
-        torch.manual_seed(derive_seed(self.cfg.seed, "generate", iteration, self.rank))
+        record = seeds is not None and (old_logprobs_from_generation(r, self.precision) or
+                                        self.cfg.algo.tis_cap is not None)
         model = self.engine.module if self.replica is None else self.replica
         # Every rank of a ZeRO-3 group takes part in each other's per-layer gathers until all have finished.
         synced = self.replica is None and self.role_cfg.deepspeed.stage == 3 and self.world_size > 1
-        input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id)
-        sampling = {} if greedy else dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-        with torch_linear():  # no gradients here: ZeRO-3's Linear wrapper would only cost time
-            out = model.generate(
-                input_ids=input_ids.to(device()),
-                attention_mask=attention_mask.to(device()),
-                max_new_tokens=r.max_new_tokens,
-                do_sample=not greedy,
-                eos_token_id=self.stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-                use_cache=True,
-                synced_gpus=synced,
-                logits_processor=LogitsProcessorList([recorder] if recorder else []),
-                **sampling,
-            )
-        stops = set(self.stop_ids)
-        responses = [cut_at_stop(row.tolist(), stops) for row in out[:, input_ids.shape[1]:].cpu()]
-        logps = None
-        if recorder is not None:
-            logps = [row[: len(resp)] for row, resp in zip(recorder.finish(out).cpu().tolist(), responses)]
+        responses, logps = sample_responses(model, prompts, seeds, max_new_tokens=r.max_new_tokens,
+                                            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                            stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id,
+                                            record=record, synced=synced)
         return Generation(responses, logps, time.perf_counter() - t0)
 
     def train(self, exp: Experience, iteration: int, kl_coef: float) -> dict:
-        """One PPO update on this rank's shard; `kl_coef` weighs the KL term when algo.kl_in=loss."""
+        """One policy update on this rank's shard; `kl_coef` weighs the KL term when algo.kl_in=loss. The loss is
+        algo.ratio's clipped surrogate (with algo.tis_cap's importance weights), aggregated as algo.loss_agg."""
         a, temperature = self.cfg.algo, self.cfg.rollout.temperature
 
         def loss_fn(m: Experience):
@@ -143,20 +180,24 @@ class PolicyWorker(RoleWorker):
                                                    entropy_grad=bool(a.entropy_coef))
             mask = m.response_mask
             tokens = mask.sum()
-            loss, stats = policy_loss(logp, m.old_logp, m.advantages, mask, a.clip_eps)
-            loss = loss * tokens
-            ent = (entropy * mask).sum()
+            weights = None if a.tis_cap is None else truncated_is_weights(m.old_logp, m.rollout_logp, a.tis_cap)
+            terms, stats = policy_loss_terms(logp, m.old_logp, m.advantages, mask, a.clip_eps, a.clip_eps_high,
+                                             a.ratio, weights)
+            loss, _ = aggregate_loss(terms, mask, a.loss_agg)
             out = {"clip_frac": stats["clip_frac"] * tokens, "approx_kl": stats["approx_kl"] * tokens,
-                   "entropy": ent}
+                   "entropy": (entropy.detach() * mask).sum()}
+            if weights is not None:
+                out["tis_weight"] = (weights * mask).sum()
+                out["tis_capped_frac"] = ((weights >= a.tis_cap).float() * mask).sum()
             if a.entropy_coef:
-                loss = loss - a.entropy_coef * ent
-            if a.kl_in == "loss":
-                kl = (kl_estimate(logp, m.ref_logp, a.kl_estimator) * mask).sum()
-                loss = loss + kl_coef * kl
-                out["kl_loss"] = kl.detach()
+                loss = loss - a.entropy_coef * aggregate_loss(entropy, mask, a.loss_agg)[0]
+            if a.kl_in == "loss" and m.ref_logp is not None:
+                kl = kl_estimate(logp, m.ref_logp, a.kl_estimator)  # (b, t)
+                loss = loss + kl_coef * aggregate_loss(kl, mask, a.loss_agg)[0]
+                out["kl_loss"] = (kl.detach() * mask).sum()
             return loss, out
 
-        metrics = self.ppo_update(exp, iteration, loss_fn)
+        metrics = self.ppo_update(exp, iteration, loss_fn, items=lambda m: loss_items(m.response_mask, a.loss_agg))
         metrics["replica_refresh_s"] = self.refresh_replica()
         return metrics
 

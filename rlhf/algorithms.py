@@ -1,4 +1,5 @@
-"""Pure tensor math for PPO on language models: masked statistics, log-probs, KL, GAE, losses.
+"""Pure tensor math for RL on language models: masked statistics, log-probs, KL, advantage estimators (GAE with a
+critic; GRPO, RLOO and REINFORCE++ without one), policy-loss variants and their aggregation.
 
 No I/O, no distributed calls, nothing that knows about Ray or DeepSpeed; every function maps tensors to tensors.
 
@@ -10,10 +11,15 @@ a token mean over all masked entries of the batch, sum(x * mask) / max(sum(mask)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_CONTROLLERS = ("fixed", "adaptive")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+RATIO_LEVELS = ("token", "sequence")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,38 +186,197 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Advantage estimators, registered by name (`algo.advantage`): what the driver runs is a choice of functions
+
+
+@dataclass
+class AdvantageInputs:
+    """What every estimator may read. B = G x groups: rows [g*G, (g+1)*G) answer the same prompt."""
+
+    rewards: torch.Tensor  # (B, T) token rewards: the sequence score on the last real token, minus beta*KL per token
+    mask: torch.Tensor  # (B, T)
+    group_size: int  # G, samples per prompt
+    values: Optional[torch.Tensor] = None  # (B, T) critic values (gae only)
+    gamma: float = 1.0
+    lam: float = 0.95
+    norm_by_std: bool = True  # grpo: divide by the group's std (false: Dr. GRPO)
+    eps: float = 1e-6
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor]]] = {}
+CRITIC_ESTIMATORS = ("gae",)  # the estimators that need a value model
+
+
+def register_advantage(name: str):
+    def add(fn):
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return add
+
+
+def advantages(name: str, x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), both (B, T) and zero outside the mask, from the estimator registered as `name`."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; allowed values: {', '.join(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[name](x)
+
+
+@register_advantage("gae")
+def gae_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's: GAE over the critic's values."""
+    if x.values is None:
+        raise ValueError("the gae estimator needs critic values")
+    return compute_gae(x.rewards, x.values, x.mask, x.gamma, x.lam)
+
+
+def _grouped_returns(x: AdvantageInputs) -> torch.Tensor:
+    """(B / G, G) sequence returns: each row's token rewards summed (its score minus beta * its KL)."""
+    B = x.rewards.shape[0]
+    if x.group_size < 1 or B % x.group_size:
+        raise ValueError(f"{B} rollouts do not form groups of {x.group_size}")
+    return torch.where(x.mask != 0, x.rewards, 0.0).sum(1).view(-1, x.group_size)
+
+
+def _broadcast(seq_adv: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) sequence advantages on every real token; returns equal advantages (no critic to fit)."""
+    adv = seq_adv.reshape(-1, 1).to(mask.dtype) * mask  # (B, T)
+    return adv, adv
+
+
+@register_advantage("grpo")
+@torch.no_grad()
+def grpo_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO (Shao et al. 2024): each return minus its group's mean, divided by the group's std (unbiased, as
+    TRL and veRL); `norm_by_std=False` keeps the centred return (Dr. GRPO, Liu et al. 2025). A group whose
+    returns are all equal gets advantage 0."""
+    r = _grouped_returns(x)  # (B/G, G)
+    centred = r - r.mean(1, keepdim=True)
+    if x.norm_by_std:
+        std = r.std(1, keepdim=True) if x.group_size > 1 else torch.zeros_like(centred)
+        centred = centred / (std + x.eps)
+    return _broadcast(centred, x.mask)
+
+
+@register_advantage("rloo")
+@torch.no_grad()
+def rloo_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO (Ahmadian et al. 2024): each return minus the mean of the other G - 1 returns of its group,
+    r_i - (sum_g - r_i) / (G - 1) = G / (G - 1) * (r_i - mean_g). Needs G >= 2."""
+    if x.group_size < 2:
+        raise ValueError("rloo needs at least 2 samples per prompt (rollout.samples_per_prompt)")
+    r = _grouped_returns(x)  # (B/G, G)
+    baseline = (r.sum(1, keepdim=True) - r) / (x.group_size - 1)
+    return _broadcast(r - baseline, x.mask)
+
+
+@register_advantage("reinforce_pp")
+@torch.no_grad()
+def reinforce_pp_advantages(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025): the discounted return-to-go of the token rewards (the KL penalty is in them, per
+    token), whitened over the whole batch's real tokens; no group baseline, so G = 1 works."""
+    rewards = torch.where(x.mask != 0, x.rewards, 0.0)  # (B, T)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + x.gamma * running
+        returns[:, t] = running
+    returns = returns * x.mask
+    return masked_whiten(returns, x.mask), returns
+
+
+def group_reward_stats(scores: torch.Tensor, group_size: int) -> dict[str, float]:
+    """scores (B,) in groups of G: the mean within-group std and the fraction of groups whose scores are all
+    equal (no learning signal under a group baseline)."""
+    g = scores.float().view(-1, group_size)  # (B/G, G)
+    std = g.std(1) if group_size > 1 else torch.zeros(g.shape[0])
+    return {"reward/group_std_mean": float(std.mean()),
+            "reward/zero_variance_groups": float((g.max(1).values == g.min(1).values).float().mean())}
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment, (B,) -> (B,) <= 0: nothing up to max_new_tokens - buffer tokens, then
+    a linear ramp to -factor at max_new_tokens (and beyond). buffer 0 disables it."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    over = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0)
+    return -factor * (over / buffer).clamp(max=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Losses
 
 
-def policy_loss(
+def policy_loss_terms(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
     clip_eps_high: float | None = None,
+    ratio_level: str = "token",
+    is_weights: torch.Tensor | None = None,
     log_ratio_clamp: float = 20.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate, masked token mean. logp, old_logp, advantages, mask (B, T) -> scalar loss, stats.
+    """PPO's clipped surrogate per token. logp, old_logp, advantages, mask (B, T) -> (B, T) loss terms, stats.
 
     The ratio is clipped to [1 - clip_eps, 1 + clip_eps_high] (clip_eps_high defaults to clip_eps; a larger one
-    is DAPO's "clip-higher"). The log-ratio is clamped before exp so a stale old_logp cannot overflow the ratio.
-    stats (detached 0-d tensors): clip_frac = fraction of masked tokens where the clipped term is strictly the
-    larger (so its gradient is zero); approx_kl = masked mean of the k2 estimate 0.5 * (logp - old_logp)**2;
-    ratio_mean = masked mean of the ratio.
+    is DAPO's "clip-higher"). `ratio_level="sequence"` is GSPO (Zheng et al. 2025): every token of a sequence
+    carries the sequence's ratio exp(mean_t(logp - old_logp)), with the gradient of each token's own log-prob
+    (sg[s_i] * pi_t / sg[pi_t]), so with `seq_mean_token_mean` aggregation the gradient is GSPO's.
+    `is_weights` (B, T), detached, multiplies each token's term: truncated importance sampling between the
+    sampler's and the trainer's log-probs. The log-ratio is clamped before exp so a stale old_logp cannot
+    overflow. stats (detached 0-d, masked token means): clip_frac (tokens where the clipped term is strictly
+    the larger, so its gradient is zero), approx_kl (k2 of logp vs old_logp), ratio_mean.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logp - old_logp  # (B, T)
+    if ratio_level == "sequence":
+        seq = masked_mean(log_ratio.detach(), mask, dim=1)  # (B,)
+        log_ratio = seq[:, None] + logp - logp.detach()  # value: the sequence's; gradient: each token's
+    elif ratio_level != "token":
+        raise ValueError(f"unknown ratio level {ratio_level!r}; allowed values: {', '.join(RATIO_LEVELS)}")
     ratio = torch.exp(log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp))  # (B, T)
     unclipped = -advantages * ratio  # (B, T)
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + high)  # (B, T)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    terms = torch.maximum(unclipped, clipped)  # (B, T)
+    if is_weights is not None:
+        terms = terms * is_weights
     stats = {
         "clip_frac": masked_mean((clipped > unclipped).float(), mask).detach(),
         "approx_kl": masked_mean(kl_estimate(logp.detach(), old_logp, "k2"), mask),
         "ratio_mean": masked_mean(ratio.detach(), mask),
     }
-    return loss, stats
+    return terms, stats
+
+
+def aggregate_loss(terms: torch.Tensor, mask: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) per-token terms -> (summed loss, the items it is a sum over), so a step divides the summed loss of
+    a whole mini-batch (over every rank and micro-batch) by its item count:
+    token_mean: every real token weighs the same (items = tokens);
+    seq_mean_token_mean: each sequence's token mean, averaged over sequences (items = sequences);
+    seq_mean_token_sum: each sequence's token sum, averaged over sequences (items = sequences)."""
+    masked = torch.where(mask != 0, terms * mask, 0.0)  # (B, T)
+    if how == "token_mean":
+        return masked.sum(), mask.sum()
+    if how == "seq_mean_token_sum":
+        return masked.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)
+    if how == "seq_mean_token_mean":
+        per_seq = masked.sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        return per_seq.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)
+    raise ValueError(f"unknown loss aggregation {how!r}; allowed values: {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def loss_items(mask: torch.Tensor, how: str) -> float:
+    """The item count `aggregate_loss` divides by, for a batch's mask (B, T): tokens or sequences."""
+    return float(mask.sum()) if how == "token_mean" else float(mask.shape[0])
+
+
+def truncated_is_weights(train_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al. 2025): min(pi_train / pi_rollout, cap) per token, detached,
+    for rollouts sampled by an engine whose log-probs differ from the trainer's (bf16, another kernel).
+    (B, T) -> (B, T)."""
+    return torch.exp((train_logp - rollout_logp).clamp(max=20.0)).clamp(max=cap).detach()
 
 
 def value_loss(

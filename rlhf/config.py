@@ -44,9 +44,12 @@ class RoleConfig:
     devices_per_node: int = 1
     # Sequences per forward pass on one rank (and per micro-batch of an update, for trained roles).
     micro_batch_size: int = 16
-    # reward only: score with a Python function instead of a model, e.g.
-    # {_target_: rlhf.reward_functions.exact_match}; it is called as fn(prompts, responses, answers) -> scores.
-    function: Optional[dict[str, Any]] = None
+    # reward only: score with Python functions instead of a model (rule-based, verifiable rewards), e.g.
+    # [{_target_: rlhf.reward_functions.exact_match, weight: 1.0}]: each is called as fn(prompts, responses, rows)
+    # -> one float per response (rows: each prompt's dataset row, with its reference `answer`), the score is the
+    # weighted sum, and each function's mean is logged (reward/fn/<name>). `weight` (default 1) and `name`
+    # (default: the function's) are read here; every other key is the function's keyword argument.
+    functions: list[dict[str, Any]] = field(default_factory=list)
     # reward only: the reward model's tokenizer differs from the policy's, so decode the policy's
     # tokens and re-encode them with the reward model's tokenizer.
     retokenize: bool = False
@@ -59,6 +62,9 @@ class RoleConfig:
 @dataclass
 class RolloutConfig:
     prompts_per_iteration: int = 64
+    # G responses per prompt (a group: GRPO and RLOO compare them). Each sample is drawn with its own seed,
+    # derived from (iteration, the prompt's position in the prompt stream, the sample's index), so what a
+    # prompt gets depends on nothing else: not the batch, the ranks, or the other samples.
     samples_per_prompt: int = 1
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -90,12 +96,30 @@ def old_logprobs_from_generation(r: RolloutConfig, precision: str) -> bool:
 
 @dataclass
 class AlgoConfig:
+    """The RL algorithm as a choice of pure functions (rlhf/algorithms.py): the advantage estimator, the policy
+    loss's ratio, clipping and aggregation, and where the KL goes. `algo=ppo|grpo|rloo|reinforce_pp` picks a
+    preset (conf/algo/); what the driver starts follows from it (`uses_critic`, `uses_reference`)."""
+
+    name: str = "ppo"  # what the preset is called (logs, the before/after table)
+    # gae: PPO with a critic | grpo | rloo | reinforce_pp: critic-free, no value model is started.
+    advantage: str = "gae"
+    norm_by_std: bool = True  # grpo: divide by the group's reward std; false is Dr. GRPO
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
+    # DAPO's clip-higher: the ratio's upper clip is 1 + clip_eps_high (null: 1 + clip_eps).
+    clip_eps_high: Optional[float] = None
+    # token: PPO's per-token ratio | sequence: GSPO's sequence-level ratio (use a small clip_eps, ~4e-4).
+    ratio: str = "token"
+    # How a mini-batch's per-token losses combine: token_mean (every token weighs the same; DAPO) |
+    # seq_mean_token_mean (each sequence's mean, averaged: GRPO's original; GSPO) | seq_mean_token_sum.
+    loss_agg: str = "token_mean"
+    # Truncated importance sampling: where the sampler's log-probs differ from the training pass's (bf16, another
+    # kernel), each token's loss is weighted by min(pi_train / pi_sampler, tis_cap). null: off.
+    tis_cap: Optional[float] = None
     value_clip_eps: Optional[float] = 0.2
     entropy_coef: float = 0.0
-    kl_coef: float = 0.05
+    kl_coef: float = 0.05  # 0: no KL term, and no reference model is started
     kl_estimator: str = "k1"  # k1 | k2 | k3
     kl_in: str = "reward"  # reward: -beta*KL per token in the reward; loss: beta*KL in the policy loss
     kl_controller: str = "fixed"  # fixed | adaptive
@@ -105,9 +129,28 @@ class AlgoConfig:
     normalize_reward: bool = True
     reward_clip: Optional[float] = 5.0
     whiten_advantages: bool = True
+    # DAPO's overlong soft punishment: responses longer than rollout.max_new_tokens - overlong_buffer lose up to
+    # overlong_penalty, linearly, reaching it at max_new_tokens. 0: off.
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    # DAPO's dynamic sampling: drop groups whose scores are all equal (no signal under a group baseline) and
+    # sample more prompts until the batch is full, at most max_sampling_rounds rounds per iteration; a batch
+    # still short after them is filled with dropped groups (they carry no advantage). Counts are logged.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
     ppo_epochs: int = 1
     mini_batch_size: int = 32  # rollouts per optimizer step, over all ranks of a role
     critic_warmup_iterations: int = 0  # the critic trains alone for this many iterations
+
+    @property
+    def uses_critic(self) -> bool:
+        from rlhf.algorithms import CRITIC_ESTIMATORS
+
+        return self.advantage in CRITIC_ESTIMATORS
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_coef > 0
 
 
 @dataclass
@@ -165,8 +208,38 @@ class PPOConfig:
         return getattr(self, name)
 
     @property
+    def active_roles(self) -> tuple[str, ...]:
+        """The roles this algorithm runs, in ROLES order: the critic only for an estimator that needs one, the
+        reference only when there is a KL term."""
+        skip = {"critic"} if not self.algo.uses_critic else set()
+        if not self.algo.uses_reference:
+            skip.add("reference")
+        return tuple(r for r in ROLES if r not in skip)
+
+    @property
+    def trained_roles(self) -> tuple[str, ...]:
+        return tuple(r for r in TRAINED_ROLES if r in self.active_roles)
+
+    @property
     def rollout_batch(self) -> int:
         return self.rollout.prompts_per_iteration * self.rollout.samples_per_prompt
+
+
+def leave_out_unused_roles(dcfg) -> None:
+    """In the composed (unresolved) config: the model paths of the roles this algorithm does not run become
+    null when they only point at an export (`${tf_require_export:...}`), so a critic-free run needs no reward
+    export for a critic it never starts. A path the user wrote stays as written."""
+    from omegaconf import OmegaConf, open_dict
+
+    from rlhf.algorithms import CRITIC_ESTIMATORS
+
+    a = dcfg.algo
+    unused = ([] if a.advantage in CRITIC_ESTIMATORS else ["critic"]) + ([] if a.kl_coef > 0 else ["reference"])
+    with open_dict(dcfg):
+        for role in unused:
+            for key in ("name_or_path", "tokenizer"):
+                if OmegaConf.is_interpolation(dcfg[role].model, key):
+                    dcfg[role].model[key] = None
 
 
 def register_ppo_config() -> None:
@@ -175,7 +248,8 @@ def register_ppo_config() -> None:
 
 def validate(cfg: PPOConfig) -> None:
     """Everything checkable before Ray starts; raises ConfigError naming the key."""
-    from rlhf.algorithms import KL_CONTROLLERS, KL_ESTIMATORS  # the math (torch) loads only where a run validates
+    # The math (torch) loads only where a run validates.
+    from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGGREGATIONS, RATIO_LEVELS
 
     r, a, t = cfg.rollout, cfg.algo, cfg.train
     batch = cfg.rollout_batch
@@ -198,14 +272,35 @@ def validate(cfg: PPOConfig) -> None:
     _require(a.kl_coef >= 0, "algo.kl_coef", f"must be >= 0, got {a.kl_coef}")
     _require(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algo.gamma/algo.lam", "must be in [0, 1]")
     _require(a.clip_eps > 0, "algo.clip_eps", f"must be > 0, got {a.clip_eps}")
+    _require(a.clip_eps_high is None or a.clip_eps_high > 0, "algo.clip_eps_high",
+             f"must be > 0 or null, got {a.clip_eps_high}")
+    _require(a.advantage in ADVANTAGE_ESTIMATORS, "algo.advantage",
+             f"must be one of {tuple(ADVANTAGE_ESTIMATORS)}, got {a.advantage!r}")
+    _require(a.ratio in RATIO_LEVELS, "algo.ratio", f"must be one of {RATIO_LEVELS}, got {a.ratio!r}")
+    _require(a.loss_agg in LOSS_AGGREGATIONS, "algo.loss_agg", f"must be one of {LOSS_AGGREGATIONS}, got {a.loss_agg!r}")
+    _require(a.tis_cap is None or a.tis_cap >= 1, "algo.tis_cap", f"must be >= 1 or null, got {a.tis_cap}")
+    _require(a.tis_cap is None or r.old_logprobs != "generation", "algo.tis_cap",
+             "weighs the sampler's log-probs against the training pass's, so the old log-probs must be recomputed: "
+             "set rollout.old_logprobs=recompute (or auto)")
+    _require(0 <= a.overlong_buffer < r.max_new_tokens, "algo.overlong_buffer",
+             f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}), got {a.overlong_buffer}")
+    _require(a.max_sampling_rounds >= 1, "algo.max_sampling_rounds", f"must be >= 1, got {a.max_sampling_rounds}")
+    if a.advantage in ("grpo", "rloo") or a.dynamic_sampling:
+        _require(r.samples_per_prompt >= 2, "rollout.samples_per_prompt",
+                 f"algo.advantage={a.advantage}{' with algo.dynamic_sampling' if a.dynamic_sampling else ''} compares "
+                 f"the samples of a prompt: needs >= 2, got {r.samples_per_prompt}")
     _require(cfg.cluster.colocate in COLOCATE_MODES, "cluster.colocate",
              f"must be one of {COLOCATE_MODES}, got {cfg.cluster.colocate!r}")
-    for name in ROLES:
+    for name in cfg.active_roles:
         role = cfg.role(name)
         _require(role.num_nodes > 0 and role.devices_per_node > 0, f"{name}.num_nodes/devices_per_node", "must be > 0")
         _require(role.micro_batch_size > 0, f"{name}.micro_batch_size", f"must be > 0, got {role.micro_batch_size}")
-        if name == "reward" and role.function is not None:
-            _require("_target_" in role.function, "reward.function", "needs a _target_ naming a Python function")
+        if name == "reward" and role.functions:
+            for i, fn in enumerate(role.functions):
+                _require(isinstance(fn, dict) and "_target_" in fn, f"reward.functions[{i}]",
+                         "needs a _target_ naming a Python function")
+                _require(isinstance(fn.get("weight", 1.0), (int, float)), f"reward.functions[{i}].weight",
+                         f"must be a number, got {fn.get('weight')!r}")
             continue
         validate_model(role.model, f"{name}.model")
         validate_deepspeed(role.deepspeed, f"{name}.deepspeed")
@@ -213,7 +308,7 @@ def validate(cfg: PPOConfig) -> None:
         _require(batch % role.world_size == 0, f"{name}.num_nodes/devices_per_node",
                  f"the rollout batch ({batch} = rollout.prompts_per_iteration x samples_per_prompt) must split "
                  f"evenly over the role's {role.world_size} ranks")
-    for name in TRAINED_ROLES:
+    for name in cfg.trained_roles:
         role = cfg.role(name)
         validate_optim(role.optim, f"{name}.optim")
         _require(a.mini_batch_size % role.world_size == 0 and batch % a.mini_batch_size == 0, "algo.mini_batch_size",

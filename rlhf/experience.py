@@ -24,6 +24,8 @@ class Experience:
     responses: torch.Tensor  # (B, T) long: the response tokens, right-padded
     response_mask: torch.Tensor  # (B, T) float: 1 up to and including EOS or the truncation point
     old_logp: Optional[torch.Tensor] = None  # (B, T) policy log-probs at generation time
+    # (B, T) the sampler's own log-probs, kept beside recomputed old_logp for truncated importance sampling
+    rollout_logp: Optional[torch.Tensor] = None
     ref_logp: Optional[torch.Tensor] = None  # (B, T) reference log-probs
     values: Optional[torch.Tensor] = None  # (B, T) critic values V(s_t) before response token t
     scores: Optional[torch.Tensor] = None  # (B,) sequence scores (normalised and clipped)

@@ -89,7 +89,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
             (run_dir / "eval_start.json").write_text(json.dumps(before, indent=2))
             driver.logger.log(0, before)
         metrics = {}
-        for it in tqdm(range(done, t.iterations), desc="ppo", initial=done, total=t.iterations, dynamic_ncols=True):
+        for it in tqdm(range(done, t.iterations), desc=cfg.algo.name, initial=done, total=t.iterations, dynamic_ncols=True):
             metrics = driver.iteration(it, stopping=lambda: preemption.requested)
             step = it + 1
             if t.eval_every and step % t.eval_every == 0 and step != t.iterations and not preemption.requested:
@@ -106,7 +106,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
         after = driver.evaluate(t.iterations)
         driver.logger.log(t.iterations, after)
         driver.logger.summary(after)
-        table, pairs = before_after(before, after)
+        table, pairs = before_after(before, after, cfg.algo.name)
         (run_dir / "before_after.json").write_text(json.dumps(pairs, indent=2))
         (run_dir / "before_after.txt").write_text(table + "\n")
         print(table, flush=True)

@@ -1,6 +1,6 @@
 """The reward: a scalar-head reward model (from `trainer.reward`, or any
-AutoModelForSequenceClassification with one label), or a Python function named by
-`reward.function._target_` (rule-based / verifiable rewards, see `rlhf/reward_functions.py`).
+AutoModelForSequenceClassification with one label), or weighted Python functions named in
+`reward.functions` (rule-based / verifiable rewards, see `rlhf/reward_functions.py`).
 
 A reward model whose tokenizer differs from the policy's re-tokenizes the decoded text
 (`reward.retokenize=true`); without that setting the mismatch is an error at start."""
@@ -16,24 +16,25 @@ from trainer.model import build_reward_model
 
 class RewardWorker(RoleWorker):
     def setup(self) -> None:
-        rc = self.role_cfg
-        self.function = None
-        if rc.function is not None:
-            from hydra.utils import instantiate
+        from rlhf.reward_functions import build_functions
 
-            self.function = instantiate(rc.function, _partial_=True)
-            return
-        self.build(build_reward_model)
+        self.functions = build_functions(self.role_cfg.functions)
+        if not self.functions:
+            self.build(build_reward_model)
 
-    def scores(self, exp: Experience, texts: dict) -> torch.Tensor:
-        """(B,) raw scores of this rank's shard. `texts` holds the decoded prompts, responses and
-        reference answers of the shard (what a reward function reads)."""
-        if self.function is not None:
-            values = self.function(texts["prompts"], texts["responses"], texts["answers"])
-            return torch.tensor([float(v) for v in values], dtype=torch.float32)
+    def scores(self, exp: Experience, texts: dict, first_index: int = 0) -> torch.Tensor:
+        """(B, 1 + K) raw scores of this rank's shard: the score, then each of the K reward functions' own
+        (none for a reward model). `texts` holds the decoded prompts and responses and each prompt's dataset
+        row (what a reward function reads); `first_index` is the shard's first row in the batch."""
+        if self.functions:
+            from rlhf.reward_functions import combined_scores
+
+            total, parts = combined_scores(self.functions, texts["prompts"], texts["responses"], texts["rows"],
+                                           first_index)
+            return torch.tensor([total, *parts.values()], dtype=torch.float32).T
         if self.role_cfg.retokenize:
             exp = self._retokenized(texts)
-        return self._stack(self._forward_micro(exp, self.sequence_scores), 0)
+        return self._stack(self._forward_micro(exp, self.sequence_scores), 0)[:, None]
 
     def _retokenized(self, texts: dict) -> Experience:
         enc = self.tokenizer

@@ -9,13 +9,16 @@ from typing import Optional
 import torch
 
 from rlhf.algorithms import (
+    AdvantageInputs,
+    advantages,
     clip_scores,
-    compute_gae,
     explained_variance,
+    group_reward_stats,
     kl_estimate,
     masked_mean,
     masked_whiten,
     normalize_scores,
+    overlong_penalty,
     token_level_rewards,
 )
 from rlhf.config import PPOConfig
@@ -48,21 +51,29 @@ def pad_to_multiple(items: list, n: int) -> list:
 
 def score_rollout(exp: Experience, raw_scores: torch.Tensor, cfg: PPOConfig, kl_coef: float,
                   reward_stats: Optional[dict]) -> tuple[Experience, dict]:
-    """Scores -> token rewards (with the KL penalty when algo.kl_in=reward) -> GAE advantages and returns."""
-    a = cfg.algo
+    """Scores -> (normalised, clipped, overlong-penalised) -> token rewards (with the KL penalty when
+    algo.kl_in=reward and there is a reference) -> advantages and returns from the estimator algo.advantage
+    names. Rows come in groups of rollout.samples_per_prompt answering one prompt."""
+    a, G = cfg.algo, cfg.rollout.samples_per_prompt
     mask = exp.response_mask
+    lengths = mask.sum(1)  # (B,)
     scores = raw_scores.float()
     if reward_stats is not None:
         scores = normalize_scores(scores, reward_stats["mean"], reward_stats["std"])
     scores = clip_scores(scores, a.reward_clip)
-    kl = kl_estimate(exp.old_logp, exp.ref_logp, a.kl_estimator) * mask  # (B, T)
+    penalty = overlong_penalty(lengths, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty)
+    scores = scores + penalty
+    if exp.ref_logp is None:  # no KL term: no reference was started
+        kl = torch.zeros_like(mask)
+    else:
+        kl = kl_estimate(exp.old_logp, exp.ref_logp, a.kl_estimator) * mask  # (B, T)
     beta = kl_coef if a.kl_in == "reward" else 0.0
     rewards = token_level_rewards(scores, kl, mask, beta)
-    advantages, returns = compute_gae(rewards, exp.values, mask, a.gamma, a.lam)
+    adv, returns = advantages(a.advantage, AdvantageInputs(rewards, mask, G, exp.values, a.gamma, a.lam,
+                                                           a.norm_by_std))
     if a.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+        adv = masked_whiten(adv, mask)
     seq_kl = kl.sum(1)  # (B,) the per-sequence KL the controller and the table report
-    lengths = mask.sum(1)
     metrics = {
         "reward/score_raw_mean": float(raw_scores.float().mean()),
         "reward/score_raw_std": float(raw_scores.float().std()) if len(raw_scores) > 1 else 0.0,
@@ -71,19 +82,25 @@ def score_rollout(exp: Experience, raw_scores: torch.Tensor, cfg: PPOConfig, kl_
         "kl/seq_mean": float(seq_kl.mean()),
         "kl/token_mean": float(masked_mean(kl, mask)),
         "kl/coef": kl_coef,
-        "value/mean": float(masked_mean(exp.values, mask)),
-        "value/explained_variance": float(explained_variance(exp.values, returns, mask)),
-        "advantage/mean_raw": float(masked_mean(advantages, mask)),
+        "advantage/mean_raw": float(masked_mean(adv, mask)),
         "return/mean": float(masked_mean(returns, mask)),
-        "response/length_mean": float(lengths.mean()),
+        "response/length_mean": float(lengths.float().mean()),
     }
-    return exp.with_fields(scores=scores, rewards=rewards, advantages=advantages, returns=returns), metrics
+    if exp.values is not None:
+        metrics["value/mean"] = float(masked_mean(exp.values, mask))
+        metrics["value/explained_variance"] = float(explained_variance(exp.values, returns, mask))
+    if G > 1:
+        metrics.update(group_reward_stats(raw_scores, G))
+    if a.overlong_buffer:
+        metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
+    return exp.with_fields(scores=scores, rewards=rewards, advantages=adv, returns=returns), metrics
 
 
-def before_after(before: dict, after: dict) -> tuple[str, dict]:
+def before_after(before: dict, after: dict, algo: str = "ppo") -> tuple[str, dict]:
     """The evaluation at the start (the SFT policy) next to the one at the end: a printable table, and
-    {metric: {"start": x, "ppo": y}} for before_after.json. Metrics missing from either side are left out."""
-    keys = [k for k in BEFORE_AFTER_KEYS if k in before and k in after]
-    lines = [f"{'metric':<48} {'start (SFT)':>12} {'PPO':>12}"]
+    {metric: {"start": x, <algo>: y}} for before_after.json. Metrics missing from either side are left out."""
+    passes = sorted((k for k in after if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1]))
+    keys = [k for k in (*BEFORE_AFTER_KEYS, *passes) if k in before and k in after]
+    lines = [f"{'metric':<48} {'start (SFT)':>12} {algo.upper():>12}"]
     lines += [f"{k:<48} {before[k]:>12.4f} {after[k]:>12.4f}" for k in keys]
-    return "\n".join(lines), {k: {"start": before[k], "ppo": after[k]} for k in keys}
+    return "\n".join(lines), {k: {"start": before[k], algo: after[k]} for k in keys}

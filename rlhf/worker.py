@@ -187,12 +187,16 @@ class RoleWorker:
     # ------------------------------------------------------------------ PPO update
 
     def ppo_update(self, exp: Experience, iteration: int,
-                   loss_fn: Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> dict:
+                   loss_fn: Callable[[Experience], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                   items: Optional[Callable[[Experience], float]] = None) -> dict:
         """algo.ppo_epochs passes over this rank's shard in mini-batches (algo.mini_batch_size over all
         ranks), one optimizer step each (`trainer.step`, the supervised stages' step). `loss_fn(micro)`
-        returns (token-summed loss, token-summed stats); a step minimises the token mean over the whole
-        mini-batch on every rank together. A mini-batch whose loss is non-finite is skipped and counted
+        returns (the micro-batch's loss summed over its items, token-summed stats); `items(micro)` counts
+        those items (default: response tokens; sequences for a sequence-level aggregation), and a step
+        minimises the summed loss over the whole mini-batch's item count on every rank together. Stats are
+        reported as token means. A mini-batch whose loss is non-finite is skipped and counted
         (train.nonfinite, train.max_nonfinite_skips), as in the supervised stages."""
+        items = items or (lambda m: float(m.response_mask.sum()))
         a, t = self.cfg.algo, self.cfg.train
         per_rank = a.mini_batch_size // self.world_size
         micro = min(self.role_cfg.micro_batch_size, per_rank)
@@ -203,9 +207,10 @@ class RoleWorker:
         orders = [torch.randperm(len(exp), generator=gen) for _ in range(a.ppo_epochs)]
         minis = [exp.select(order[start : start + per_rank]) for order in orders
                  for start in range(0, len(exp), per_rank)]
-        tokens = all_reduce_sum([float(m.response_mask.sum()) for m in minis])
-        sums: dict[str, torch.Tensor] = {}  # token-summed loss and stats, kept on the device until the end
-        norms, counted, skipped = [], 0.0, 0
+        counts = all_reduce_sum([c for m in minis for c in (items(m), float(m.response_mask.sum()))])
+        mini_items, mini_tokens = counts[0::2], counts[1::2]
+        sums: dict[str, torch.Tensor] = {}  # summed loss and token-summed stats, kept on the device until the end
+        norms, counted_items, counted_tokens, skipped = [], 0.0, 0.0, 0
 
         def micro_losses(mini: Experience, mini_sums: dict):
             for m in mini.micro_batches(micro):
@@ -215,10 +220,10 @@ class RoleWorker:
                 yield loss
 
         self.engine.train()
-        for i, (mini, mini_tokens) in enumerate(zip(minis, tokens)):
+        for i, mini in enumerate(minis):
             where = f"{self.role} iteration {iteration + 1} mini-batch {i}"
             mini_sums: dict[str, torch.Tensor] = {}
-            result = optimizer_step_over(self.engine, micro_losses(mini, mini_sums), mini_tokens, self.world_size,
+            result = optimizer_step_over(self.engine, micro_losses(mini, mini_sums), mini_items[i], self.world_size,
                                          t.nonfinite, where)
             if result.skipped:
                 self.nonfinite_skips = count_skip(self.nonfinite_skips, t.max_nonfinite_skips, where)
@@ -226,12 +231,13 @@ class RoleWorker:
                 continue
             for k, v in mini_sums.items():
                 sums[k] = sums.get(k, 0.0) + v
-            counted += mini_tokens
+            counted_items += mini_items[i]
+            counted_tokens += mini_tokens[i]
             norms.append(result.grad_norm)  # the global norm at the mini-batch's last micro-batch
         self.engine.eval()
         keys = sorted(sums)  # the same on every rank: a skip is decided on all ranks together
         totals = all_reduce_sum([float(sums[k]) for k in keys])
-        metrics = {k: v / max(counted, 1.0) for k, v in zip(keys, totals)}
+        metrics = {k: v / max(counted_items if k == "loss" else counted_tokens, 1.0) for k, v in zip(keys, totals)}
         metrics["grad_norm"] = sum(n for n in norms if n is not None) / max(len(norms), 1)
         metrics["nonfinite_skipped"] = skipped
         metrics["nonfinite_skips"] = self.nonfinite_skips

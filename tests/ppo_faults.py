@@ -1,4 +1,4 @@
-"""Reward functions that fail on purpose, for the PPO failure tests (`reward.function._target_`)."""
+"""Reward functions that fail on purpose, for the PPO failure tests (`reward.functions`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import os
 _calls = 0
 
 
-def die_on_call(prompts, responses, answers, call: int = 2, **_):
+def die_on_call(prompts, responses, rows, call: int = 2, **_):
     """Scores like exact match until the `call`-th call, then the process exits (a killed actor)."""
     global _calls
     _calls += 1
     if _calls >= call:
         os._exit(1)
-    return [float(r.strip() == (a or "").strip()) for r, a in zip(responses, answers)]
+    return [float(r.strip() == (row.get("answer") or "").strip()) for r, row in zip(responses, rows)]

@@ -71,6 +71,20 @@ def write_sft_jsonl(path: Path, rows: int) -> Path:
     return path
 
 
+def write_pairs_jsonl(root: Path, train_rows: int, eval_rows: int) -> tuple[Path, Path]:
+    """The first rows of the synthetic suite's preference train and eval splits as JSONL (prompt, chosen,
+    rejected, kind) in `root`: (train path, eval path)."""
+    from trainer.synthetic import make_rows
+
+    paths = []
+    for split, n in (("train", train_rows), ("eval", eval_rows)):
+        path = root / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected", "kind")}) + "\n"
+                                for row in make_rows("preference", split, seed=0)[:n]))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def run_env() -> dict:
     env = dict(os.environ)
     env.pop("TUNEFORGE_RUN_ID", None)

@@ -5,6 +5,13 @@ import torch
 
 from rlhf.algorithms import (
     AdaptiveKLController,
+    AdvantageInputs,
+    advantages,
+    aggregate_loss,
+    group_reward_stats,
+    overlong_penalty,
+    policy_loss_terms,
+    truncated_is_weights,
     FixedKLController,
     build_kl_controller,
     clip_scores,
@@ -17,12 +24,18 @@ from rlhf.algorithms import (
     masked_var,
     masked_whiten,
     normalize_scores,
-    policy_loss,
     token_level_rewards,
     value_loss,
 )
 
 NAN = float("nan")
+
+
+def policy_loss(logp, old_logp, adv, mask, clip_eps, clip_eps_high=None):
+    """The clipped surrogate as a masked token mean: the per-token terms, token_mean aggregation."""
+    terms, stats = policy_loss_terms(logp, old_logp, adv, mask, clip_eps, clip_eps_high)
+    total, items = aggregate_loss(terms, mask, "token_mean")
+    return total / items.clamp(min=1), stats
 
 
 def ragged_mask(lengths, T):
@@ -291,3 +304,106 @@ def test_fixed_kl_controller_and_factory():
     assert isinstance(build_kl_controller("adaptive", 0.05, target=6.0, horizon=1e4), AdaptiveKLController)
     with pytest.raises(ValueError, match="fixed, adaptive"):
         build_kl_controller("pid", 0.05)
+
+
+# ------------------------------------------------------------------------------------- critic-free estimators
+
+
+def seq_inputs(scores, G, **kw) -> AdvantageInputs:
+    """Sequence scores as token rewards on the last of 2 real tokens (3 columns)."""
+    mask = torch.tensor([[1.0, 1.0, 0.0]] * len(scores))
+    rewards = torch.zeros(len(scores), 3)
+    rewards[:, 1] = torch.tensor(scores)
+    return AdvantageInputs(rewards, mask, G, **kw)
+
+
+def test_grpo_normalises_within_each_group_and_dr_grpo_only_centres():
+    x = seq_inputs([1.0, 0.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0], G=4)
+    adv, ret = advantages("grpo", x)
+    # group 1: mean 0.75, unbiased std 0.5; group 2: all equal -> 0
+    expected = torch.tensor([0.5, -1.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(adv[:, 0], expected, atol=1e-4) and torch.allclose(adv[:, 1], expected, atol=1e-4)
+    assert torch.equal(adv[:, 2], torch.zeros(8)) and torch.equal(ret, adv)  # nothing past the mask
+    dr, _ = advantages("grpo", seq_inputs([1.0, 0.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0], G=4, norm_by_std=False))
+    assert torch.allclose(dr[:, 0], torch.tensor([0.25, -0.75, 0.25, 0.25, 0, 0, 0, 0]))
+
+
+def test_rloo_subtracts_the_mean_of_the_other_samples():
+    adv, _ = advantages("rloo", seq_inputs([1.0, 0.0, 1.0, 1.0], G=4))
+    # baseline of a 1: (3 - 1) / 3; of the 0: 3 / 3
+    assert torch.allclose(adv[:, 0], torch.tensor([1 / 3, -1.0, 1 / 3, 1 / 3]))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        advantages("rloo", seq_inputs([1.0], G=1))
+
+
+def test_sequence_estimators_see_the_kl_in_the_token_rewards():
+    # kl_in=reward: each token carries -beta * KL, so the sequence return is the score minus the summed KL
+    mask = torch.ones(2, 2)
+    rewards = torch.tensor([[-0.5, 1.0], [0.0, 1.0]])
+    adv, _ = advantages("grpo", AdvantageInputs(rewards, mask, 2, norm_by_std=False))
+    assert torch.allclose(adv[:, 0], torch.tensor([-0.25, 0.25]))
+
+
+def test_reinforce_pp_whitens_the_returns_to_go_over_the_batch():
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    rewards = torch.tensor([[-0.1, 1.0], [0.5, 7.0]])  # 7.0 is past the mask: ignored
+    adv, ret = advantages("reinforce_pp", AdvantageInputs(rewards, mask, 1))
+    assert torch.allclose(ret, torch.tensor([[0.9, 1.0], [0.5, 0.0]]))
+    # masked mean 0.8, unbiased var (0.01 + 0.04 + 0.09) / 2 = 0.07
+    expected = (torch.tensor([[0.9, 1.0], [0.5, 0.8]]) - 0.8) / math.sqrt(0.07) * mask
+    assert torch.allclose(adv, expected, atol=1e-4)
+
+
+def test_an_unknown_estimator_names_the_choices():
+    with pytest.raises(ValueError, match="gae, grpo, rloo, reinforce_pp"):
+        advantages("vtrace", seq_inputs([1.0], G=1))
+
+
+def test_group_reward_stats_count_groups_without_signal():
+    stats = group_reward_stats(torch.tensor([1.0, 1.0, 0.0, 1.0, 3.0, 3.0]), 2)
+    assert stats["reward/zero_variance_groups"] == pytest.approx(2 / 3)
+    assert stats["reward/group_std_mean"] == pytest.approx(math.sqrt(0.5) / 3)
+
+
+def test_overlong_penalty_ramps_over_the_buffer():
+    lengths = torch.tensor([10, 12, 14, 16, 20])
+    assert torch.allclose(overlong_penalty(lengths, 16, 4, 2.0), torch.tensor([0.0, 0.0, -1.0, -2.0, -2.0]))
+    assert torch.equal(overlong_penalty(lengths, 16, 0, 2.0), torch.zeros(5))
+
+
+def test_loss_aggregations_hand_computed():
+    terms = torch.tensor([[1.0, 3.0, 9.0], [2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    total, items = aggregate_loss(terms, mask, "token_mean")
+    assert (total.item(), items.item()) == (6.0, 3.0)
+    total, items = aggregate_loss(terms, mask, "seq_mean_token_sum")
+    assert (total.item(), items.item()) == (6.0, 2.0)
+    total, items = aggregate_loss(terms, mask, "seq_mean_token_mean")
+    assert (total.item(), items.item()) == (4.0, 2.0)  # (1 + 3) / 2 + 2 / 1
+
+
+def test_gspo_sequence_ratio_carries_the_sequence_value_and_each_tokens_gradient():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -1.9, -2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv = torch.full((1, 3), 0.5)
+    terms, stats = policy_loss_terms(logp, old, adv, mask, clip_eps=10.0, ratio_level="sequence")
+    s = math.exp(((-1.0 + 1.2) + (-2.0 + 1.9)) / 2)  # exp of the mean log-ratio over real tokens
+    assert stats["ratio_mean"].item() == pytest.approx(s)
+    total, items = aggregate_loss(terms, mask, "seq_mean_token_mean")
+    (total / items).backward()
+    # d/dlogp_t of -A * s_i with s_i = exp(mean_t log ratio): -A * s / |y| per real token (GSPO's gradient)
+    assert torch.allclose(logp.grad, torch.tensor([[-0.5 * s / 2, -0.5 * s / 2, 0.0]]), atol=1e-6)
+
+
+def test_clip_higher_and_truncated_importance_weights():
+    logp, old, mask = torch.log(torch.tensor([[1.5]])), torch.zeros(1, 1), torch.ones(1, 1)
+    adv = torch.ones(1, 1)
+    low, _ = policy_loss_terms(logp, old, adv, mask, clip_eps=0.2)
+    high, _ = policy_loss_terms(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    assert low.item() == pytest.approx(-1.2) and high.item() == pytest.approx(-1.28)
+    w = truncated_is_weights(torch.log(torch.tensor([[0.9, 0.1]])), torch.log(torch.tensor([[0.3, 0.2]])), cap=2.0)
+    assert torch.allclose(w, torch.tensor([[2.0, 0.5]]))
+    weighted, _ = policy_loss_terms(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.2,
+                                    is_weights=w)
+    assert torch.allclose(weighted, -w)

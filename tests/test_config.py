@@ -25,7 +25,7 @@ def _typed(dcfg) -> TrainingJobConfig:
     return cfg
 
 
-@pytest.mark.parametrize("name", ["sft", "instruct", "reward"])
+@pytest.mark.parametrize("name", ["sft", "instruct", "reward", "dpo"])
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "deepspeed").glob("*.yaml")))
 def test_every_deepspeed_preset_composes_and_validates(name, preset):
     cfg = _typed(_compose(name, [f"deepspeed={preset}"]))
@@ -53,7 +53,7 @@ def test_auto_zero_stage_partitions_only_what_there_is_to_partition(fields, worl
 
 
 def test_trained_stages_default_to_auto_and_frozen_ppo_roles_to_plain_replicas():
-    for name in ("sft", "instruct", "reward"):
+    for name in ("sft", "instruct", "reward", "dpo"):
         assert _compose(name).deepspeed.stage == "auto"
 
     ppo = _compose("ppo")
@@ -155,13 +155,14 @@ def test_latest_export_is_the_newest_finished_run(tmp_path):
     assert latest_export(str(tmp_path)) == str(tmp_path / "2026-01-02_10-00-00" / "hf_model")
 
 
-def test_reward_default_model_falls_back_to_tiny_without_an_sft_export(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_preference_stages_default_model_falls_back_to_tiny_without_an_sft_export(stage, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no outputs/sft here
-    cfg = _typed(_compose("reward"))
-    assert cfg.model.name_or_path is None and cfg.stage == "reward"
+    cfg = _typed(_compose(stage))
+    assert cfg.model.name_or_path is None and cfg.stage == stage
     (tmp_path / "outputs/sft/2026-01-01_10-00-00/hf_model").mkdir(parents=True)
     (tmp_path / "outputs/sft/2026-01-01_10-00-00/train_state.json").write_text("{}")
-    cfg = _typed(_compose("reward"))
+    cfg = _typed(_compose(stage))
     assert cfg.model.name_or_path == "outputs/sft/2026-01-01_10-00-00/hf_model"
 
 
@@ -242,5 +243,24 @@ def test_renamed_keys_keep_working_for_a_release_with_a_note(capsys):
     assert "reward.center_coef is renamed preference_loss.center_coef" in err
     assert "reward.share_prompt is renamed preference_loss.share_prompt" in err
     ppo = compose("ppo", ["reward=exact_match"], typed=False)
-    assert ppo.reward.function._target_ == "rlhf.reward_functions.exact_match"
+    assert ppo.reward.functions[0]._target_ == "rlhf.reward_functions.exact_match"
     assert "reward is renamed reward_source" in capsys.readouterr().err
+
+
+def test_a_critic_free_run_needs_only_the_exports_of_the_roles_it_runs(tmp_path, monkeypatch):
+    from omegaconf.errors import InterpolationResolutionError
+
+    from rlhf.config import validate as validate_ppo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "sft" / "run1" / "hf_model").mkdir(parents=True)
+    (tmp_path / "outputs" / "sft" / "run1" / "train_state.json").write_text("{}")
+    cfg = compose("ppo", ["algo=grpo"])  # no reward export: GRPO scores with exact match and has no critic
+    validate_ppo(cfg)
+    assert cfg.active_roles == ("actor", "reward") and cfg.critic.model.name_or_path is None
+    assert cfg.reward.functions[0]["_target_"] == "rlhf.reward_functions.exact_match"
+    with_kl = compose("ppo", ["algo=grpo", "algo.kl_coef=0.04"])
+    assert with_kl.active_roles == ("actor", "reference", "reward")
+    assert with_kl.reference.model.name_or_path == str(Path("outputs/sft/run1/hf_model"))
+    with pytest.raises(InterpolationResolutionError, match=r"python -m trainer\.reward"):
+        compose("ppo")  # PPO's critic starts from the reward export

@@ -70,7 +70,7 @@ def test_ppo_script_forms_an_authenticated_ray_cluster_and_runs_the_driver_on_it
 
 
 @pytest.mark.parametrize("job, message", [
-    (SlurmJob("dpo"), "unknown stage 'dpo'"),
+    (SlurmJob("kto"), "unknown stage 'kto'"),
     (SlurmJob("sft", nodes=0), "--nodes must be at least 1"),
     (SlurmJob("sft", gpus_per_node=8, procs_per_node=4), "every rank owns one"),
     (SlurmJob("ppo", nodes=2, ray_head_ip="127.0.0.1"), "only works on one node"),

@@ -17,9 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fake_groups import scheduling_driver
 from runs import PPO_SMALL, REPO, run_env, signal_when, tiny_ppo_model
 from rlhf.config import PPOConfig
-from rlhf.experience import Generation, build_rollout, cut_at_stop, pad_right, response_positions
+from rlhf.experience import build_rollout, cut_at_stop, pad_right, response_positions
 from rlhf.scoring import sample_prompts, score_rollout
 from rlhf.worker import RoleWorker, takes_logits_to_keep
 
@@ -124,31 +125,22 @@ def test_response_logprobs_are_aligned_and_padding_invariant():
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 8, 0.9)])
 def test_log_probs_recorded_while_sampling_equal_a_forward_over_the_rollout(temperature, top_k, top_p):
     """rollout.old_logprobs=generation: what `SampledLogprobs` records during batched, left-padded,
-    KV-cached sampling is what the policy's forward pass over the finished rollout gives, token for
-    token (fp32), including rows that stopped early; with top-k/top-p too (both score the full
-    temperature-scaled distribution)."""
-    from transformers import LogitsProcessorList
-
-    from rlhf.actor import SampledLogprobs
-    from trainer.evaluate import left_pad
+    KV-cached, per-row seeded sampling (`sample_responses`) is what the policy's forward pass over the
+    finished rollout gives, token for token (fp32), including rows that stopped early; with top-k/top-p too
+    (both score the full temperature-scaled distribution)."""
+    from rlhf.actor import sample_responses
 
     model = toy_policy()
     prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 9]]
-    input_ids, attention_mask = left_pad(prompts, 0)
-    recorder = SampledLogprobs(temperature)
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=True,
-                             temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=[2, 3], pad_token_id=0,
-                             logits_processor=LogitsProcessorList([recorder]))
-    recorded = recorder.finish(out)
-    assert recorded.shape == (3, out.shape[1] - input_ids.shape[1])
-    responses = [cut_at_stop(row.tolist(), {2, 3}) for row in out[:, input_ids.shape[1]:]]
-    assert any(len(r) < recorded.shape[1] for r in responses), "no row stopped early: pick another seed"
+    responses, recorded = sample_responses(model, prompts, [3, 1, 4], max_new_tokens=12, temperature=temperature,
+                                           top_k=top_k, top_p=top_p, stop_ids=[2, 3], pad_id=0, record=True)
+    assert [len(r) for r in recorded] == [len(r) for r in responses]
+    assert any(len(r) < 12 for r in responses), "no row stopped early: pick other seeds"
     exp = build_rollout(prompts, responses, pad_id=0)
     with torch.no_grad():
         forward = RoleWorker.response_logprobs(SimpleNamespace(model=model), exp, temperature=temperature)
     for i, r in enumerate(responses):
-        assert torch.allclose(recorded[i, : len(r)], forward[i, : len(r)], atol=1e-5), i
+        assert torch.allclose(torch.tensor(recorded[i]), forward[i, : len(r)], atol=1e-5), i
 
 
 def test_old_log_probs_auto_records_them_in_fp32_and_recomputes_them_in_bf16():
@@ -188,65 +180,19 @@ def test_score_rollout_puts_the_score_on_the_last_token_minus_kl():
     assert metrics["reward/score_raw_mean"] == pytest.approx(2.0)
 
 
-class FakeGroup:
-    """An actor group that answers at once, logging each call for the schedule tests below."""
-
-    def __init__(self, role: str, world_size: int, log: list):
-        self.role, self.world_size, self.log = role, world_size, log
-
-    def answer(self, method: str, shard, *args):
-        if method == "generate":  # this rank's responses, with their sampled log-probs
-            return Generation([[10, 11, 2] for _ in shard], [[-1.0, -1.0, -1.0] for _ in shard], 0.0)
-        if method == "train":
-            return {"loss": 0.0}
-        if method == "scores":
-            return torch.ones(len(shard[0]))
-        return torch.zeros(len(shard), shard.responses.shape[1])  # log_probs, values
-
-    def call_sharded(self, method: str, shards, *args):
-        from rlhf.group import PendingCall
-
-        self.log.append(("call", self.role, method, args[0] if method in ("generate", "train") else None))
-        return PendingCall(self, method, [self.answer(method, s, *args) for s in shards])
-
-    def call_per_rank(self, method: str, args):
-        return self.call_sharded(method, args)
-
-
-def scheduling_driver(monkeypatch, run_dir: Path, iterations: int, overlap: bool):
-    """A Driver whose groups are FakeGroups and whose waits are logged: its iteration logic, no Ray."""
-    import rlhf.driver
-    from trainer.config import LoggerConfig, ModelConfig
-    from trainer.metrics import MetricsLogger
-    from trainer.model import load_tokenizer
-
-    log: list = []
-
-    def wait_all(pending):
-        log.append(("wait", tuple((p.group.role, p.method) for p in pending)))
-        return [list(p.refs) for p in pending]
-
-    monkeypatch.setattr(rlhf.driver, "wait_all", wait_all)
-    cfg = PPOConfig()
-    cfg.rollout.prompts_per_iteration, cfg.rollout.overlap_critic_update = 4, overlap
-    cfg.train.iterations, cfg.train.samples_every = iterations, 0
-    groups = {role: FakeGroup(role, n, log) for role, n in
-              (("actor", 2), ("critic", 1), ("reference", 1), ("reward", 1))}
-    train_prompts = [SimpleNamespace(prompt_ids=[1, 5 + i], answer="") for i in range(8)]
-    driver = rlhf.driver.Driver(cfg, run_dir, groups, load_tokenizer(ModelConfig()), train_prompts, eval_prompts=[],
-                                logger=MetricsLogger(run_dir, LoggerConfig(), {}, job_type="ppo", enabled=False))
-    return driver, log
-
-
 def generations(log: list) -> list[int]:
-    """The iterations whose generation was called, in order."""
-    return [e[3] for e in log if e[:3] == ("call", "actor", "generate")]
+    """The iterations whose generation was called, in order (known by their first sample's seed: iteration i's
+    first prompt is at position 4 * i of the prompt stream)."""
+    from trainer.sampling import derive_seed
+
+    iteration = {derive_seed(PPOConfig().seed, "sample", 4 * i, 0): i for i in range(10)}
+    return [iteration[e[3]] for e in log if e[:3] == ("call", "actor", "generate")]
 
 
 def test_the_next_generation_starts_before_the_wait_on_the_critic_and_never_when_stopping(monkeypatch, tmp_path):
     driver, log = scheduling_driver(monkeypatch, tmp_path, iterations=3, overlap=True)
     driver.iteration(0)
-    early = log.index(("call", "actor", "generate", 1))
+    early = next(i for i, e in enumerate(log) if e[:3] == ("call", "actor", "generate") and e[3] != log[0][3])
     assert early < log.index(("wait", (("critic", "train"),)))  # sampled while the critic's update runs
     assert log.index(("wait", (("actor", "train"),))) < early  # ... from the updated policy
     log.clear()
@@ -343,7 +289,7 @@ def test_reward_function_kl_in_loss_zero3_generation_colocated_then_a_dying_acto
     proc = run_ppo(run, tiny_model, "train.iterations=4", "train.save_every=1", "reward_source=exact_match",
                    "algo=ppo_kl_loss", "cluster.colocate=both", "reference.devices_per_node=2",
                    "rollout.generation=zero3", "rollout.old_logprobs=recompute",
-                   "+reward.function.call=4", "reward.function._target_=ppo_faults.die_on_call",
+                   "reward.functions=[{_target_: ppo_faults.die_on_call, call: 4}]",
                    check=False, pythonpath=str(REPO / "tests"))
     placement = (run / "placement.txt").read_text().splitlines()
     assert sum(line.startswith("reference") for line in placement) == 2

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runs import TINY, losses, run_stage
+from runs import TINY, losses, run_stage, write_pairs_jsonl
 from trainer.engine import DistInfo
 from trainer.evaluate import pairwise_metrics
 from trainer.objectives import RewardTask, bradley_terry_loss_sum
@@ -155,17 +155,7 @@ def test_packed_and_prompt_sharing_pairs_score_exactly_like_padded_pairs():
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> tuple[Path, Path]:
-    from trainer.synthetic import make_rows
-
-    root = tmp_path_factory.mktemp("pairs")
-    paths = []
-    for split, n in (("train", 400), ("eval", 48)):
-        path = root / f"{split}.jsonl"
-        with open(path, "w") as f:
-            for row in make_rows("preference", split, seed=0)[:n]:
-                f.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected", "kind")}) + "\n")
-        paths.append(path)
-    return paths[0], paths[1]
+    return write_pairs_jsonl(tmp_path_factory.mktemp("pairs"), 400, 48)
 
 
 def _reward_args(pairs, *extra: str) -> list[str]:

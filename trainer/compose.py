@@ -92,6 +92,10 @@ def apply_user_data(dcfg: DictConfig, overrides: list[str]) -> Optional[str]:
 def to_typed(dcfg: DictConfig, overrides: list[str]) -> Any:
     """The typed config (TrainingJobConfig or PPOConfig) that `dcfg`, composed with `overrides`, stands for."""
     note = apply_user_data(dcfg, overrides)
+    if "algo" in dcfg:  # an RL config: roles the algorithm does not run need no export
+        from rlhf.config import leave_out_unused_roles
+
+        leave_out_unused_roles(dcfg)
     if note and int(os.environ.get("RANK", 0)) == 0:
         print(f"note: {note}", file=sys.stderr, flush=True)
     return OmegaConf.to_object(dcfg)

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from trainer.contracts import NONFINITE_MODES, SUPERVISED_STAGES
+from trainer.contracts import NONFINITE_MODES, PREFERENCE_STAGES, SUPERVISED_STAGES
 
 
 # The Hydra config tree every entry point composes from.
@@ -72,7 +72,7 @@ class DatasetSpec:
 
 
 DATA_FORMATS = ("auto", "prompt_completion", "alpaca", "sharegpt", "messages")
-# Preference pairs (trainer.reward): prompt/chosen/rejected strings; a messages prompt with
+# Preference pairs (trainer.reward, trainer.dpo): prompt/chosen/rejected strings; a messages prompt with
 # assistant-message answers; or two full conversations sharing a prompt (UltraFeedback layout).
 PREFERENCE_FORMATS = ("auto", "preference_text", "preference_messages", "preference_conversations")
 
@@ -168,6 +168,8 @@ class TrainConfig:
     micro_batch_size: int = 16
     grad_accum: int = 1
     eval_every: int = 400
+    # Also evaluate the starting model, before the first step (logged as step 0; not when resuming).
+    eval_at_start: bool = False
     eval_max_batches: int = 8  # held-out loss batches per eval
     eval_generate_samples: int = 1000  # prompts scored for exact match (first N of the eval set)
     eval_max_new_tokens: int = 32
@@ -190,9 +192,33 @@ class PreferenceLossConfig:
     share_prompt: bool = True
 
 
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
+DPO_REFERENCES = ("cached", "model")
+
+
+@dataclass
+class DPOConfig:
+    """The DPO stage's objective (docs/dpo.md); the losses follow TRL's definitions (trainer.objectives)."""
+
+    # How far the policy may move from the reference: a response's implicit reward is
+    # beta * (log pi(y|x) - log pi_ref(y|x)). IPO's regulariser tau; SimPO's reward scale.
+    beta: float = 0.1
+    # sigmoid (DPO) | ipo (per-token log-ratios, squared) | hinge (SLiC) | simpo (length-averaged
+    # log-probs against a target margin, no reference model).
+    loss: str = "sigmoid"
+    # cDPO: the assumed probability that a pair's preference label is flipped, in [0, 0.5); sigmoid only.
+    label_smoothing: float = 0.0
+    # SimPO's target reward margin gamma (loss=simpo only).
+    simpo_gamma: float = 0.5
+    # cached: one pass with the starting model (the reference: the policy starts from the same weights)
+    # before training writes every pair's reference log-probs to the run directory, and training holds no
+    # reference model. model: a frozen copy of the starting model scores each batch. simpo needs neither.
+    reference: str = "cached"
+
+
 @dataclass
 class TrainingJobConfig:
-    """Root schema of every supervised stage (sft, instruct, reward)."""
+    """Root schema of every supervised stage (sft, instruct, reward, dpo)."""
 
     stage: str = "sft"
     seed: int = 1234
@@ -206,8 +232,10 @@ class TrainingJobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # The reward stage's Bradley-Terry loss (stage=reward only).
+    # The reward stage's Bradley-Terry loss (center_coef: stage=reward only; share_prompt: reward and dpo).
     preference_loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
+    # The DPO stage's objective (stage=dpo only).
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     # The final metric the entry function returns: what a sweeper (hydra/sweeper=optuna) optimises.
     objective: str = "eval/loss"
 
@@ -217,7 +245,7 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     t, o, d, ds = cfg.train, cfg.optim, cfg.data, cfg.deepspeed
     validate_model(cfg.model)
     _require(cfg.stage in SUPERVISED_STAGES, "stage", f"must be one of {'|'.join(SUPERVISED_STAGES)}, got {cfg.stage!r}")
-    formats = PREFERENCE_FORMATS if cfg.stage == "reward" else DATA_FORMATS
+    formats = PREFERENCE_FORMATS if cfg.stage in PREFERENCE_STAGES else DATA_FORMATS
     _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
     _require(t.grad_accum > 0, "train.grad_accum", f"must be > 0, got {t.grad_accum}")
@@ -240,14 +268,27 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     _require(world_size >= 1, "world_size", f"must be >= 1, got {world_size}")
     _require(cfg.preference_loss.center_coef >= 0, "preference_loss.center_coef",
              f"must be >= 0, got {cfg.preference_loss.center_coef}")
-    if cfg.stage == "reward":
-        _require(not d.mixture, "data.mixture", "is not supported by the reward stage; use data.path")
+    if cfg.stage in PREFERENCE_STAGES:
+        _require(not d.mixture, "data.mixture", f"is not supported by the {cfg.stage} stage; use data.path")
         share = cfg.preference_loss.share_prompt
         _require(not share or d.packing, "preference_loss.share_prompt",
                  "needs data.packing=true (or set preference_loss.share_prompt=false)")
         _require(not (share and cfg.model.attn_implementation not in ("sdpa", "eager")),
                  "preference_loss.share_prompt", f"needs model.attn_implementation=sdpa|eager (a 4D attention mask), "
                  f"got {cfg.model.attn_implementation!r}; set preference_loss.share_prompt=false")
+    if cfg.stage == "dpo":
+        validate_dpo(cfg.dpo)
+
+
+def validate_dpo(p: DPOConfig, key: str = "dpo") -> None:
+    _require(p.beta > 0, f"{key}.beta", f"must be > 0, got {p.beta}")
+    _require(p.loss in DPO_LOSSES, f"{key}.loss", f"must be one of {'|'.join(DPO_LOSSES)}, got {p.loss!r}")
+    _require(0.0 <= p.label_smoothing < 0.5, f"{key}.label_smoothing", f"must be in [0, 0.5), got {p.label_smoothing}")
+    _require(p.label_smoothing == 0.0 or p.loss == "sigmoid", f"{key}.label_smoothing",
+             f"is cDPO's and needs {key}.loss=sigmoid, got {key}.loss={p.loss}")
+    _require(p.simpo_gamma >= 0, f"{key}.simpo_gamma", f"must be >= 0, got {p.simpo_gamma}")
+    _require(p.reference in DPO_REFERENCES, f"{key}.reference",
+             f"must be one of {'|'.join(DPO_REFERENCES)}, got {p.reference!r}")
 
 
 def resolve_zero_stage(ds: DeepSpeedConfig, world_size: int) -> DeepSpeedConfig:

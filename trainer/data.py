@@ -568,6 +568,9 @@ class EvalPrompt:
     family: Optional[str] = None
     phrasing: Optional[str] = None  # seen | heldout instruction wording
     family_split: Optional[str] = None  # trained | heldout task family
+    # The dataset row it came from (every column), with the reference answer under "answer" unless the data has
+    # a column of that name: what an RL reward function reads.
+    row: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -646,10 +649,11 @@ def build_prompts(cfg: DataConfig, tokenizer, path: str, split: str, fmt: str = 
 
 
 def _eval_prompts(ds: datasets.Dataset, out: dict, tokenizer, max_length: int) -> list[EvalPrompt]:
-    meta = {k: list(ds[k]) if k in ds.column_names else [None] * len(ds) for k in ("family", "phrasing", "family_split")}
-    return [EvalPrompt(ids, answer, tokenizer.decode(ids), family, phrasing, family_split)
-            for ids, answer, family, phrasing, family_split
-            in zip(out["prompt_ids"], out["answer"], meta["family"], meta["phrasing"], meta["family_split"])
+    rows = ds.to_list()
+    meta = {k: [row.get(k) for row in rows] for k in ("family", "phrasing", "family_split")}
+    return [EvalPrompt(ids, answer, tokenizer.decode(ids), family, phrasing, family_split, {"answer": answer, **row})
+            for ids, answer, family, phrasing, family_split, row
+            in zip(out["prompt_ids"], out["answer"], meta["family"], meta["phrasing"], meta["family_split"], rows)
             if ids and len(ids) < max_length]
 
 

@@ -1,24 +1,26 @@
-"""Held-out loss, generation-based exact match and reward-model pair metrics, sharded over ranks.
+"""Held-out loss, generation-based exact match and preference-pair metrics, sharded over ranks.
 
 All are collectives: every rank calls them with the same arguments. Under
 ZeRO-3 each forward gathers parameters collectively, so generation runs with
-`synced_gpus` and every rank runs the same number of batches (`_rank_batches`).
+`synced_gpus` and every rank runs the same number of batches (`rank_batches`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from trainer.engine import DistInfo, all_reduce_sum, device, torch_linear
-from trainer.objectives import Task, bradley_terry_loss_sum, pair_scores
+from trainer.objectives import PairEval, Task, reward_pair_eval, split_loss
+from trainer.sampling import derive_seed
+from trainer.synthetic import has_chatter
 
 
-def _rank_batches(items: list, info: DistInfo, batch_size: int) -> Iterator[tuple[list[int], list]]:
+def rank_batches(items: list, info: DistInfo, batch_size: int) -> Iterator[tuple[list[int], list]]:
     """This rank's share of `items` as (indices, batch). Every rank yields as many batches as the largest
     share needs (ZeRO-3 forwards are collective); past the end of its share a rank gets ([], [items[0]]),
     a batch to run and ignore."""
@@ -30,7 +32,7 @@ def _rank_batches(items: list, info: DistInfo, batch_size: int) -> Iterator[tupl
 
 
 @contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
+def eval_mode(module: torch.nn.Module):
     """Evaluation: eval mode, and torch's own Linear (no gradients, so ZeRO-3's wrapper would only cost time)."""
     was_training = module.training
     module.eval()
@@ -45,10 +47,10 @@ def _eval_mode(module: torch.nn.Module):
 def eval_loss(engine, task: Task, rows: list[dict], collate: Callable, batch_size: int, max_batches: int, info: DistInfo) -> dict:
     rows = rows[: batch_size * max_batches * info.world_size]
     loss_sum, items = 0.0, 0.0
-    with _eval_mode(engine.module):
-        for idx, batch_rows in _rank_batches(rows, info, batch_size):
+    with eval_mode(engine.module):
+        for idx, batch_rows in rank_batches(rows, info, batch_size):
             batch = {k: v.to(device()) for k, v in collate(batch_rows).items()}
-            loss = task.loss(engine, batch)
+            loss, _ = split_loss(task.loss(engine, batch))
             if idx:
                 loss_sum += float(loss)
                 items += task.count(batch)
@@ -57,22 +59,28 @@ def eval_loss(engine, task: Task, rows: list[dict], collate: Callable, batch_siz
 
 
 @torch.no_grad()
-def exact_match(engine, tokenizer, prompts: list, batch_size: int, max_new_tokens: int, info: DistInfo, zero3: bool):
-    """Greedy-decode each prompt and compare the stripped text with its answer.
+def exact_match(engine, tokenizer, prompts: list, batch_size: int, max_new_tokens: int, info: DistInfo, zero3: bool,
+                sample_seed: Optional[int] = None):
+    """Greedy-decode each prompt (or, with `sample_seed`, sample from the model's full distribution:
+    temperature 1, no top-k/top-p, seeded per rank) and compare the stripped text with its answer.
 
     Returns (metrics, samples): overall EM plus EM per family and per phrasing
     group where prompts carry them; samples are (prompt, answer, generated, match)."""
     model = engine.module
     stop_ids = stop_token_ids(tokenizer)
+    sampling = {} if sample_seed is None else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
     results = []
-    with _eval_mode(model):
-        for idx, batch in _rank_batches(prompts, info, batch_size):
+    with eval_mode(model), torch.random.fork_rng(devices=[device()] if device().type == "cuda" else []):
+        if sample_seed is not None:
+            torch.manual_seed(derive_seed(sample_seed, "rank", info.rank))
+        for idx, batch in rank_batches(prompts, info, batch_size):
             input_ids, attention_mask = left_pad([p.prompt_ids for p in batch], tokenizer.pad_token_id)
             out = model.generate(
                 input_ids=input_ids.to(device()),
                 attention_mask=attention_mask.to(device()),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                do_sample=sample_seed is not None,
+                **sampling,
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
@@ -114,6 +122,18 @@ def exact_match_metrics(prompts: list, generated: list[str]) -> tuple[dict, list
     return metrics, samples
 
 
+def chatter_metrics(prompts: list, generated: list[str]) -> dict:
+    """Share of generated answers that carry the synthetic suite's chatter (`trainer.synthetic.has_chatter`):
+    eval/chatter overall and eval/chatter_split/<split> per split of the suite where prompts carry one."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for p, text in zip(prompts, generated):
+        chatter = has_chatter(text)
+        groups["eval/chatter"].append(chatter)
+        if p.family_split and p.phrasing:
+            groups[f"eval/chatter_split/{p.family_split}_families_{p.phrasing}_phrasing"].append(chatter)
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
 def _pair_groups(row: dict) -> list[str]:
     """The accuracy groups of an eval pair: its kind, its split of the synthetic suite, and both."""
     groups = []
@@ -126,34 +146,42 @@ def _pair_groups(row: dict) -> list[str]:
 
 
 @torch.no_grad()
-def pairwise_metrics(engine, rows: list[dict], collate: Callable, batch_size: int, info: DistInfo) -> dict:
-    """Reward-model metrics on held-out preference pairs.
+def pairwise_metrics(engine, rows: list[dict], collate: Callable, batch_size: int, info: DistInfo,
+                     pair_eval: Callable[..., PairEval] = reward_pair_eval) -> dict:
+    """Metrics on held-out preference pairs, from `pair_eval(engine, batch)`'s scores: a reward model's
+    (the default: `reward_pair_eval`, Bradley-Terry loss with each pair's margin and no centering term), or
+    DPO's implicit rewards (`DPOTask.pair_eval`, its own loss).
 
-    eval/accuracy (r_chosen > r_rejected), eval/margin (mean r_chosen - r_rejected),
-    eval/loss (Bradley-Terry with each pair's margin, no centering term), eval/reward_mean
-    and eval/reward_std over every chosen and rejected score, and eval/accuracy/<group>
-    for the groups of `_pair_groups` where rows carry them."""
+    eval/accuracy (r_chosen > r_rejected), eval/margin (mean r_chosen - r_rejected), eval/loss (mean per pair),
+    eval/reward_mean and eval/reward_std over every chosen and rejected score, eval/accuracy/<group> for the
+    groups of `_pair_groups` where rows carry them, and eval/<name> (mean per pair) for `pair_eval`'s sums."""
     groups = sorted({g for r in rows for g in _pair_groups(r)})
     # n, correct, margin, loss, sum r, sum r^2, then (n, correct) per group
     sums = torch.zeros(6 + 2 * len(groups), dtype=torch.float64)
-    with _eval_mode(engine.module):
-        for idx, batch_rows in _rank_batches(rows, info, batch_size):
+    extra: dict[str, float] = {}  # every rank runs at least one batch, so every rank has the same keys
+    with eval_mode(engine.module):
+        for idx, batch_rows in rank_batches(rows, info, batch_size):
             batch = {k: v.to(device()) for k, v in collate(batch_rows).items()}
-            chosen, rejected = (s.float().cpu() for s in pair_scores(engine, batch))
+            out = pair_eval(engine, batch)
+            chosen, rejected = out.chosen.float().cpu(), out.rejected.float().cpu()
+            for k, v in out.sums.items():
+                extra[k] = extra.get(k, 0.0) + (float(v) if idx else 0.0)
             if not idx:
                 continue  # the padding batch of a rank whose share ran out
             correct = (chosen > rejected).double()
             scores = torch.cat([chosen, rejected]).double()
             sums[:6] += torch.stack([
                 torch.tensor(float(len(idx))), correct.sum(), (chosen - rejected).double().sum(),
-                bradley_terry_loss_sum(chosen, rejected, batch["margin"].cpu()).double(), scores.sum(), (scores**2).sum(),
+                out.loss_sum.detach().double().cpu(), scores.sum(), (scores**2).sum(),
             ])
             for row, ok in zip(batch_rows, correct):
                 for g in _pair_groups(row):
                     k = 6 + 2 * groups.index(g)
                     sums[k] += 1
                     sums[k + 1] += ok
-    sums = torch.tensor(all_reduce_sum(sums.tolist()), dtype=torch.float64)
+    names = sorted(extra)
+    reduced = all_reduce_sum(sums.tolist() + [extra[k] for k in names])
+    sums, extra = torch.tensor(reduced[:len(sums)], dtype=torch.float64), dict(zip(names, reduced[len(sums):]))
     n = max(float(sums[0]), 1.0)
     mean = float(sums[4]) / (2 * n)
     metrics = {
@@ -165,6 +193,7 @@ def pairwise_metrics(engine, rows: list[dict], collate: Callable, batch_size: in
     }
     for i, g in enumerate(groups):
         metrics[f"eval/accuracy/{g}"] = float(sums[7 + 2 * i]) / max(float(sums[6 + 2 * i]), 1.0)
+    metrics.update({f"eval/{k}": v / n for k, v in extra.items()})
     return metrics
 
 

@@ -3,7 +3,9 @@
 `fit` owns the DeepSpeed step, gradient accumulation, global loss
 normalisation, non-finite handling, logging cadence, evaluation cadence,
 checkpoints and preemption signals. What differs between stages — the data
-rows and the loss — comes in as `rows` and a `Task`.
+rows and the loss — comes in as `rows` and a `Task`; a task's own training metrics
+(DPO's reward accuracy and margins) come back with its loss (`LossWithMetrics`) and
+are logged beside the loss, as means per loss item over all ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from trainer.checkpoint import save_checkpoint
 from trainer.config import TrainingJobConfig
 from trainer.engine import DistInfo, all_reduce_sum, device, peak_memory_gb
 from trainer.metrics import MetricsLogger
-from trainer.objectives import Task
+from trainer.objectives import Task, split_loss
 from trainer.sampling import SeededOrder
 from trainer.step import count_skip, optimizer_step_over
 
@@ -114,6 +116,8 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
     window = _Window()
     dev = device()
     try:
+        if ctx.evaluate is not None and t.eval_at_start and state.step == 0:
+            ctx.logger.log(0, ctx.evaluate(0))  # the starting model, for comparison
         while state.step < t.max_steps:
             step_start = time.perf_counter()
             micro_rows = [[rows[i] for i in sampler.micro_batch(state.step, m, info.rank)] for m in range(t.grad_accum)]
@@ -124,12 +128,21 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
             global_items, global_tokens, stop_votes = all_reduce_sum([local_items, local_tokens, float(flag.requested)])
             global_items = max(global_items, 1.0)
 
-            result = optimizer_step_over(engine, (task.loss(engine, b) for b in batches), global_items,
-                                         info.world_size, t.nonfinite, where=f"step {state.step}")
+            step_sums: dict[str, float] = {}
+
+            def micro_losses():
+                for b in batches:
+                    loss, sums = split_loss(task.loss(engine, b))
+                    for k, v in sums.items():
+                        step_sums[k] = step_sums.get(k, 0.0) + v
+                    yield loss
+
+            result = optimizer_step_over(engine, micro_losses(), global_items, info.world_size, t.nonfinite,
+                                         where=f"step {state.step}")
             if result.skipped:
                 state.nonfinite_skips = count_skip(state.nonfinite_skips, t.max_nonfinite_skips, f"step {state.step}")
             else:
-                window.add(result.loss_sum, global_items, result.grad_norm)
+                window.add(result.loss_sum, global_items, result.grad_norm, step_sums)
 
             state.step += 1
             state.samples_seen += sampler.global_batch
@@ -164,25 +177,31 @@ class _Window:
 
     loss: float = 0.0  # this rank's summed loss
     items: float = 0.0  # global loss items
+    task_sums: dict = field(default_factory=dict)  # this rank's sums of the task's own metrics (LossWithMetrics)
     steps: int = 0
     grad_norms: list = field(default_factory=list)
     tokens: float = 0.0
     seconds: float = 0.0
 
-    def add(self, local_loss_sum: float, global_items: float, grad_norm) -> None:
+    def add(self, local_loss_sum: float, global_items: float, grad_norm, task_sums: dict[str, float]) -> None:
         self.loss += local_loss_sum
         self.items += global_items
+        for k, v in task_sums.items():
+            self.task_sums[k] = self.task_sums.get(k, 0.0) + v
         self.steps += 1
         if grad_norm is not None:
             self.grad_norms.append(float(grad_norm))
 
     def flush(self, engine, state: TrainState, sampler: GlobalBatchSampler) -> dict:
-        # Each rank holds its own loss sum; one all-reduce gives the global mean.
-        loss_sum = all_reduce_sum([self.loss])[0]
+        # Each rank holds its own loss and metric sums; one all-reduce gives the global means. Every rank ran
+        # the same task over the same steps (a non-finite loss skips on all ranks), so the keys agree.
+        names = sorted(self.task_sums)
+        loss_sum, *task_sums = all_reduce_sum([self.loss] + [self.task_sums[k] for k in names])
         metrics = {}
         if self.items > 0:
             metrics = {
                 "train/loss": loss_sum / self.items,
+                **{f"train/{k}": v / self.items for k, v in zip(names, task_sums)},
                 "train/lr": engine.get_lr()[0],
                 "train/grad_norm": sum(self.grad_norms) / max(1, len(self.grad_norms)),
                 "train/tokens_per_s": self.tokens / max(self.seconds, 1e-9),

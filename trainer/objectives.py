@@ -7,22 +7,39 @@ accumulation and data parallelism give the gradient of one big batch.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
 
-from trainer.config import ConfigError
+from rlhf.algorithms import logprobs_from_logits  # pure tensor math, shared with PPO's log-prob passes
+from trainer.config import ConfigError, DPOConfig
+from trainer.engine import torch_linear
 
 IGNORE_INDEX = -100
+
+
+class LossWithMetrics(NamedTuple):
+    """What a task's `loss` returns when it also reports training metrics: `sums` are per-item sums
+    (e.g. correct pairs, summed rewards) that `fit` adds up over its log window and logs as
+    `train/<name>` = sum / loss items, the mean per item over all ranks."""
+
+    loss: torch.Tensor  # scalar with grad: the sum of per-item losses
+    sums: dict[str, float]
 
 
 class Task(Protocol):
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Loss items in the batch, known before the forward pass."""
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of per-item losses (a scalar with grad)."""
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> Union[torch.Tensor, LossWithMetrics]:
+        """Sum of per-item losses (a scalar with grad), alone or with metric sums."""
+
+
+def split_loss(out: Union[torch.Tensor, LossWithMetrics]) -> tuple[torch.Tensor, dict[str, float]]:
+    """(loss, metric sums) of what `Task.loss` returned."""
+    return (out.loss, out.sums) if isinstance(out, LossWithMetrics) else (out, {})
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -118,3 +135,158 @@ class RewardTask:
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         chosen, rejected = pair_scores(model, batch)
         return bradley_terry_loss_sum(chosen, rejected, batch["margin"], self.center_coef)
+
+
+# ------------------------------------------------------------------------------------------------- DPO
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs, token counts), each (2B,) float32, of the response tokens of the 2B sequences
+    (chosen first) of a batch from `collate_pairs(..., response_logps=True)`, in any of its layouts.
+
+    The model's logits are read only where a response token is predicted (`logp_index`, flat into
+    (rows, T)), so a shared-prompt row scores the first rejected token from the prompt's last position."""
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    logits = model(**inputs, use_cache=False).logits  # (R, T, V)
+    picked = logits.reshape(-1, logits.size(-1))[batch["logp_index"]]  # (N, V)
+    token_logps = logprobs_from_logits(picked[None], batch["logp_target"][None])[0].float()  # (N,)
+    sequences = 2 * batch["margin"].numel()
+    seq = batch["logp_sequence"]
+    sums = torch.zeros(sequences, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
+    counts = torch.bincount(seq, minlength=sequences).float()  # (2B,)
+    return sums, counts
+
+
+@dataclass
+class PairLogps:
+    """Log-probs of B preference pairs' responses, each (B,): summed over the response tokens under the policy
+    and the reference (zeros where the loss needs no reference), and the response token counts."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+
+class PairLosses(NamedTuple):
+    loss: torch.Tensor  # (B,) per-pair loss
+    chosen_reward: torch.Tensor  # (B,) implicit rewards, detached: what accuracy and margins are read from
+    rejected_reward: torch.Tensor
+
+
+def _log_ratio_rewards(p: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return beta * (p.chosen - p.ref_chosen).detach(), beta * (p.rejected - p.ref_rejected).detach()
+
+
+def dpo_sigmoid_loss(p: PairLogps, c: DPOConfig) -> PairLosses:
+    """DPO (TRL loss_type="sigmoid"): -log sigmoid(beta * delta), delta = the chosen log-ratio minus the
+    rejected one. With label_smoothing eps, cDPO: -(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta)
+    (TRL's sigmoid before 1.x, and its CPOTrainer's)."""
+    delta = (p.chosen - p.ref_chosen) - (p.rejected - p.ref_rejected)  # (B,)
+    eps = c.label_smoothing
+    loss = -(1 - eps) * F.logsigmoid(c.beta * delta) - eps * F.logsigmoid(-c.beta * delta)
+    return PairLosses(loss, *_log_ratio_rewards(p, c.beta))
+
+
+def dpo_hinge_loss(p: PairLogps, c: DPOConfig) -> PairLosses:
+    """SLiC's hinge (TRL loss_type="hinge"): relu(1 - beta * delta)."""
+    delta = (p.chosen - p.ref_chosen) - (p.rejected - p.ref_rejected)  # (B,)
+    return PairLosses(torch.relu(1 - c.beta * delta), *_log_ratio_rewards(p, c.beta))
+
+
+def dpo_ipo_loss(p: PairLogps, c: DPOConfig) -> PairLosses:
+    """IPO (TRL loss_type="ipo"): (delta_avg - 1 / (2 beta))^2 with each log-ratio divided by its response's token
+    count, as TRL does (the form the IPO authors confirmed); rewards are beta * the summed log-ratios, as TRL logs."""
+    delta = ((p.chosen - p.ref_chosen) / p.chosen_tokens.clamp(min=1.0)
+             - (p.rejected - p.ref_rejected) / p.rejected_tokens.clamp(min=1.0))  # (B,)
+    return PairLosses((delta - 1 / (2 * c.beta)) ** 2, *_log_ratio_rewards(p, c.beta))
+
+
+def simpo_loss(p: PairLogps, c: DPOConfig) -> PairLosses:
+    """SimPO (TRL CPOTrainer loss_type="simpo" with cpo_alpha=0): no reference; a response's reward is beta times
+    its log-prob averaged per token, and the loss -log sigmoid(r_chosen - r_rejected - simpo_gamma)."""
+    chosen = p.chosen / p.chosen_tokens.clamp(min=1.0)  # (B,)
+    rejected = p.rejected / p.rejected_tokens.clamp(min=1.0)
+    logits = (chosen - rejected) - c.simpo_gamma / c.beta
+    return PairLosses(-F.logsigmoid(c.beta * logits), c.beta * chosen.detach(), c.beta * rejected.detach())
+
+
+# dpo.loss -> its loss function; each maps PairLogps to per-pair losses and implicit rewards.
+PAIR_LOSSES: dict[str, Callable[[PairLogps, DPOConfig], PairLosses]] = {
+    "sigmoid": dpo_sigmoid_loss,
+    "hinge": dpo_hinge_loss,
+    "ipo": dpo_ipo_loss,
+    "simpo": simpo_loss,
+}
+REFERENCE_FREE_LOSSES = ("simpo",)
+
+
+def needs_reference(c: DPOConfig) -> bool:
+    return c.loss not in REFERENCE_FREE_LOSSES
+
+
+class PairEval(NamedTuple):
+    """One batch of held-out pairs as `trainer.evaluate.pairwise_metrics` reads it."""
+
+    chosen: torch.Tensor  # (B,) scores: a reward model's, or DPO's implicit rewards
+    rejected: torch.Tensor  # (B,)
+    loss_sum: torch.Tensor  # scalar: the summed per-pair loss
+    sums: dict[str, float]  # per-pair sums of further metrics, reported as eval/<name> means
+
+
+def reward_pair_eval(model, batch: dict[str, torch.Tensor]) -> PairEval:
+    """A reward model's scores and Bradley-Terry loss (with each pair's margin, no centering term)."""
+    chosen, rejected = (s.float() for s in pair_scores(model, batch))
+    return PairEval(chosen, rejected, bradley_terry_loss_sum(chosen, rejected, batch["margin"]), {})
+
+
+class DPOTask:
+    """Direct preference optimisation of a causal LM on preference pairs (`dpo.loss` picks the loss).
+
+    The reference log-probs come with the batch (`ref_chosen_logps`, `ref_rejected_logps`: dpo.reference=cached),
+    from a frozen `reference` model (dpo.reference=model), or are not needed (simpo)."""
+
+    def __init__(self, cfg: DPOConfig, reference: Optional[torch.nn.Module] = None):
+        self.cfg, self.reference = cfg, reference
+        self.pair_loss = PAIR_LOSSES[cfg.loss]
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["margin"].numel()
+
+    def pair_logps(self, model, batch: dict[str, torch.Tensor]) -> PairLogps:
+        logps, counts = sequence_logps(model, batch)
+        chosen, rejected = logps.chunk(2)  # (B,) each
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+        elif self.reference is not None:
+            with torch.no_grad(), torch_linear():
+                ref_chosen, ref_rejected = sequence_logps(self.reference, batch)[0].chunk(2)
+        elif not needs_reference(self.cfg):
+            ref_chosen = ref_rejected = torch.zeros_like(chosen)
+        else:
+            raise ValueError(f"dpo.loss={self.cfg.loss} needs reference log-probs: the batch has none and there is "
+                             f"no reference model")
+        return PairLogps(chosen, rejected, ref_chosen, ref_rejected, *counts.chunk(2))
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> LossWithMetrics:
+        p = self.pair_logps(model, batch)
+        out = self.pair_loss(p, self.cfg)
+        return LossWithMetrics(out.loss.sum(), {
+            **_reward_sums(p, out),
+            "rewards/margin": float((out.chosen_reward - out.rejected_reward).sum()),
+            "rewards/accuracy": float((out.chosen_reward > out.rejected_reward).sum()),
+        })
+
+    def pair_eval(self, model, batch: dict[str, torch.Tensor]) -> PairEval:
+        """Held-out pairs: the implicit rewards (pairwise_metrics reads accuracy and margin off them), the
+        loss, and the rewards and log-probs of each side."""
+        p = self.pair_logps(model, batch)
+        out = self.pair_loss(p, self.cfg)
+        return PairEval(out.chosen_reward, out.rejected_reward, out.loss.sum(), _reward_sums(p, out))
+
+
+def _reward_sums(p: PairLogps, out: PairLosses) -> dict[str, float]:
+    return {"rewards/chosen": float(out.chosen_reward.sum()), "rewards/rejected": float(out.rejected_reward.sum()),
+            "logps/chosen": float(p.chosen.detach().sum()), "logps/rejected": float(p.rejected.detach().sum())}

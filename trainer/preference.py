@@ -1,9 +1,11 @@
-"""Preference pairs for reward-model training: load, detect format, template, tokenize, filter, collate.
+"""Preference pairs for reward-model and DPO training: load, detect format, template, tokenize, filter, collate.
 
 A pair is one prompt with two responses, `chosen` (preferred) and `rejected`. Each side becomes the token ids of
 the whole sequence the reward model scores (prompt + response), built from the same pieces as supervised rows
 (`trainer.data.example_pieces`): plain text in SFT's prompt/completion layout, conversations through the chat
-template, so a backbone trained by `trainer.sft` or `trainer.instruct` sees the layout it was trained on.
+template, so a backbone trained by `trainer.sft` or `trainer.instruct` sees the layout it was trained on. Each
+side also carries its response mask: 1 on the tokens SFT would train on (the response and eos, or the assistant
+turn and its end-of-turn token), whose log-probs DPO sums.
 
 Formats, detected once per dataset from its first row (`data.format` overrides):
 
@@ -51,6 +53,7 @@ from trainer.config import PREFERENCE_FORMATS, DataConfig
 from trainer.sampling import SeededOrder
 from trainer.data import (
     DataError,
+    EvalPrompt,
     best_fit_rows,
     Templater,
     checked_message,
@@ -69,6 +72,8 @@ FORMAT_FIELDS = {
     "preference_conversations": "chosen, rejected: [{role, content}] conversations differing in the last assistant turn",
 }
 PAIR_DROP_REASONS = ("identical", "empty_response", "overlong")
+# What a pair holds: each side's token ids and response mask (1 on the tokens SFT trains on), and its margin.
+PAIR_KEYS = ("chosen_input_ids", "rejected_input_ids", "chosen_response_mask", "rejected_response_mask", "margin")
 # Optional source columns kept on eval pairs, so accuracy is reported per group (the synthetic suite has all four).
 EVAL_GROUP_COLUMNS = ("kind", "family", "phrasing", "family_split")
 # datasets caches map results by the mapped function's name; this changes the key when the code changes.
@@ -187,8 +192,10 @@ def _plan_pair(row: dict, fmt: str, t: Templater, system_prompt: Optional[str]) 
 # ---------------------------------------------------------------------------------------------------- tokenizing
 
 
-def _assemble_pair(chosen: list[int], rejected: list[int], margin: float, max_length: int,
-                   overlong: str) -> tuple[Optional[dict], str]:
+def _assemble_pair(chosen: tuple[list[int], list[int]], rejected: tuple[list[int], list[int]], margin: float,
+                   max_length: int, overlong: str) -> tuple[Optional[dict], str]:
+    """chosen, rejected: (token ids, response mask) of each side."""
+    (chosen, chosen_mask), (rejected, rejected_mask) = chosen, rejected
     if chosen == rejected:
         return None, "identical"
     status = "kept"
@@ -196,17 +203,27 @@ def _assemble_pair(chosen: list[int], rejected: list[int], margin: float, max_le
         if overlong == "drop":
             return None, "overlong"
         chosen, rejected, status = chosen[:max_length], rejected[:max_length], "truncated"
+        chosen_mask, rejected_mask = chosen_mask[:max_length], rejected_mask[:max_length]
         if chosen == rejected:  # they differed only after max_length
             return None, "identical"
-    return {"chosen_input_ids": chosen, "rejected_input_ids": rejected, "margin": margin}, status
+    return {"chosen_input_ids": chosen, "rejected_input_ids": rejected, "chosen_response_mask": chosen_mask,
+            "rejected_response_mask": rejected_mask, "margin": margin}, status
+
+
+def _response_mask(pieces: list[tuple[list[int], bool]]) -> list[int]:
+    """1 on the trained pieces' tokens, 0 elsewhere; the first token has nothing to predict it, so it is 0."""
+    mask = [int(trained) for ids, trained in pieces for _ in ids]
+    if mask:
+        mask[0] = 0
+    return mask
 
 
 def _encode_pairs(tokenizer, planned: list[_PlannedPair], max_length: int,
                   overlong: str) -> list[tuple[Optional[dict], str]]:
     """Tokenize many planned pairs in one call and assemble them."""
     encoded = encode_pieces(tokenizer, [p for pair in planned for p in (pair.chosen, pair.rejected)])
-    ids = [[t for piece, _ in pieces for t in piece] for pieces in encoded]
-    return [_assemble_pair(ids[2 * i], ids[2 * i + 1], pair.margin, max_length, overlong)
+    sides = [([t for piece, _ in pieces for t in piece], _response_mask(pieces)) for pieces in encoded]
+    return [_assemble_pair(sides[2 * i], sides[2 * i + 1], pair.margin, max_length, overlong)
             for i, pair in enumerate(planned)]
 
 
@@ -214,8 +231,8 @@ def tokenize_pair(row: dict, fmt: str, tokenizer, max_length: int, overlong: str
                   system_prompt: Optional[str] = None) -> tuple[Optional[dict], str]:
     """(pair or None, status) for one row; status is kept | truncated | identical | empty_response | overlong.
 
-    A pair is {"chosen_input_ids", "rejected_input_ids", "margin"}; `fmt` may be "auto" (detected from this
-    row). A malformed row raises DataError.
+    A pair is {"chosen_input_ids", "rejected_input_ids", "chosen_response_mask", "rejected_response_mask",
+    "margin"}; `fmt` may be "auto" (detected from this row). A malformed row raises DataError.
     """
     planned = _plan_pair(row, detect_preference_format(row) if fmt == "auto" else fmt, templater(tokenizer),
                          system_prompt)
@@ -229,12 +246,12 @@ def _tokenize_pair_batch(batch: dict, *, fmt, tokenizer, max_length, overlong, s
     t = templater(tokenizer)
     planned, errors = plan_rows(batch, lambda row: _plan_pair(row, fmt, t, system_prompt))
     assembled = iter(_encode_pairs(tokenizer, [p for p in planned if p is not None], max_length, overlong))
-    out = {"chosen_input_ids": [], "rejected_input_ids": [], "margin": [], "status": [], "error": errors}
+    out = {k: [] for k in PAIR_KEYS}
+    out.update(status=[], error=errors)
     for p, err in zip(planned, errors):
         pair, status = next(assembled) if p is not None else (None, "error" if err else "empty_response")
-        out["chosen_input_ids"].append(pair["chosen_input_ids"] if pair else [])
-        out["rejected_input_ids"].append(pair["rejected_input_ids"] if pair else [])
-        out["margin"].append(pair["margin"] if pair else 0.0)
+        for k in PAIR_KEYS:
+            out[k].append(pair[k] if pair else 0.0 if k == "margin" else [])
         out["status"].append(status)
     return out
 
@@ -250,9 +267,9 @@ def _tokenize_pairs(ds: datasets.Dataset, fmt: str, tokenizer, cfg: DataConfig, 
             raise DataError(f"{source}: row 0: {e}") from None
     elif fmt not in PREFERENCE_FORMATS:
         raise DataError(f"{source}: unknown preference format {fmt!r}; accepted: {', '.join(PREFERENCE_FORMATS)}")
-    ids = datasets.Sequence(datasets.Value("int32"))
-    features = {"chosen_input_ids": ids, "rejected_input_ids": ids, "margin": datasets.Value("float64"),
-                "status": datasets.Value("string")}
+    ids, mask = datasets.Sequence(datasets.Value("int32")), datasets.Sequence(datasets.Value("int8"))
+    features = {"chosen_input_ids": ids, "rejected_input_ids": ids, "chosen_response_mask": mask,
+                "rejected_response_mask": mask, "margin": datasets.Value("float64"), "status": datasets.Value("string")}
     fn = functools.partial(_tokenize_pair_batch, fmt=fmt, tokenizer=tokenizer, max_length=cfg.max_length,
                            overlong=cfg.overlong, system_prompt=cfg.system_prompt, code_hash=_CODE_HASH)
     return map_rows(ds, fn, features, cfg.num_proc, source)
@@ -295,7 +312,7 @@ class PreferenceStats:
 class PreferenceData:
     """Everything a reward stage trains and evaluates on, ready for `collate_pairs`."""
 
-    train: list[dict]  # {"chosen_input_ids", "rejected_input_ids", "margin"}, shuffled, each side <= max_length
+    train: list[dict]  # PAIR_KEYS, shuffled, each side <= max_length
     eval: list[dict]  # the same plus the EVAL_GROUP_COLUMNS (str, None where the source lacks one), in source order
     stats: PreferenceStats
 
@@ -309,8 +326,7 @@ def _kept_pairs(out: dict[str, list], dropped: dict[str, int]) -> tuple[list[int
             continue
         truncated += status == "truncated"
         rows.append(i)
-        pairs.append({"chosen_input_ids": out["chosen_input_ids"][i], "rejected_input_ids": out["rejected_input_ids"][i],
-                      "margin": out["margin"][i]})
+        pairs.append({k: out[k][i] for k in PAIR_KEYS})
     return rows, pairs, truncated
 
 
@@ -346,6 +362,29 @@ def build_preference_data(cfg: DataConfig, tokenizer, seed: int) -> PreferenceDa
     return PreferenceData(train, eval_pairs, stats)
 
 
+def pair_prompts(pairs: list[dict], tokenizer) -> list[EvalPrompt]:
+    """Each distinct prompt of `pairs` once, for generation, with the chosen response as its reference answer:
+    the chosen side's tokens before its last response span, and that span decoded without special tokens. The
+    synthetic suite's chosen responses are its bare answers, so this is SFT's exact-match eval on those prompts."""
+    prompts, seen = [], set()
+    for pair in pairs:
+        ids, mask = pair["chosen_input_ids"], pair["chosen_response_mask"]
+        if not any(mask):
+            continue
+        end = max(i for i, m in enumerate(mask) if m) + 1
+        start = end - 1
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        key = tuple(ids[:start])
+        if key in seen:
+            continue
+        seen.add(key)
+        prompts.append(EvalPrompt(ids[:start], tokenizer.decode(ids[start:end], skip_special_tokens=True),
+                                  tokenizer.decode(ids[:start]), pair.get("family"), pair.get("phrasing"),
+                                  pair.get("family_split")))
+    return prompts
+
+
 # ---------------------------------------------------------------------------------------------------- collate
 
 
@@ -362,9 +401,9 @@ def _round_up(n: int, multiple: Optional[int]) -> int:
     return math.ceil(n / multiple) * multiple if multiple else n
 
 
-def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8,
-                  pack_length: Optional[int] = None, share_prompt: bool = False) -> dict[str, torch.Tensor]:
-    """Batch B pairs; the scores come out chosen first (0..B-1), then rejected (B..2B-1).
+def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8, pack_length: Optional[int] = None,
+                  share_prompt: bool = False, response_logps: bool = False) -> dict[str, torch.Tensor]:
+    """Batch B pairs; the sequences come out chosen first (0..B-1), then rejected (B..2B-1).
 
     Padded (pack_length None): input_ids (2B, T) right-padded with pad_id and attention_mask (2B, T) with 0 on
     padding; the model's own pooling reads each row's last real token.
@@ -377,22 +416,30 @@ def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8,
     attend) lets each tail see the prefix and itself but not the other tail. The shared prompt is computed
     once instead of twice, and every score equals the one of the sequence on its own. Rows hold up to
     max(L, longest pair layout) tokens.
+    With response_logps (DPO), in every layout, for the N response tokens (response mask 1) of all 2B sequences:
+    logp_index (N,), the flat index into (rows, T) of the position whose logits predict the token: the
+    position of the token before it *in its own sequence*, so the first rejected token after a shared prefix
+    is predicted from the prefix's last position, not from the chosen tail's last token that precedes it in
+    the row; logp_target (N,), the token; logp_sequence (N,), its sequence (0..2B-1).
     Always: margin (B,) float32. T is rounded up to a multiple of pad_to_multiple_of (0 or None: no rounding).
     """
     B = len(rows)
     margin = torch.tensor([float(r["margin"]) for r in rows], dtype=torch.float32)  # (B,)
     chosen = [r["chosen_input_ids"] for r in rows]
     rejected = [r["rejected_input_ids"] for r in rows]
+    sequences = chosen + rejected
     if pack_length is None:
-        sequences = chosen + rejected
         T = _round_up(max(len(s) for s in sequences), pad_to_multiple_of)
         input_ids = torch.full((2 * B, T), pad_id, dtype=torch.long)  # (2B, T)
         for i, s in enumerate(sequences):
             input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         attention_mask = (torch.arange(T)[None, :] < torch.tensor([len(s) for s in sequences])[:, None]).long()
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "margin": margin}
+        if response_logps:
+            out.update(_logp_gather(rows, [range(i * T, i * T + len(s)) for i, s in enumerate(sequences)]))
+        return out
 
-    # Units to pack, each a list of (token ids, first position, part, score slot or -1); part 0 is a
+    # Units to pack, each a list of (token ids, first position, part, sequence slot or -1); part 0 is a
     # shared prefix, 1 a chosen tail, 2 a rejected tail, which must not see part 1 of its unit.
     if share_prompt:
         units = []
@@ -400,7 +447,7 @@ def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8,
             n = _shared_prefix(c, r)
             units.append([(c[:n], 0, 0, -1), (c[n:], n, 1, b), (r[n:], n, 2, B + b)])
     else:
-        units = [[(s, 0, 1, i)] for i, s in enumerate(chosen + rejected)]
+        units = [[(s, 0, 1, i)] for i, s in enumerate(sequences)]
     lengths = [sum(len(ids) for ids, *_ in u) for u in units]
     groups = best_fit_rows(lengths, max(pack_length, max(lengths)))
     T = _round_up(max(sum(lengths[u] for u in g) for g in groups), pad_to_multiple_of)
@@ -410,18 +457,24 @@ def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8,
     unit_of = torch.full((R, T), -1, dtype=torch.long)  # (R, T) unit id per token; padding gets its own below
     part_of = torch.zeros((R, T), dtype=torch.long)  # (R, T)
     score_index = torch.zeros(2 * B, dtype=torch.long)  # (2B,)
+    placed: list[range] = [range(0)] * (2 * B)  # flat positions of each sequence's tokens, in sequence order
     for row, members in enumerate(groups):
         offset = 0
         for u in members:
+            prefix = range(0)
             for ids, first, part, slot in units[u]:
                 n = len(ids)
                 input_ids[row, offset:offset + n] = torch.tensor(ids, dtype=torch.long)
                 position_ids[row, offset:offset + n] = torch.arange(first, first + n)
                 unit_of[row, offset:offset + n] = u
                 part_of[row, offset:offset + n] = part
+                here = range(row * T + offset, row * T + offset + n)
                 offset += n
-                if slot >= 0:
+                if slot < 0:
+                    prefix = here
+                else:
                     score_index[slot] = row * T + offset - 1
+                    placed[slot] = [*prefix, *here]
         position_ids[row, offset:] = torch.arange(T - offset)  # padding: a segment of its own
         unit_of[row, offset:] = -1 - torch.arange(T - offset)  # each pad token alone: it attends only itself
     out = {"input_ids": input_ids, "position_ids": position_ids, "score_index": score_index, "margin": margin}
@@ -430,4 +483,23 @@ def collate_pairs(rows: list[dict], pad_id: int, pad_to_multiple_of: int = 8,
         same_unit = unit_of[:, :, None] == unit_of[:, None, :]  # (R, T, T)
         other_tail = (part_of[:, :, None] == 2) & (part_of[:, None, :] == 1)  # (R, T, T)
         out["attention_mask"] = (causal & same_unit & ~other_tail)[:, None]  # (R, 1, T, T)
+    if response_logps:
+        out.update(_logp_gather(rows, placed))
     return out
+
+
+def _logp_gather(rows: list[dict], placed: list) -> dict[str, torch.Tensor]:
+    """logp_index, logp_target, logp_sequence (see `collate_pairs`) from `placed[s]`, the flat positions of
+    sequence s's tokens in sequence order (sequences: the B chosen, then the B rejected)."""
+    B = len(rows)
+    index, target, sequence = [], [], []
+    for s in range(2 * B):
+        side = "chosen" if s < B else "rejected"
+        ids, mask, pos = rows[s % B][f"{side}_input_ids"], rows[s % B][f"{side}_response_mask"], placed[s]
+        for j in range(1, len(ids)):
+            if mask[j]:
+                index.append(pos[j - 1])  # the token before j in this sequence, wherever the layout put it
+                target.append(ids[j])
+                sequence.append(s)
+    return {"logp_index": torch.tensor(index, dtype=torch.long), "logp_target": torch.tensor(target, dtype=torch.long),
+            "logp_sequence": torch.tensor(sequence, dtype=torch.long)}

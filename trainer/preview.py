@@ -1,7 +1,7 @@
-"""`python -m trainer.preview [--config sft|instruct|reward] [--n 3] [overrides]`: what the model will train on.
+"""`python -m trainer.preview [--config sft|instruct|reward|dpo] [--n 3] [overrides]`: what the model will train on.
 
 Prints the first tokenized examples with every trained (loss) span wrapped in [[...]], or the first
-preference pairs as the reward model sees them, then the data statistics. Writes nothing.
+preference pairs as the reward model or DPO sees them, then the data statistics. Writes nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import itertools
 from typing import Optional
 
 from trainer.config import DataConfig
+from trainer.contracts import PREFERENCE_STAGES
 from trainer.data import IGNORE_INDEX, build_supervised_data, unpack_row
 from trainer.preference import build_preference_data
 
@@ -36,14 +37,20 @@ def _decode_run(tokenizer, ids: list[int], trained: bool) -> str:
 
 
 
-def preview_pairs(cfg: DataConfig, tokenizer, seed: int, n: int) -> None:
-    """Print the first n training pairs as the reward model sees them (decoded), then the stats."""
+def preview_pairs(cfg: DataConfig, tokenizer, seed: int, n: int, stage: str = "reward") -> None:
+    """Print the first n training pairs as the stage sees them (decoded: a reward model scores each side at its
+    last token; DPO sums the log-probs of the response, wrapped in [[...]]), then the stats."""
     data = build_preference_data(cfg, tokenizer, seed)
+    how = "log-probs of [[...]] summed" if stage == "dpo" else "scored at the last token"
     for i, pair in enumerate(data.train[:n]):
         for side in ("chosen", "rejected"):
-            ids = pair[f"{side}_input_ids"]
-            print(f"--- pair {i} {side} ({len(ids)} tokens, margin {pair['margin']:g}; scored at the last token) ---")
-            print(tokenizer.decode(ids, skip_special_tokens=False))
+            ids, mask = pair[f"{side}_input_ids"], pair[f"{side}_response_mask"]
+            print(f"--- pair {i} {side} ({len(ids)} tokens, margin {pair['margin']:g}; {how}) ---")
+            if stage == "dpo":
+                labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+                print(format_trained_spans({"input_ids": ids, "labels": labels}, tokenizer))
+            else:
+                print(tokenizer.decode(ids, skip_special_tokens=False))
     print("--- stats ---")
     print(data.stats.summary())
 
@@ -56,8 +63,8 @@ def preview(stage: str, n: int, overrides: list[str]) -> None:
     job = compose(stage, overrides)
     validate(job)
     tokenizer = load_tokenizer(job.model)
-    if job.stage == "reward":
-        preview_pairs(job.data, tokenizer, job.seed, n)
+    if job.stage in PREFERENCE_STAGES:
+        preview_pairs(job.data, tokenizer, job.seed, n, job.stage)
         return
     data = build_supervised_data(job.data, tokenizer, job.seed)
     examples = (ex for row in data.train for ex in unpack_row(row))
@@ -71,7 +78,7 @@ def preview(stage: str, n: int, overrides: list[str]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.preview", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="sft", help="config name under conf/ (sft, instruct, reward)")
+    parser.add_argument("--config", default="sft", help="config name under conf/ (sft, instruct, reward, dpo)")
     parser.add_argument("--n", type=int, default=3, help="examples to print")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. data.path=my.jsonl")
     args = parser.parse_args(argv)

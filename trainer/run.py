@@ -1,7 +1,7 @@
 """Assemble and run one supervised stage: config -> data -> model -> engine -> fit -> export.
 
-The entry points (`trainer.sft`, `trainer.instruct`, `trainer.reward`) are this plus a
-config name; what differs between them comes from `trainer.stages`.
+The entry points (`trainer.sft`, `trainer.instruct`, `trainer.reward`, `trainer.dpo`) are this
+plus a config name; what differs between them comes from `trainer.stages`.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
         model = parts.build_model(torch_dtype(precision))
     total_steps = cfg.optim.decay_steps or cfg.train.max_steps
     engine = build_engine(model, cfg.deepspeed, cfg.optim, ds_config, total_steps)
+    if parts.prepare is not None:
+        parts.prepare(engine, ds_config, torch_dtype(precision))  # the engine still holds the starting weights
 
     state = TrainState(world_size=info.world_size)
     if resume is not None:

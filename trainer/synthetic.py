@@ -360,6 +360,13 @@ def _conversations(tasks: tuple[Task, ...], split: str, seed: int) -> list[list[
 _SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 _CHATTER_BEFORE = ("The answer is", "Sure! The result is", "Here you go:")
 _CHATTER_AFTER = ("Hope this helps!", "That is the answer.", "Easy.")
+_CHATTER_WORDS = frozenset(w.strip("!.:").lower() for phrase in _CHATTER_BEFORE + _CHATTER_AFTER for w in phrase.split())
+
+
+def has_chatter(text: str) -> bool:
+    """Whether a generated answer carries any word of the demonstrations' chatter. Every answer of the suite is
+    one symbol per word, so a word of two or more letters from the chatter is never part of an answer."""
+    return any(len(w) > 1 and w.strip("!.:,").lower() in _CHATTER_WORDS for w in text.split())
 
 
 def _nudged(symbol: str, rng: random.Random) -> str:

@@ -1,0 +1,75 @@
+"""The embedded default, stage after stage, as a user runs it: each `python -m <module>` with no override, in
+its own process, in a scratch directory (so the stages chain through that directory's outputs/ only), with its
+wall time and what it reports. Writes one JSON file: the command, machine, versions, commit, the load average
+before each stage, and per stage the wall time, the final evaluation and (RL) the before/after table.
+
+    python -m bench.default_pipeline --out bench/results/default_pipeline.json
+    python -m bench.default_pipeline --stages sft reward ppo "ppo algo=grpo" --out ...
+
+A stage is a module name under STAGES, optionally followed by overrides ("ppo algo=grpo").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from bench.harness import ROOT, code_version, machine_info
+
+STAGES = {"sft": "trainer.sft", "instruct": "trainer.instruct", "reward": "trainer.reward", "dpo": "trainer.dpo",
+          "ppo": "rlhf.ppo"}
+DEFAULT = ["sft", "reward", "ppo", "ppo algo=grpo", "ppo algo=rloo"]
+
+
+def run_stage(stage: str, work: Path) -> dict:
+    name, *overrides = shlex.split(stage)
+    if name not in STAGES:
+        raise SystemExit(f"unknown stage {name!r}; choose from {', '.join(STAGES)}")
+    out_dir = work / "outputs" / name
+    before = set(out_dir.iterdir()) if out_dir.exists() else set()
+    cmd = [sys.executable, "-m", STAGES[name], *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{stage} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    (run_dir,) = set(out_dir.iterdir()) - before
+    result = {"stage": stage, "command": shlex.join(["python", "-m", STAGES[name], *overrides]),
+              "load_average_before": load, "wall_s": round(seconds, 1), "run_dir": str(run_dir.relative_to(work))}
+    for file, key in (("eval_metrics.json", "final_eval"), ("before_after.json", "before_after")):
+        if (run_dir / file).exists():
+            result[key] = json.loads((run_dir / file).read_text())
+    print(f"{stage}: {seconds:.0f} s", flush=True)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.default_pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", nargs="+", default=DEFAULT, help=f"default: {' / '.join(DEFAULT)}")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--keep", type=Path, help="run in this directory and keep it (default: a temporary one)")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="default_pipeline_") as tmp:
+        work = a.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        report = {"command": shlex.join(["python", "-m", "bench.default_pipeline", *(argv or sys.argv[1:])]),
+                  "machine": machine_info(threads=os.cpu_count() or 1), "code": code_version(),
+                  "stages": [run_stage(s, work) for s in a.stages]}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

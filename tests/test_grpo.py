@@ -1,0 +1,216 @@
+"""Critic-free RL on the Ray layout (GRPO, RLOO, REINFORCE++, with DAPO's and GSPO's options): per-sample seeds,
+reward functions that see the data, dynamic sampling (fake groups, no Ray), and real runs of
+`python -m rlhf.ppo algo=grpo|rloo` on a local Ray instance (loopback) with tiny random-init roles: the roles
+that run, the metrics, resume. The estimators and losses themselves are in tests/test_algorithms.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import pytest
+
+from fake_groups import scheduling_driver
+from rlhf.config import PPOConfig
+from rlhf.experience import Generation
+from rlhf.reward_functions import (
+    RewardFunctionError,
+    build_functions,
+    combined_scores,
+    exact_match,
+    numeric_match,
+    regex_match,
+)
+from runs import PPO_SMALL, signal_when, tiny_ppo_model
+from test_ppo import iterations_done, records, run_ppo, toy_policy
+from trainer.sampling import derive_seed
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def test_each_sample_depends_on_its_own_seed_alone():
+    """A prompt sampled with a seed gets the same response whatever batch, position or neighbours it has."""
+    from rlhf.actor import sample_responses
+
+    model = toy_policy()
+    kw = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, stop_ids=[2], pad_id=0)
+    a, b, c = [1, 5, 6, 7], [1, 8], [1, 9, 9, 4, 4]
+    first, _ = sample_responses(model, [a, b], [11, 22], **kw)
+    second, _ = sample_responses(model, [c, b, a, a], [33, 22, 11, 44], **kw)
+    assert second[1] == first[1] and second[2] == first[0]
+    draws = {tuple(sample_responses(model, [a], [s], **kw)[0][0]) for s in range(6)}
+    assert len(draws) > 1, "other seeds, other samples"
+    greedy, logps = sample_responses(model, [a, b], None, **kw)
+    assert logps is None and greedy == sample_responses(model, [b, a], None, **kw)[0][::-1]
+
+
+# ------------------------------------------------------------------------------------------ reward functions
+
+
+ROWS = [{"answer": "5 7", "unit": "cm"}, {"answer": "12"}, {"answer": None}]
+
+
+def test_built_in_reward_functions_read_the_row():
+    prompts = ["p"] * 3
+    assert exact_match(prompts, [" 5 7 ", "12.0", "x"], ROWS) == [1.0, 0.0, 0.0]
+    assert numeric_match(prompts, ["it is 12", "12.0000001", "3"], [{"answer": "12"}, ROWS[1], ROWS[2]]) == \
+        [1.0, 1.0, 0.0]
+    assert exact_match(prompts, ["cm", "cm", "cm"], ROWS, key="unit") == [1.0, 0.0, 0.0]
+    assert regex_match(prompts, ["5 7", "The answer is 12", ""], ROWS, pattern=r"[\d ]+") == [1.0, 0.0, 0.0]
+
+
+def bad_length(prompts, responses, rows):
+    return [1.0]
+
+
+def raises_on_third(prompts, responses, rows):
+    return [1.0 / (len(r) - 3) for r in responses]  # "abc" divides by zero
+
+
+def test_functions_combine_with_weights_and_each_is_reported():
+    fns = build_functions([{"_target_": "rlhf.reward_functions.exact_match", "weight": 2.0},
+                           {"_target_": "rlhf.reward_functions.regex_match", "pattern": r"\d+", "weight": 0.5},
+                           {"_target_": "rlhf.reward_functions.exact_match", "key": "unit", "name": "unit"}])
+    rows = [{"answer": "5 7"}, {"answer": "12"}, {"answer": None, "unit": "cm"}]
+    total, parts = combined_scores(fns, ["p"] * 3, ["5 7", "12", "cm"], rows)
+    assert parts == {"exact_match": [1.0, 1.0, 0.0], "regex_match": [0.0, 1.0, 0.0], "unit": [0.0, 0.0, 1.0]}
+    assert total == [2.0, 2.5, 1.0]
+
+
+@pytest.mark.parametrize("target,message", [
+    ("test_grpo.raises_on_third", r"reward function raises_on_third \(reward.functions\[1\]\) raised on prompt 12: "
+                                  r"'third' ?: ZeroDivisionError"),
+    ("test_grpo.bad_length", r"reward function bad_length \(reward.functions\[1\]\) returned 1 scores for 3 "
+                             r"responses \(prompts 10..12\)"),
+])
+def test_a_failing_reward_function_is_named_with_the_prompt(target, message):
+    fns = build_functions([{"_target_": "rlhf.reward_functions.exact_match"}, {"_target_": target}])
+    with pytest.raises(RewardFunctionError, match=message):
+        combined_scores(fns, ["first", "second", "third"], ["abcd", "abcde", "abc"], ROWS, first_index=10)
+
+
+def test_a_non_number_score_names_the_function_and_prompt():
+    fns = build_functions([{"_target_": "rlhf.reward_functions.exact_match", "correct": "yes"}])
+    with pytest.raises(RewardFunctionError, match=r"returned 'yes' for prompt 0: 'first'; a score must be"):
+        combined_scores(fns, ["first", "second", "third"], ["5 7", "0", "0"], ROWS)
+
+
+# ------------------------------------------------------------------------------------------ the driver, no Ray
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_that_carry_signal(monkeypatch, tmp_path):
+    """Responses are 'right' or 'wrong' by their seed's parity; groups of 2 whose two samples agree carry no
+    signal and are dropped, and more prompts are sampled until the batch is full (or the rounds run out,
+    when dropped groups fill it)."""
+    cfg = PPOConfig()
+    cfg.rollout.prompts_per_iteration, cfg.rollout.samples_per_prompt = 4, 2
+    cfg.algo.advantage, cfg.algo.kl_coef, cfg.algo.dynamic_sampling = "grpo", 0.0, True
+    cfg.algo.max_sampling_rounds, cfg.algo.whiten_advantages, cfg.algo.mini_batch_size = 3, False, 8
+    trained = []
+
+    def generate(shard):
+        ids, seeds = shard
+        return Generation([[10 + s % 2, 2] for s in seeds], [[-1.0, -1.0] for _ in seeds], 0.0)
+
+    def scores(shard):
+        exp, _, _ = shard
+        return (exp.responses[:, :1] == 11).float()  # (b, 1)
+
+    def train(exp, *args):
+        trained.append(exp)
+        return {"loss": 0.0}
+
+    driver, log = scheduling_driver(monkeypatch, tmp_path, 1, False, cfg,
+                                    {"actor": {"generate": generate, "train": train}, "reward": {"scores": scores}},
+                                    prompts=50)
+    metrics = driver.iteration(0)
+    assert sum(len(e) for e in trained) == 8  # 4 groups of 2, over the policy's 2 ranks
+    # Replay the seeds: which sampled groups agreed, round by round.
+    kept = dropped = rounds = 0
+    for r in range(3):
+        for i in range(4):
+            parity = {derive_seed(cfg.seed, "sample", r * 4 + i, k) % 2 for k in range(2)}
+            kept, dropped = (kept + 1, dropped) if len(parity) == 2 else (kept, dropped + 1)
+        rounds += 1
+        if kept >= 4:
+            break
+    assert (metrics["rollout/sampling_rounds"], metrics["rollout/groups_dropped"]) == (rounds, dropped)
+    assert metrics["rollout/groups_refilled"] == max(0, 4 - kept)
+    assert metrics["reward/zero_variance_groups"] == pytest.approx(max(0, 4 - kept) / 4)
+    assert [e for e in log if e[:3] == ("call", "reward", "scores")], "scored before the batch was complete"
+
+
+# ------------------------------------------------------------------------------------------ real runs on Ray
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> list[str]:
+    return tiny_ppo_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+GRPO = ["algo=grpo", "rollout.prompts_per_iteration=4", "algo.mini_batch_size=8", "actor.micro_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory, tiny_model):
+    run = tmp_path_factory.mktemp("grpo") / "straight"
+    proc = run_ppo(run, tiny_model, *GRPO, "train.iterations=4", "train.save_every=2")
+    return run, proc
+
+
+@pytest.mark.distributed
+def test_grpo_runs_the_policy_and_a_reward_function_only(grpo_run):
+    run, proc = grpo_run
+    roles = [row.split()[0] for row in (run / "placement.txt").read_text().splitlines()[1:]]
+    assert roles == ["actor", "actor", "reward"]  # no critic and, without a KL term, no reference
+    assert "algo=grpo roles=actor,reward" in proc.stdout
+    recs = records(run)
+    for step in (1, 2, 3, 4):
+        for key in ("reward/score_raw_mean", "reward/fn/exact_match_mean", "reward/group_std_mean",
+                    "reward/zero_variance_groups", "policy/loss", "policy/clip_frac", "policy/entropy",
+                    "response/length_mean", "time/generate_s", "throughput/rollouts_per_s"):
+            assert key in recs[step] and recs[step][key] == recs[step][key], (step, key)
+        assert not any(k.startswith(("critic/", "value/")) for k in recs[step])
+    assert {"eval/pass@1", "eval/pass@4", "eval/exact_match"} <= set(recs[0]) and "eval/pass@4" in recs[4]
+    before_after = json.loads((run / "before_after.json").read_text())
+    assert set(before_after["eval/pass@4"]) == {"start", "grpo"}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["actor", "driver"]
+
+
+@pytest.mark.distributed
+def test_grpo_resume_reproduces_the_straight_run(grpo_run, tiny_model, tmp_path):
+    run, _ = grpo_run
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, *GRPO, "train.iterations=4",
+           "train.save_every=100", f"hydra.run.dir={resumed}"]
+    proc = signal_when(cmd, lambda: bool(iterations_done(resumed)), signal.SIGUSR1)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    run_ppo(resumed, tiny_model, *GRPO, "train.iterations=4", "train.save_every=100", "resume=auto")
+    a, b = records(run), records(resumed)
+    assert iterations_done(resumed) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        for key in ("reward/score_raw_mean", "policy/loss", "policy/approx_kl", "response/length_mean"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
+
+
+@pytest.mark.distributed
+def test_rloo_with_a_kl_term_dynamic_sampling_gspo_and_truncated_importance_sampling(tiny_model, tmp_path):
+    """One run through the options a GRPO-family user combines: RLOO's baseline, a KL term in the loss (so the
+    reference starts), dynamic sampling, GSPO's sequence ratio with sequence-mean aggregation, and truncated
+    importance sampling between the sampler's log-probs and recomputed ones."""
+    run = tmp_path / "rloo"
+    run_ppo(run, tiny_model, *GRPO, "algo=rloo", "train.iterations=2", "train.save_every=-1", "algo.kl_coef=0.01",
+            "algo.dynamic_sampling=true", "algo.max_sampling_rounds=2", "algo.ratio=sequence",
+            "algo.loss_agg=seq_mean_token_mean", "algo.tis_cap=2.0", "rollout.old_logprobs=recompute",
+            "algo.overlong_buffer=2")
+    roles = {row.split()[0] for row in (run / "placement.txt").read_text().splitlines()[1:]}
+    assert roles == {"actor", "reference", "reward"}
+    recs = records(run)
+    for key in ("rollout/sampling_rounds", "rollout/groups_dropped", "rollout/logp_mismatch", "policy/tis_weight",
+                "policy/kl_loss", "reward/overlong_penalty_mean"):
+        assert key in recs[1] and recs[1][key] == recs[1][key], key
+    assert 1 <= recs[1]["rollout/sampling_rounds"] <= 2
+    # fp32 on the CPU: the sampler's log-probs equal the recomputed ones, so every weight is 1
+    assert recs[1]["policy/tis_weight"] == pytest.approx(1.0, abs=1e-4)
