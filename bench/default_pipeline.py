@@ -5,6 +5,7 @@ before each stage, and per stage the wall time, the final evaluation and (RL) th
 
     python -m bench.default_pipeline --out bench/results/default_pipeline.json
     python -m bench.default_pipeline --stages sft reward ppo "ppo algo=grpo" --out ...
+    python -m bench.default_pipeline --table bench/results/default_pipeline.json   # the docs' tables
 
 A stage is a module name under STAGES, optionally followed by overrides ("ppo algo=grpo").
 """
@@ -26,7 +27,7 @@ from bench.harness import ROOT, code_version, machine_info
 
 STAGES = {"sft": "trainer.sft", "instruct": "trainer.instruct", "reward": "trainer.reward", "dpo": "trainer.dpo",
           "ppo": "rlhf.ppo"}
-DEFAULT = ["sft", "reward", "ppo", "ppo algo=grpo", "ppo algo=rloo"]
+DEFAULT = ["sft", "reward", "ppo", "ppo algo=grpo", "ppo algo=rloo", "dpo"]
 
 
 def run_stage(stage: str, work: Path) -> dict:
@@ -53,12 +54,40 @@ def run_stage(stage: str, work: Path) -> dict:
     return result
 
 
+HEADLINE = ("eval/exact_match", "eval/em_split/trained_families_seen_phrasing",
+            "eval/em_split/trained_families_heldout_phrasing", "eval/accuracy", "eval/reward_score",
+            "eval/reward_score_sampled", "eval/exact_match_sampled", "eval/pass@4", "eval/response_length")
+
+
+def tables(report: dict) -> str:
+    """Markdown: each stage's wall time and load, then each RL stage's before/after table (from the file)."""
+    lines = ["| command | wall time | load average before |", "| --- | ---: | ---: |"]
+    lines += [f"| `{s['command']}` | {s['wall_s'] // 60:.0f} min {s['wall_s'] % 60:02.0f} s | "
+              f"{s['load_average_before'][0]:.2f} |" for s in report["stages"]]
+    for s in report["stages"]:
+        if "before_after" in s:
+            (end,) = [k for k in next(iter(s["before_after"].values())) if k != "start"]
+            lines += ["", f"`{s['command']}`:", "", f"| held-out eval | start (SFT) | {end} |", "| --- | ---: | ---: |"]
+            lines += [f"| {k} | {v['start']:.4f} | {v[end]:.4f} |" for k, v in s["before_after"].items()]
+        elif "final_eval" in s:
+            lines += ["", f"`{s['command']}` (final evaluation):", ""]
+            lines += [f"- {k}: {v:.4f}" for k, v in s["final_eval"].items()
+                      if k in HEADLINE or k.startswith(("eval/accuracy", "eval/sampled/"))]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.default_pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--stages", nargs="+", default=DEFAULT, help=f"default: {' / '.join(DEFAULT)}")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path)
     p.add_argument("--keep", type=Path, help="run in this directory and keep it (default: a temporary one)")
+    p.add_argument("--table", type=Path, help="print the markdown tables of this result file and stop")
     a = p.parse_args(argv)
+    if a.table:
+        print(tables(json.loads(a.table.read_text())))
+        return 0
+    if a.out is None:
+        p.error("--out is required to run")
     with tempfile.TemporaryDirectory(prefix="default_pipeline_") as tmp:
         work = a.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
