@@ -1,7 +1,8 @@
-"""Pure tensor math for RL on language models: masked statistics, log-probs, KL, advantage estimators (GAE with a
+"""Pure tensor math for RL on language models: masked statistics, KL, advantage estimators (GAE with a
 critic; GRPO, RLOO and REINFORCE++ without one), policy-loss variants and their aggregation.
 
-No I/O, no distributed calls, nothing that knows about Ray or DeepSpeed; every function maps tensors to tensors.
+Token log-probs and entropies are in trainer/logprobs.py (DPO shares them). No I/O, no distributed calls,
+nothing that knows about Ray or DeepSpeed; every function maps tensors to tensors.
 
 Shapes: B = rollouts in a batch, T = padded response length, V = vocabulary size. `mask` is a (B, T) float tensor,
 1.0 on real response tokens (up to and including EOS or the truncation point) and 0.0 after. Per-token tensors
@@ -57,41 +58,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask != 0, whitened, 0.0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Log-probs and entropy
-
-
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[labels]: logits (B, T, V), labels (B, T) int -> (B, T) float32 (or float64).
-
-    V may be ~150k, so avoid a full-batch float copy of the logits: for fp32/fp64 subtract a per-row logsumexp
-    (autograd saves only the original logits); for bf16/fp16 upcast one row of B at a time, so without grad
-    (rollout, reference model) the peak is one row's float copy. With grad, log_softmax still saves each row's
-    float output for backward; a fused cross-entropy kernel would be the next step if that matters.
-    """
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
-        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (B, T)
-        return picked - lse
-    rows = []
-    for row, lab in zip(logits, labels):
-        row_logp = torch.log_softmax(row.float(), dim=-1)  # (T, V), one row's float copy at a time
-        rows.append(row_logp.gather(-1, lab.unsqueeze(-1)).squeeze(-1))  # (T,)
-    return torch.stack(rows)  # (B, T)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits): (B, T, V) -> (B, T) float32, one row of B at a time to bound memory.
-
-    H = logsumexp(l) - sum_v p_v * l_v, which avoids log(p) of underflowed probabilities.
-    """
-    rows = []
-    for row in logits:
-        row = row.float()  # (T, V)
-        rows.append(torch.logsumexp(row, dim=-1) - (torch.softmax(row, dim=-1) * row).sum(-1))
-    return torch.stack(rows)  # (B, T)
 
 
 # ---------------------------------------------------------------------------------------------------------------

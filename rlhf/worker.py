@@ -145,7 +145,7 @@ class RoleWorker:
         """(b, t) log-probs of the response tokens (and their entropies) under the model,
         with logits divided by the sampling temperature as they were when sampling. The entropy
         carries a gradient only with `entropy_grad` (an entropy bonus); as a metric it builds no graph."""
-        from rlhf.algorithms import entropy_from_logits, logprobs_from_logits
+        from trainer.logprobs import entropy_from_logits, logprobs_from_logits
 
         width = micro.sequences.shape[1]
         # Only positions from the shortest prompt's last token on score a response token: the LM head and

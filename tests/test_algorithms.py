@@ -16,10 +16,8 @@ from rlhf.algorithms import (
     build_kl_controller,
     clip_scores,
     compute_gae,
-    entropy_from_logits,
     explained_variance,
     kl_estimate,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -27,6 +25,7 @@ from rlhf.algorithms import (
     token_level_rewards,
     value_loss,
 )
+from trainer.logprobs import entropy_from_logits, logprobs_from_logits
 
 NAN = float("nan")
 

@@ -13,9 +13,9 @@ from typing import Callable, NamedTuple, Optional, Protocol, Union
 import torch
 import torch.nn.functional as F
 
-from rlhf.algorithms import logprobs_from_logits  # pure tensor math, shared with PPO's log-prob passes
 from trainer.config import ConfigError, DPOConfig
 from trainer.engine import torch_linear
+from trainer.logprobs import logprobs_from_logits
 
 IGNORE_INDEX = -100
 
