@@ -21,6 +21,7 @@ from trainer.config import (
     OptimConfig,
     _require,
     resolve_zero_stage,
+    validate_data_source,
     validate_deepspeed,
     validate_model,
     validate_optim,
@@ -252,6 +253,7 @@ def validate(cfg: PPOConfig) -> None:
     from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_CONTROLLERS, KL_ESTIMATORS, LOSS_AGGREGATIONS, RATIO_LEVELS
 
     r, a, t = cfg.rollout, cfg.algo, cfg.train
+    validate_data_source(cfg.data)
     batch = cfg.rollout_batch
     for key, value in (("rollout.prompts_per_iteration", r.prompts_per_iteration),
                        ("rollout.samples_per_prompt", r.samples_per_prompt), ("rollout.max_new_tokens", r.max_new_tokens),

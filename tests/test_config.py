@@ -264,3 +264,13 @@ def test_a_critic_free_run_needs_only_the_exports_of_the_roles_it_runs(tmp_path,
     assert with_kl.reference.model.name_or_path == str(Path("outputs/sft/run1/hf_model"))
     with pytest.raises(InterpolationResolutionError, match=r"python -m trainer\.reward"):
         compose("ppo")  # PPO's critic starts from the reward export
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_an_empty_data_path_names_the_key(stage):
+    from rlhf.config import validate as validate_ppo
+
+    check = validate_ppo if stage == "ppo" else validate
+    overrides = [f"{r}.model.name_or_path=x" for r in ("actor", "critic", "reference", "reward")] if stage == "ppo" else []
+    with pytest.raises(ConfigError, match=r"data\.path: is empty"):
+        check(compose(stage, [*overrides, "data.path="]))

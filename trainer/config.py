@@ -254,6 +254,7 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _require(t.nonfinite in NONFINITE_MODES, "train.nonfinite", f"must be skip|stop, got {t.nonfinite!r}")
     validate_optim(o)
+    validate_data_source(d)
     _require(d.max_length > 0, "data.max_length", f"must be > 0, got {d.max_length}")
     _require(d.overlong in ("truncate", "drop"), "data.overlong", f"must be truncate|drop, got {d.overlong!r}")
     _require(d.format in formats, "data.format", f"must be one of {'|'.join(formats)}, got {d.format!r}")
@@ -303,6 +304,13 @@ def resolve_zero_stage(ds: DeepSpeedConfig, world_size: int) -> DeepSpeedConfig:
     else:
         stage = 2 if ds.offload_optimizer else 0
     return replace(ds, stage=stage)
+
+
+def validate_data_source(d: DataConfig) -> None:
+    """A data.path given empty (`data.path=` on the command line) would load the working directory as data."""
+    _require(bool(d.mixture) or bool((d.path or "").strip()), "data.path",
+             "is empty: give a .jsonl/.json/.parquet file, a directory of them, a Hub dataset name or "
+             "synthetic:<sft|chat|sharegpt|alpaca|preference>")
 
 
 def validate_optim(o: OptimConfig, key: str = "optim") -> None:
