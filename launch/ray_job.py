@@ -100,8 +100,14 @@ def submit(spec: dict, address: Optional[str], follow: bool) -> tuple[str, str]:
             break
         except RuntimeError as e:
             # A cluster that has just started answers before its job agent is up.
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
+            if "No available agent" not in str(e):
                 raise LaunchError(f"Ray refused the job: {e}") from None
+            if time.monotonic() > deadline:
+                # Seen when another Ray on the head's machine holds the agent's port: that agent lives on
+                # without its HTTP service, so the cluster runs tasks but serves no jobs.
+                raise LaunchError(f"Ray's job agent did not answer within {AGENT_WAIT_S:.0f} s ({e}); is its "
+                                  "port (`ray start --dashboard-agent-listen-port`, default 52365) taken by "
+                                  "another Ray on the head node?") from None
             time.sleep(2)
     print(f"submitted Ray job {job_id}", flush=True)
     if not follow:

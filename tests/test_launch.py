@@ -212,14 +212,17 @@ def test_ray_job_runs_a_stage_on_a_running_cluster(tmp_path):
     """A real head (dashboard and job API on loopback), a tiny SFT job through the job API."""
     from ray.job_submission import JobSubmissionClient
 
-    gcs_port, dash_port = free_port(), free_port()
+    # Every port this head binds is free: the job API is served by the dashboard agent, whose default
+    # port (52365) the other xdist worker's Ray clusters also take; the loser serves no jobs.
+    gcs_port, dash_port, agent_port = free_port(), free_port(), free_port()
     env = run_env()
     # Token authentication on, as on the clusters launch/ forms: the job API refuses a client without it.
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=secrets.token_urlsafe(16), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                              "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash_port}", "--num-cpus=2", "--disable-usage-stats"],
+                             f"--dashboard-port={dash_port}", f"--dashboard-agent-listen-port={agent_port}",
+                             "--num-cpus=2", "--disable-usage-stats"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"http://127.0.0.1:{dash_port}"
     try:
