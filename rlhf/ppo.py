@@ -32,6 +32,7 @@ from trainer.config import CONF_DIR, ConfigError
 from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES
 from trainer.loop import PreemptionFlag
 from trainer.metrics import scrub_secrets
+from trainer.model import check_model_source
 from trainer.sweep import objective
 
 
@@ -68,6 +69,9 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
 
     cfg: PPOConfig = to_typed(dcfg, hydra_overrides())
     validate(cfg)
+    for role in cfg.active_roles:
+        if not (role == "reward" and cfg.reward.functions):  # reward functions load no model
+            check_model_source(cfg.role(role).model, f"{role}.model")
     check_tokenizers(cfg)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from trainer.compose import compose
+from trainer.contracts import STAGE_MODULES
 from trainer.config import CONF_DIR, ConfigError, DeepSpeedConfig, TrainingJobConfig, resolve_zero_stage, validate
 from trainer.engine import build_deepspeed_config, lr_multiplier
 
@@ -274,3 +275,64 @@ def test_an_empty_data_path_names_the_key(stage):
     overrides = [f"{r}.model.name_or_path=x" for r in ("actor", "critic", "reference", "reward")] if stage == "ppo" else []
     with pytest.raises(ConfigError, match=r"data\.path: is empty"):
         check(compose(stage, [*overrides, "data.path="]))
+
+
+# ------------------------------------------------------------------------------------------ model sources
+
+
+def test_a_model_source_that_cannot_load_names_the_key_and_why(tmp_path):
+    from trainer.config import ModelConfig
+    from trainer.model import check_model_source
+
+    run = tmp_path / "sft_run"
+    (run / "hf_model").mkdir(parents=True)
+    (run / "hf_model" / "config.json").write_text("{}")
+    (tmp_path / "weights.bin").write_text("x")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    cases = {
+        str(tmp_path / "nope"): r"actor\.model\.name_or_path=.*nope: no such directory",
+        str(tmp_path / "weights.bin"): r"is a file; expected a directory holding config\.json",
+        str(run): rf"not a model directory \(no config\.json\); did you mean {run / 'hf_model'}\?",
+        str(no_tokenizer): r"name_or_path=.*no_tokenizer: not a tokenizer directory \(no tokenizer_config\.json\)",
+        "nobody/no-such-model": r"no such local directory, and as a Hub model name: it is not in the local Hugging "
+                                r"Face cache and HF_HUB_OFFLINE=1 forbids downloading it",
+    }
+    for source, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            check_model_source(ModelConfig(name_or_path=source), "actor.model")
+    with pytest.raises(ConfigError, match=r"model\.tokenizer=.*nope: no such directory"):
+        check_model_source(ModelConfig(tokenizer=str(tmp_path / "nope")), "model")
+    check_model_source(ModelConfig(), "model")  # the tiny default loads nothing
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_a_missing_model_exits_2_in_one_line_before_anything_is_written(stage, tmp_path):
+    from tests.runs import run_env, tiny_ppo_model
+
+    missing = tmp_path / "no_such_model"
+    if stage == "ppo":  # every role but the reward model loads: the check covers each role, not just the policy
+        overrides = [*tiny_ppo_model(tmp_path / "tiny"), f"reward.model.name_or_path={missing}"]
+        key = "reward.model.name_or_path"
+    else:
+        overrides, key = [f"model.name_or_path={missing}"], "model.name_or_path"
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", STAGE_MODULES[stage], *overrides, f"hydra.run.dir={run}"],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {key}={missing}: no such directory"
+    assert "Traceback" not in proc.stderr and not (run / "config.yaml").exists()
+
+
+def test_a_micro_batch_larger_than_the_data_exits_2_naming_both_numbers(tmp_path):
+    from tests.runs import run_env, write_sft_jsonl
+
+    data = write_sft_jsonl(tmp_path / "three.jsonl", 3)
+    proc = subprocess.run([sys.executable, "-m", "trainer.sft", "model.tiny.num_hidden_layers=1", f"data.path={data}",
+                           "data.packing=false", "data.eval_path=null", "train.micro_batch_size=8",
+                           f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("error: train.micro_batch_size: 8 is larger than the 3 "
+                                                    "training rows")

@@ -214,6 +214,55 @@ def test_undetectable_row_names_file_and_row(tok, tmp_path):
         build_supervised_data(DataConfig(path=str(path), eval_path=None), tok, seed=0)
 
 
+def test_empty_and_non_utf8_files_name_file_and_line(tok, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"{empty}: empty file \(0 bytes\)"):
+        load_rows(str(empty))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(DataError, match=rf"{latin}:2: not UTF-8 text"):
+        build_supervised_data(DataConfig(path=str(latin), eval_path=None), tok, seed=0)
+
+
+def test_json_line_that_is_not_an_object_names_the_line(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n["a", "b"]\n')
+    with pytest.raises(DataError, match=rf"{path}:2: expected a JSON object per line, got list"):
+        load_rows(str(path))
+
+
+def test_rows_with_another_schema_name_the_first_that_differs(tok, tmp_path):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path = write_jsonl(tmp_path / "two.jsonl", pc_rows(3) + [chat] + pc_rows(2) + [chat])
+    with pytest.raises(DataError, match=r"two\.jsonl: row 3: its fields \['messages'\] are format 'messages' but row 0 "
+                                        r"is 'prompt_completion' .*\(and 1 more rows\)"):
+        build_supervised_data(DataConfig(path=str(path), eval_path=None), tok, seed=0)
+
+
+def test_chat_data_without_an_assistant_turn_is_refused(tok, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}]} for i in range(3)]
+    path = write_jsonl(tmp_path / "users.jsonl", rows)
+    with pytest.raises(DataError, match=r"users\.jsonl: none of its 3 rows has an answer to learn from"):
+        build_supervised_data(DataConfig(path=str(path), eval_path=None), tok, seed=0)
+
+
+def test_forced_format_names_the_fields_it_expects(tok, tmp_path):
+    path = write_jsonl(tmp_path / "pc.jsonl", pc_rows(2))
+    with pytest.raises(DataError, match=r"pc\.jsonl: row 0: row does not have the fields of format 'alpaca' "
+                                        r"\(instruction \+ output \(\+ optional input\)\); it has \['completion', 'prompt'\]"):
+        build_supervised_data(DataConfig(path=str(path), format="alpaca", eval_path=None), tok, seed=0)
+
+
+def test_prompts_all_over_the_limit_name_the_shortest(tok, tmp_path):
+    from trainer.data import build_prompts
+
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * (40 + i), "completion": " y"} for i in range(3)])
+    with pytest.raises(DataError, match=r"long\.jsonl: no prompts shorter than data.max_length=16; the shortest of its "
+                                        r"3 prompts has \d+ tokens"):
+        build_prompts(DataConfig(path=str(path), max_length=16), tok, str(path), "train")
+
+
 def test_empty_after_filtering_reports_counts(tok, tmp_path):
     path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x " * 50, "completion": " y"}] * 3
                        + [{"prompt": "p", "completion": ""}])

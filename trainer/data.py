@@ -20,6 +20,7 @@ checks per-example losses of a packed batch against separate runs).
 from __future__ import annotations
 
 import bisect
+import codecs
 import functools
 import hashlib
 import json
@@ -79,6 +80,7 @@ def load_rows(path: str, split: str = "train", name: Optional[str] = None, seed:
         except Exception as e:  # the Hub client raises many types; all mean "cannot get this dataset"
             raise DataError(f"{path}: cannot load as a Hub dataset (split {split!r}): {e}") from None
     builder = _FILE_BUILDERS[files[0].suffix]
+    _check_file_contents(files, builder)
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except datasets.exceptions.DatasetsError as e:
@@ -105,6 +107,30 @@ def _local_files(path: str) -> Optional[list[Path]]:
     if p.suffix in _FILE_BUILDERS or path.startswith((".", "/", "~")):
         raise DataError(f"{path}: no such file or directory")
     return None
+
+
+def _check_file_contents(files: list[Path], builder: str) -> None:
+    """Refuse an empty file, and JSON that is not UTF-8: datasets loads either without a word (no rows; or
+    text that breaks much later, in the tokenizer, with no file named)."""
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"{f}: empty file (0 bytes)")
+        if builder != "json":
+            continue
+        decoder, lineno = codecs.getincrementaldecoder("utf-8")(), 1
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    line = lineno + e.object.count(b"\n", 0, e.start)  # e.object: bytes held over + chunk
+                    raise DataError(f"{f}:{line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}); "
+                                    f"re-encode the file as UTF-8") from None
+                lineno += chunk.count(b"\n")
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise DataError(f"{f}:{lineno}: not UTF-8 text (the file ends inside a character)") from None
 
 
 def _raise_first_json_error(files: list[Path]) -> None:
@@ -167,11 +193,17 @@ def detect_format(row: dict) -> str:
     return found[0]
 
 
-def _check_format(row: dict, fmt: str) -> str:
+def _check_format(row: dict, fmt: str, first: Optional[str] = None) -> str:
+    """The row's format: `fmt`, or with fmt=auto the detected one, which must be `first` (row 0's) when given:
+    a source whose rows differ in schema is refused rather than trained as whatever each row looks like."""
+    fields = sorted(k for k, v in row.items() if v is not None)
     if fmt == "auto":
-        return detect_format(row)
+        found = detect_format(row)
+        if first is not None and found != first:
+            raise DataError(f"its fields {fields} are format {found!r} but row 0 is {first!r} "
+                            f"({FORMAT_FIELDS[first]}); every row of a source needs the same fields")
+        return found
     if fmt not in _matching_formats(row):
-        fields = sorted(k for k, v in row.items() if v is not None)
         raise DataError(f"row does not have the fields of format {fmt!r} ({FORMAT_FIELDS[fmt]}); it has {fields}")
     return fmt
 
@@ -353,7 +385,7 @@ def tokenize_example(row: dict, fmt: str, tokenizer, max_length: int, overlong: 
     return _assemble(encode_pieces(tokenizer, [planned])[0], max_length, overlong)[0]
 
 
-def _tokenize_batch(batch: dict, *, fmt, tokenizer, max_length, overlong, system_prompt, with_prompts,
+def _tokenize_batch(batch: dict, *, fmt, first_format, tokenizer, max_length, overlong, system_prompt, with_prompts,
                     code_hash) -> dict:
     """datasets.map function: errors are returned per row (not raised) so the caller can name the row.
 
@@ -361,7 +393,8 @@ def _tokenize_batch(batch: dict, *, fmt, tokenizer, max_length, overlong, system
     data) is invalidated when this module changes; datasets hashes module functions by name, not code.
     """
     t = templater(tokenizer)
-    planned, errors = plan_rows(batch, lambda row: example_pieces(row, _check_format(row, fmt), t, system_prompt))
+    planned, errors = plan_rows(batch, lambda row: example_pieces(row, _check_format(row, fmt, first_format), t,
+                                                                     system_prompt))
     encoded = iter(encode_pieces(tokenizer, [p for p in planned if p is not None]))
     out = {"input_ids": [], "labels": [], "status": [], "error": errors}
     if with_prompts:
@@ -402,10 +435,20 @@ def _tokenize_dataset(ds: datasets.Dataset, fmt: str, tokenizer, cfg: DataConfig
                 "status": datasets.Value("string")}
     if with_prompts:
         features.update(prompt_ids=datasets.Sequence(datasets.Value("int32")), answer=datasets.Value("string"))
-    fn = functools.partial(_tokenize_batch, fmt=fmt, tokenizer=tokenizer, max_length=cfg.max_length,
+    first_format = None
+    if fmt == "auto":
+        try:
+            first_format = detect_format(ds[0])
+        except DataError as e:
+            raise DataError(f"{source}: row 0: {e}") from None
+    fn = functools.partial(_tokenize_batch, fmt=fmt, first_format=first_format, tokenizer=tokenizer, max_length=cfg.max_length,
                            overlong=cfg.overlong, system_prompt=cfg.system_prompt, with_prompts=with_prompts,
                            code_hash=_CODE_HASH)
-    return map_rows(ds, fn, features, cfg.num_proc, source)
+    out = map_rows(ds, fn, features, cfg.num_proc, source)
+    if all(status == "empty" for status in out["status"]):
+        raise DataError(f"{source}: none of its {len(ds)} rows has an answer to learn from (a non-empty "
+                        f"completion/output, or an assistant turn after the first message)")
+    return out
 
 
 def plan_rows(batch: dict[str, list], plan: Callable[[dict], Any]) -> tuple[list, list[str]]:
@@ -644,7 +687,10 @@ def build_prompts(cfg: DataConfig, tokenizer, path: str, split: str, fmt: str = 
     out = _tokenize_dataset(ds, fmt, tokenizer, cfg, describe_source(path, split), with_prompts=True)
     prompts = _eval_prompts(ds, out, tokenizer, cfg.max_length)
     if not prompts:
-        raise DataError(f"{describe_source(path, split)}: no prompts shorter than data.max_length={cfg.max_length}")
+        lengths = [len(ids) for ids in out["prompt_ids"] if ids]
+        shortest = f"; the shortest of its {len(lengths)} prompts has {min(lengths)} tokens" if lengths else ""
+        raise DataError(f"{describe_source(path, split)}: no prompts shorter than data.max_length={cfg.max_length}"
+                        f"{shortest}; raise data.max_length or shorten the prompts")
     return prompts
 
 

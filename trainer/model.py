@@ -20,9 +20,55 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from trainer.config import ModelConfig
+from trainer.config import ConfigError, ModelConfig
 
 SHIPPED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer"
+
+
+def check_model_source(cfg: ModelConfig, key: str) -> None:
+    """Fail with one line naming `<key>.name_or_path` / `<key>.tokenizer` when a source cannot load: a local
+    path that does not exist or is not a model (tokenizer) directory, or a Hub name that cannot be fetched
+    (with HF_HUB_OFFLINE=1: one not in the local cache). Called before anything is written or started;
+    transformers would otherwise fail later with a traceback about repo ids."""
+    # Without model.tokenizer the tokenizer comes from name_or_path, so that directory must hold one too.
+    tokenizer_key = "tokenizer" if cfg.tokenizer else "name_or_path"
+    for field, source, marker in (("name_or_path", cfg.name_or_path, "config.json"),
+                                  (tokenizer_key, cfg.tokenizer or cfg.name_or_path, "tokenizer_config.json")):
+        if source is None:
+            continue
+        where = f"{key}.{field}={source}"
+        local = Path(source).expanduser()
+        if local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+            _check_local_source(local, marker, where)
+        elif field == "name_or_path" and marker == "tokenizer_config.json":
+            continue  # the same Hub name, checked through its config
+        else:
+            _check_hub_source(source, cfg, marker, where)
+
+
+def _check_hub_source(source: str, cfg: ModelConfig, marker: str, where: str) -> None:
+    what = "model" if marker == "config.json" else "tokenizer"
+    try:  # a config is small and shows whether the name resolves
+        load = AutoConfig if what == "model" else AutoTokenizer
+        load.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        why = ("it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it"
+               if HF_HUB_OFFLINE else str(e).strip().splitlines()[0])
+        raise ConfigError(f"{where}: no such local directory, and as a Hub {what} name: {why}") from None
+
+
+def _check_local_source(path: Path, marker: str, where: str) -> None:
+    if not path.exists():
+        raise ConfigError(f"{where}: no such directory")
+    if not path.is_dir():
+        raise ConfigError(f"{where}: is a file; expected a directory holding {marker}")
+    if not (path / marker).is_file() and not (marker == "tokenizer_config.json" and (path / "tokenizer.json").is_file()):
+        # A stage's run directory holds its export in hf_model/: the likeliest slip.
+        hint = f"; did you mean {path / 'hf_model'}?" if (path / "hf_model" / marker).is_file() else ""
+        raise ConfigError(f"{where}: not a {'model' if marker == 'config.json' else 'tokenizer'} directory "
+                          f"(no {marker}){hint}")
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -31,7 +31,7 @@ from trainer.contracts import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from trainer.loop import FitContext, TrainState, fit
 from trainer.step import NonFiniteError
 from trainer.metrics import MetricsLogger, scrub_secrets
-from trainer.model import load_tokenizer
+from trainer.model import check_model_source, load_tokenizer
 from trainer.stages import build_stage
 from trainer.sweep import current_member, join_submitit_ranks, objective, tag_logger
 
@@ -61,6 +61,7 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     run_dir = Path(cfg.output_dir)
     set_seed(cfg.seed)
 
+    check_model_source(cfg.model, "model")
     tokenizer = load_tokenizer(cfg.model)
     parts = build_stage(cfg, tokenizer, info)
     if len(parts.train) < cfg.train.micro_batch_size:
