@@ -29,9 +29,8 @@ from rlhf.placement import PlacementError
 from rlhf.scoring import before_after
 from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError
-from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES
+from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES, scrub_secrets
 from trainer.loop import PreemptionFlag
-from trainer.metrics import scrub_secrets
 from trainer.model import check_model_source
 from trainer.sweep import objective
 

@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from trainer.config import LoggerConfig
-from trainer.contracts import SECRET_KEY
-
-
-def scrub_secrets(obj: Any) -> Any:
-    """Replace values of secret-looking keys, recursively, before anything is logged."""
-    if isinstance(obj, dict):
-        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else scrub_secrets(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [scrub_secrets(v) for v in obj]
-    return obj
+from trainer.contracts import redact_text, scrub_secrets
 
 
 class MetricsLogger:
@@ -76,17 +67,22 @@ def _init_wandb(run_dir: Path, cfg: LoggerConfig, config: dict, job_type: str):
     id_file = run_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
-    return wandb.init(
-        project=cfg.project,
-        entity=cfg.entity,
-        group=cfg.group,
-        name=cfg.run_name,
-        tags=list(cfg.tags),
-        job_type=job_type,
-        config=config,
-        dir=str(run_dir),
-        mode=mode,
-        id=run_id,
-        resume="allow",
-        settings=wandb.Settings(silent=True, console="off"),
-    )
+    # W&B records the command line (its run metadata) from sys.argv: an override holding a secret stays out.
+    argv, sys.argv = sys.argv, [sys.argv[0], *(redact_text(a) for a in sys.argv[1:])]
+    try:
+        return wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            name=cfg.run_name,
+            tags=list(cfg.tags),
+            job_type=job_type,
+            config=config,
+            dir=str(run_dir),
+            mode=mode,
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+    finally:
+        sys.argv = argv

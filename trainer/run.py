@@ -27,10 +27,10 @@ from trainer.engine import (
     torch_dtype,
     zero3_init_context,
 )
-from trainer.contracts import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from trainer.contracts import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, scrub_secrets
 from trainer.loop import FitContext, TrainState, fit
 from trainer.step import NonFiniteError
-from trainer.metrics import MetricsLogger, scrub_secrets
+from trainer.metrics import MetricsLogger
 from trainer.model import check_model_source, load_tokenizer
 from trainer.stages import build_stage
 from trainer.sweep import current_member, join_submitit_ranks, objective, tag_logger

@@ -1,0 +1,70 @@
+"""Secrets given as overrides stay out of every file a run writes (trainer/contracts.py holds the patterns and
+the one redaction, trainer/hydra_secrets.py applies it to Hydra's own files); ordinary keys are not secrets."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from runs import REPO, TINY, run_env, write_sft_jsonl
+from trainer.contracts import REDACTED, SECRET_KEY, redact_text, scrub_secrets
+from wandb_records import read_offline_run
+
+HF_SECRET = "hf_" + "Q" * 34
+SK_SECRET = "sk-proj-" + "z9" * 12
+
+
+@pytest.mark.parametrize("key", ["WANDB_API_KEY", "HF_TOKEN", "hf_token", "token", "logger.api_key", "apikey",
+                                 "RAY_AUTH_TOKEN", "HUGGING_FACE_HUB_TOKEN", "client_secret", "aws_secret_access_key",
+                                 "db.password", "GOOGLE_APPLICATION_CREDENTIALS", "judge-access-key"])
+def test_secret_keys(key):
+    assert SECRET_KEY.search(key)
+
+
+@pytest.mark.parametrize("key", ["model.tokenizer", "rollout.max_new_tokens", "data.max_tokens", "pad_token",
+                                 "eos_token_id", "TOKENIZERS_PARALLELISM", "train.num_tokens", "keyword",
+                                 "algo.loss_agg", "secretary"])
+def test_ordinary_keys_are_not_secrets(key):
+    assert not SECRET_KEY.search(key)
+
+
+def test_redaction_by_key_and_by_value():
+    assert redact_text(f"logger.api_key={SK_SECRET}") == f"logger.api_key={REDACTED}"
+    assert redact_text(f"--export=ALL,HF_TOKEN=abc,X=1") == f"--export=ALL,HF_TOKEN={REDACTED},X=1"
+    assert redact_text(f"reward.functions.0.judge={HF_SECRET}") == f"reward.functions.0.judge={REDACTED}"
+    assert redact_text("rollout.max_new_tokens=32 model.tokenizer=outputs/sft/hf_model") == \
+        "rollout.max_new_tokens=32 model.tokenizer=outputs/sft/hf_model"
+    config = {"logger": {"api_key": "k", "entity": None}, "extra": [{"hf_token": "t"}, SK_SECRET],
+              "rollout": {"max_new_tokens": 32}, "model": {"tokenizer": "tok", "api_key": None}}
+    assert scrub_secrets(config) == {"logger": {"api_key": REDACTED, "entity": None},
+                                     "extra": [{"hf_token": REDACTED}, REDACTED],
+                                     "rollout": {"max_new_tokens": 32}, "model": {"tokenizer": "tok", "api_key": None}}
+
+
+def test_a_run_writes_no_secret_given_as_an_override(tmp_path):
+    """config.yaml, deepspeed_config.json, Hydra's .hydra/*.yaml and the W&B run (config and command line).
+    `deepspeed.extra` is the carrier because it is a free-form dict the schema accepts; DeepSpeed itself pickles
+    its config into the checkpoint's model states, so checkpoints are left out of the scan."""
+    data = write_sft_jsonl(tmp_path / "sft.jsonl", 16)
+    run = tmp_path / "run"
+    env = run_env()
+    env.pop("WANDB_MODE", None)
+    cmd = [sys.executable, "-m", "trainer.sft", *TINY, f"data.path={data}", "data.eval_path=null",
+           "train.max_steps=1", "train.micro_batch_size=2", "logger=wandb", "logger.mode=offline",
+           f"+deepspeed.extra.hf_token={SK_SECRET}", f"+deepspeed.extra.note={HF_SECRET}", f"hydra.run.dir={run}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != data and "checkpoints" not in p.parts]
+    for path in written:
+        for secret in (SK_SECRET, HF_SECRET):
+            assert secret.encode() not in path.read_bytes(), f"secret leaked into {path}"
+    assert {"config.yaml", "overrides.yaml", "hydra.yaml"} <= {p.name for p in written}
+    assert f"+deepspeed.extra.hf_token={REDACTED}" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
+    assert yaml.safe_load((run / "config.yaml").read_text())["deepspeed"]["extra"] == {"hf_token": REDACTED,
+                                                                                      "note": REDACTED}
+    assert json.loads((run / "deepspeed_config.json").read_text())["hf_token"] == REDACTED
+    run_file, = run.glob("wandb/offline-run-*/run-*.wandb")
+    assert read_offline_run(run_file).config["deepspeed"]["extra"]["hf_token"] == REDACTED
+    assert "train.max_steps=1" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())  # the rest kept
