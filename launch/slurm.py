@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch.job import REPO, LaunchError, check_overrides, stage_module
-from trainer.contracts import PREEMPTED_EXIT_CODE, STAGE_MODULES
+from trainer.contracts import PREEMPTED_EXIT_CODE, STAGE_MODULES, redact_text
 
 # torchrun forwards these to the ranks and waits `--grace` seconds for them to save.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -60,8 +60,28 @@ class SlurmJob:
         return self.procs_per_node or self.gpus_per_node or 1
 
 
+def _check_rendered_values(job: SlurmJob) -> None:
+    """Every value the script holds stays one shell word on one line, and holds no secret (the script is a file
+    that stays on disk and in the log directory; secrets reach the job through its environment, which sbatch
+    passes on)."""
+    values = [("--job-name", job.job_name), ("--partition", job.partition), ("--account", job.account),
+              ("--time", job.time), ("--log-dir", job.log_dir), ("--ray-head-ip", job.ray_head_ip),
+              ("python", job.python), *(("--sbatch-arg", a) for a in job.sbatch_args),
+              *(("override", o) for o in job.overrides)]
+    for flag, value in values:
+        if value is None:
+            continue
+        bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise LaunchError(f"{flag} {value!r}: holds the control character {bad!r}; a job script takes one line per value")
+        if redact_text(value) != value:
+            raise LaunchError(f"{flag} {redact_text(value)!r}: holds a secret, which would be written into the job "
+                              f"script; export it in the environment you submit from instead (sbatch passes it on)")
+
+
 def validate_job(job: SlurmJob) -> None:
     stage_module(job.stage)
+    _check_rendered_values(job)
     if job.nodes < 1:
         raise LaunchError(f"--nodes must be at least 1, got {job.nodes}")
     if job.gpus_per_node < 0 or (job.procs_per_node is not None and job.procs_per_node < 1):
@@ -191,12 +211,14 @@ def render(job: SlurmJob) -> str:
     validate_job(job)
     module = stage_module(job.stage)
     overrides = [*job.overrides, "resume=auto"]
+    quoted = [shlex.quote(o) for o in overrides]  # every user override taken literally, $ included
     if job.stage == "ppo":
-        overrides = ["cluster=existing", 'cluster.address="$RAY_ADDRESS"', *overrides]
-        command = " ".join([shlex.quote(job.python), "-m", module, *_quote_overrides(overrides)])
+        # Ours, not the user's: the one word the shell expands, to the address of the job's own Ray head.
+        quoted = ["cluster=existing", 'cluster.address="$RAY_ADDRESS"', *quoted]
+        command = " ".join([shlex.quote(job.python), "-m", module, *quoted])
         body = _ppo_body(job, command)
     else:
-        command = " ".join(["-m", module, *_quote_overrides(overrides)])
+        command = " ".join(["-m", module, *quoted])
         body = _supervised_body(job, command)
     header = "\n".join(["#!/bin/bash", *_sbatch_header(job)])
     argv = shlex.join(["python", "-m", "launch.slurm", job.stage, *job.overrides])
@@ -204,11 +226,6 @@ def render(job: SlurmJob) -> str:
                                 port_base=PORT_BASE, port_span=PORT_SPAN)
     epilogue = _EPILOGUE.format(preempted_code=PREEMPTED_EXIT_CODE)
     return f"{header}\n# Rendered by: {argv}\n{preamble}\n{body}{epilogue}"
-
-
-def _quote_overrides(overrides: list[str]) -> list[str]:
-    # The shell variable in cluster.address must expand; every user override is taken literally.
-    return [o if "$RAY_ADDRESS" in o else shlex.quote(o) for o in overrides]
 
 
 def submit(script: str, path: Path) -> str:

@@ -52,6 +52,31 @@ def test_supervised_script_runs_torchrun_per_node_with_a_rendezvous_on_the_first
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "trap 'forward USR1' USR1" in script
 
 
+@pytest.mark.parametrize("flag, value", [("--job-name", "x\nrm -rf ~"), ("--partition", "gpu\r"), ("--account", "a\x00"),
+                                         ("--time", "1:00\n"), ("--sbatch-arg", "--qos=high\n#SBATCH --x"),
+                                         ("--log-dir", "logs\n"), ("override", "optim.lr=1e-5\necho hi")])
+def test_a_control_character_in_any_rendered_value_exits_2_in_one_line(flag, value, capsys):
+    args = ["sft", "--dry-run", "--no-check"] + ([value] if flag == "override" else [f"{flag}={value}"])
+    assert slurm_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} ") and "control character" in err and err.count("\n") == 1
+
+
+def test_a_secret_in_an_override_or_sbatch_arg_is_refused_and_never_rendered(capsys):
+    token = "hf_" + "A" * 34
+    for args in (["ppo", f"reward.functions.0.api_key={token}"], ["sft", f"--sbatch-arg=--export=ALL,HF_TOKEN={token}"]):
+        assert slurm_main([*args, "--dry-run", "--no-check"]) == 2
+        out, err = capsys.readouterr()
+        assert "holds a secret" in err and "environment" in err and token not in out + err
+
+
+def test_every_user_override_is_quoted_and_only_the_launchers_ray_address_expands():
+    script = render(SlurmJob("ppo", ["rollout.temperature=0.7", "cluster.address=$RAY_ADDRESS", "x=$(id)"], python="py"))
+    bash_syntax_ok(script)
+    assert ('py -m rlhf.ppo cluster=existing cluster.address="$RAY_ADDRESS" rollout.temperature=0.7 '
+            "'cluster.address=$RAY_ADDRESS' 'x=$(id)' resume=auto &") in script
+
+
 def test_ppo_script_forms_an_authenticated_ray_cluster_and_runs_the_driver_on_it():
     script = render(SlurmJob("ppo", ["actor.devices_per_node=8"], nodes=3, gpus_per_node=8, python="py"))
     bash_syntax_ok(script)
