@@ -68,3 +68,32 @@ def test_a_run_writes_no_secret_given_as_an_override(tmp_path):
     run_file, = run.glob("wandb/offline-run-*/run-*.wandb")
     assert read_offline_run(run_file).config["deepspeed"]["extra"]["hf_token"] == REDACTED
     assert "train.max_steps=1" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())  # the rest kept
+
+
+LISTEN_PROBE = r"""
+import os
+from trainer.engine import init_distributed
+init_distributed()
+inodes = set()
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:  # the listing's own descriptor, closed by now
+        continue
+    if target.startswith("socket:["):
+        inodes.add(target[8:-1])
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in open(table).read().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "0A" and f[9] in inodes:  # LISTEN, and one of this process's sockets
+            print("LISTEN", f[1].split(":")[0])
+"""
+
+
+def test_a_single_process_run_listens_on_no_interface_but_loopback():
+    """torch's TCPStore binds every interface whatever MASTER_ADDR says; a world of one uses none."""
+    proc = subprocess.run([sys.executable, "-c", LISTEN_PROBE], cwd=REPO, env=run_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    addresses = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("LISTEN")]
+    assert all(a in ("0100007F", "00000000000000000000000001000000") for a in addresses), addresses

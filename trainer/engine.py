@@ -40,7 +40,7 @@ def dist_backend() -> str:
 
 def init_distributed() -> DistInfo:
     """Join the process group set up by the launcher (deepspeed/torchrun env vars);
-    a plain `python -m` run becomes a world of one on a free loopback port."""
+    a plain `python -m` run becomes a world of one with an in-memory store (no listening socket)."""
     import deepspeed
 
     rank = int(os.environ.get("RANK", 0))
@@ -54,7 +54,11 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("WORLD_SIZE", "1")
     if has_gpu():
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    if world_size == 1 and not dist.is_initialized():
+        # torch's TCPStore listens on every interface whatever MASTER_ADDR says; a world of one needs no
+        # rendezvous, so its store lives in memory and nothing listens (DeepSpeed joins the initialised group).
+        dist.init_process_group(dist_backend(), store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized() or not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
 
