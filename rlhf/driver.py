@@ -337,8 +337,14 @@ class Driver:
 
         if not self.eval_prompts:
             return {}
+        from trainer.progress import progress
+
         n, G = len(self.eval_prompts), self.cfg.rollout.samples_per_prompt
+        # Two waits on the roles (greedy answers, then G samples per prompt): the bar's rate after the first
+        # gives the second's ETA.
+        bar = progress(total=n * (1 + G), desc="evaluate", unit="answer")
         texts, raw, rollout = self._answer_and_score(self.eval_prompts, None)
+        bar.update(n)
         metrics, _ = exact_match_metrics(self.eval_prompts, texts["responses"][:n])
         metrics["eval/reward_score"] = float(raw.mean())
         by_split: dict[str, list[float]] = {}
@@ -350,6 +356,8 @@ class Driver:
         repeated = [p for p in self.eval_prompts for _ in range(G)]
         seeds = [derive_seed(self.cfg.seed, "eval_sample", it, i, k) for i in range(n) for k in range(G)]
         texts, raw, _ = self._answer_and_score(repeated, seeds)
+        bar.update(n * G)
+        bar.close()
         metrics["eval/reward_score_sampled"] = float(raw.mean())
         _, samples = exact_match_metrics(repeated, texts["responses"][: n * G])
         correct = torch.tensor([ok for *_, ok in samples], dtype=torch.float32).view(n, G)

@@ -31,6 +31,7 @@ from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError
 from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES, scrub_secrets
 from trainer.loop import PreemptionFlag
+from trainer.report import write_report_quietly
 from trainer.model import check_model_source
 from trainer.sweep import objective
 
@@ -66,6 +67,8 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
     import ray
     from tqdm import tqdm
 
+    from trainer.progress import progress
+
     cfg: PPOConfig = to_typed(dcfg, hydra_overrides())
     validate(cfg)
     for role in cfg.active_roles:
@@ -92,7 +95,8 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
             (run_dir / "eval_start.json").write_text(json.dumps(before, indent=2))
             driver.logger.log(0, before)
         metrics = {}
-        for it in tqdm(range(done, t.iterations), desc=cfg.algo.name, initial=done, total=t.iterations, dynamic_ncols=True):
+        for it in progress(range(done, t.iterations), desc=cfg.algo.name, initial=done, total=t.iterations,
+                           unit="iteration"):
             metrics = driver.iteration(it, stopping=lambda: preemption.requested)
             step = it + 1
             if t.eval_every and step % t.eval_every == 0 and step != t.iterations and not preemption.requested:
@@ -118,6 +122,8 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
         preemption.restore()
         if driver is not None:
             driver.stop()
+            if cfg.logger.report:
+                write_report_quietly(run_dir)  # finished, preempted or failed: the curves so far
         if started:
             ray.shutdown()
     return 0, after

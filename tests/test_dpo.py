@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from reports import assert_report
 from runs import TINY, losses, metric, run_stage, write_pairs_jsonl
 from trainer.config import DPOConfig, ModelConfig, TinyModelConfig
 from trainer.objectives import PAIR_LOSSES, DPOTask, PairLogps, sequence_logps
@@ -318,6 +319,8 @@ def test_dpo_one_and_two_process_zero3_runs_agree_and_learn(tmp_path, pairs):
         assert e1[key] == pytest.approx(e2[key], rel=1e-4, abs=1e-5), key
     for run in (one, two):
         assert (run / "reference_logps.safetensors").exists()
+        # Written once, by rank 0, with DPO's plots from the run's metrics.
+        assert_report(run, [run], {"loss", "lr", "grad_norm", "dpo_rewards", "dpo_margin", "dpo_accuracy"})
 
 
 @pytest.mark.distributed

@@ -22,6 +22,7 @@ from rlhf.reward_functions import (
     numeric_match,
     regex_match,
 )
+from reports import assert_report
 from runs import PPO_SMALL, signal_when, tiny_ppo_model
 from test_ppo import iterations_done, records, run_ppo, toy_policy
 from trainer.sampling import derive_seed
@@ -177,6 +178,17 @@ def test_grpo_runs_the_policy_and_a_reward_function_only(grpo_run):
     before_after = json.loads((run / "before_after.json").read_text())
     assert set(before_after["eval/pass@4"]) == {"start", "grpo"}
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["actor", "driver"]
+
+
+@pytest.mark.distributed
+def test_grpo_run_writes_its_report(grpo_run):
+    run, proc = grpo_run
+    assert f"report: {run / 'report.html'}" in proc.stdout
+    assert_report(run, [run], {"rl_reward", "rl_entropy", "rl_clip_frac", "rl_response_length", "rl_exact_match",
+                               "rl_phase_times"})
+    page = (run / "report.html").read_text()
+    # The before/after table and the last iteration's sample generations are in the page too.
+    assert "start (SFT)" in page and "GRPO" in page and "Sample generations (step 4)" in page
 
 
 @pytest.mark.distributed

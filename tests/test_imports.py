@@ -1,4 +1,4 @@
-"""The import graph: launchers load no training stack, role workers load no supervised data pipeline,
+"""The import graph: launchers (and the report) load no training stack, role workers load no supervised data pipeline,
 the shared contracts and the config composer stay light, and no module of trainer/, rlhf/ or launch/
 reaches itself through imports (module-level or inside functions)."""
 
@@ -35,8 +35,9 @@ def loaded_after_import(module: str, watched: tuple[str, ...]) -> list[str]:
     return loaded_after(f"import {module}", watched)
 
 
-@pytest.mark.parametrize("module", [*modules("launch"), "trainer.contracts", "trainer.compose", "rlhf.config"])
-def test_launchers_contracts_and_the_composer_load_no_training_stack(module):
+@pytest.mark.parametrize("module", [*modules("launch"), "trainer.contracts", "trainer.compose", "rlhf.config",
+                                    "trainer.report"])
+def test_launchers_contracts_the_composer_and_the_report_load_no_training_stack(module):
     assert loaded_after_import(module, TRAINING_STACK) == []
 
 

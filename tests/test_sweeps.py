@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reports import assert_report
 from runs import REPO, TINY, run_env, write_sft_jsonl
 from slurm import kill_jobs, slurm_cluster, slurm_node, wait_until_gone  # noqa: F401 (fixtures)
 from wandb_records import read_offline_run
@@ -151,6 +152,12 @@ def test_optuna_sweep_members_are_grouped_wandb_runs_and_the_summary_names_the_b
     assert_members_completed(members, sweep_dir, "optim.lr")
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(m["objective"] for m in members))
+    # The sweep's report: the objective per member with Optuna's best highlighted, the members' curves overlaid.
+    subprocess.run([sys.executable, "-m", "trainer.report", str(sweep_dir)], cwd=REPO, env=env, check=True)
+    plots = assert_report(sweep_dir, [sweep_dir], {"sweep_objective", "loss", "lr"})
+    bars = plots[0]
+    assert bars.values == [m["objective"] for m in members] and bars.values[bars.best] == best["best_value"]
+    assert {c.run for c in plots[1].curves} == {f"{m['member']}: {m['swept'][0]}" for m in members}
 
     for m in members:
         run_file, = (sweep_dir / m["member"] / "wandb").glob("offline-run-*/run-*.wandb")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reports import assert_report
 from runs import REPO, TINY, losses, metric, run_env, run_stage, signal_when, write_sft_jsonl
 
 
@@ -131,6 +132,7 @@ def test_preemption_saves_and_resumes(tmp_path, small_data):
     stopped_at = int(tag.split("_")[1])
     assert stopped_at >= 3 and (run_dir / "checkpoints" / tag / "COMPLETE").exists()
     assert "resume=auto" in out
+    assert (run_dir / "report.html").exists() and f"report: {run_dir / 'report.html'}" in out  # the curves so far
 
     run_stage(run_dir, *TINY, f"data.path={small_data}", "data.eval_path=null",
               f"train.max_steps={stopped_at + 2}", "optim.decay_steps=100000", "train.micro_batch_size=4", "resume=auto")
@@ -225,6 +227,10 @@ def test_eval_reports_loss_and_exact_match_per_family(tmp_path, small_data):
     assert 0.0 <= metrics["eval/exact_match"] <= 1.0
     assert any(k.startswith("eval/em/") for k in metrics)
     assert any(k.startswith("eval/em_split/") for k in metrics)
+    # The run's report: every SFT plot, drawn from these metrics.
+    assert_report(run_dir, [run_dir], {"loss", "lr", "grad_norm", "tokens_per_s", "exact_match_family",
+                                       "exact_match_split"})
+    assert "exact match per family" in (run_dir / "report.html").read_text().lower()
 
 
 def test_zero3_gathers_each_transformer_block_as_one_unit():

@@ -160,6 +160,8 @@ class LoggerConfig:
     mode: str = "auto"  # auto | online | offline
     log_every: int = 10
     num_sample_generations: int = 8
+    # report.html and plots/ in the run directory when it ends, is preempted or fails (trainer.report).
+    report: bool = True
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from trainer.engine import DistInfo, all_reduce_sum, device, torch_linear
 from trainer.objectives import PairEval, Task, reward_pair_eval, split_loss
+from trainer.progress import progress
 from trainer.sampling import derive_seed
 from trainer.synthetic import has_chatter
 
@@ -25,10 +26,14 @@ def rank_batches(items: list, info: DistInfo, batch_size: int) -> Iterator[tuple
     share needs (ZeRO-3 forwards are collective); past the end of its share a rank gets ([], [items[0]]),
     a batch to run and ignore."""
     mine = list(range(info.rank, len(items), info.world_size))
-    n_batches = -(-(-(-len(items) // info.world_size)) // batch_size)
-    for b in range(n_batches):
+    for b in range(rank_batch_count(len(items), info, batch_size)):
         idx = mine[b * batch_size : (b + 1) * batch_size]
         yield idx, [items[i] for i in idx] or [items[0]]
+
+
+def rank_batch_count(num_items: int, info: DistInfo, batch_size: int) -> int:
+    """How many batches `rank_batches` yields on every rank: those of the largest share."""
+    return -(-(-(-num_items // info.world_size)) // batch_size)
 
 
 @contextlib.contextmanager
@@ -73,7 +78,10 @@ def exact_match(engine, tokenizer, prompts: list, batch_size: int, max_new_token
     with eval_mode(model), torch.random.fork_rng(devices=[device()] if device().type == "cuda" else []):
         if sample_seed is not None:
             torch.manual_seed(derive_seed(sample_seed, "rank", info.rank))
-        for idx, batch in rank_batches(prompts, info, batch_size):
+        batches = rank_batches(prompts, info, batch_size)
+        desc = "eval: generating" + (" (sampled)" if sample_seed is not None else "")
+        for idx, batch in progress(batches, total=rank_batch_count(len(prompts), info, batch_size), desc=desc,
+                                   enabled=info.is_main, unit="batch"):
             input_ids, attention_mask = left_pad([p.prompt_ids for p in batch], tokenizer.pad_token_id)
             out = model.generate(
                 input_ids=input_ids.to(device()),
@@ -160,7 +168,8 @@ def pairwise_metrics(engine, rows: list[dict], collate: Callable, batch_size: in
     sums = torch.zeros(6 + 2 * len(groups), dtype=torch.float64)
     extra: dict[str, float] = {}  # every rank runs at least one batch, so every rank has the same keys
     with eval_mode(engine.module):
-        for idx, batch_rows in rank_batches(rows, info, batch_size):
+        for idx, batch_rows in progress(rank_batches(rows, info, batch_size), desc="eval: pairs", unit="batch",
+                                        total=rank_batch_count(len(rows), info, batch_size), enabled=info.is_main):
             batch = {k: v.to(device()) for k, v in collate(batch_rows).items()}
             out = pair_eval(engine, batch)
             chosen, rejected = out.chosen.float().cpu(), out.rejected.float().cpu()

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from tqdm import tqdm
-
 from trainer.checkpoint import save_checkpoint
 from trainer.config import TrainingJobConfig
 from trainer.engine import DistInfo, all_reduce_sum, device, peak_memory_gb
 from trainer.metrics import MetricsLogger
 from trainer.objectives import Task, split_loss
+from trainer.progress import progress
 from trainer.sampling import SeededOrder
 from trainer.step import count_skip, optimizer_step_over
 
@@ -112,7 +111,7 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
     sampler = GlobalBatchSampler(len(rows), t.micro_batch_size, t.grad_accum, info.world_size, cfg.seed)
     ckpt_root = ctx.run_dir / "checkpoints"
     flag = PreemptionFlag()
-    bar = tqdm(total=t.max_steps, initial=state.step, disable=not info.is_main, desc=cfg.stage, dynamic_ncols=True)
+    bar = progress(total=t.max_steps, initial=state.step, enabled=info.is_main, desc=cfg.stage, unit="step")
     window = _Window()
     dev = device()
     try:

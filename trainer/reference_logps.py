@@ -25,12 +25,12 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from trainer.config import ConfigError
 from trainer.engine import DistInfo, device
-from trainer.evaluate import eval_mode, rank_batches
+from trainer.evaluate import eval_mode, rank_batch_count, rank_batches
 from trainer.objectives import sequence_logps
+from trainer.progress import progress
 
 SIDES = ("chosen", "rejected")
 
@@ -50,10 +50,10 @@ def compute_reference_logps(engine, pairs: list[dict], collate: Callable, batch_
     """(2, P) float32 summed response log-probs (chosen, rejected) of every pair under the engine's model, the pairs
     sharded over ranks; collective. A progress bar on rank 0."""
     out = torch.zeros(2, len(pairs), dtype=torch.float32, device=device())
-    per_rank = -(-len(pairs) // info.world_size)
     with eval_mode(engine.module):
-        for idx, rows in tqdm(rank_batches(pairs, info, batch_size), total=-(-per_rank // batch_size), desc=desc,
-                              disable=not info.is_main, dynamic_ncols=True):
+        batches = rank_batches(pairs, info, batch_size)
+        for idx, rows in progress(batches, total=rank_batch_count(len(pairs), info, batch_size), desc=desc,
+                                  enabled=info.is_main, unit="batch"):
             batch = {k: v.to(device()) for k, v in collate(rows).items()}
             logps, _ = sequence_logps(engine, batch)
             if idx:  # empty: the padding batch of a rank whose share ran out

@@ -32,6 +32,7 @@ from trainer.loop import FitContext, TrainState, fit
 from trainer.step import NonFiniteError
 from trainer.metrics import MetricsLogger
 from trainer.model import check_model_source, load_tokenizer
+from trainer.report import write_report_quietly
 from trainer.stages import build_stage
 from trainer.sweep import current_member, join_submitit_ranks, objective, tag_logger
 
@@ -133,6 +134,8 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
             print(f"done: step {state.step}, outputs in {run_dir}", flush=True)
     finally:
         logger.close()
+        if info.is_main and cfg.logger.report:
+            write_report_quietly(run_dir)  # finished, preempted or failed: the curves so far
         dist.barrier()
     return 0, final_eval
 

@@ -28,7 +28,6 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from trainer.checkpoint import atomic_write
 from trainer.config import LoggerConfig
 
 JOB_RESULT_FILE = "job_result.json"
@@ -182,6 +181,9 @@ class SweepSummary(Callback):
     """Named under `hydra.callbacks` in every entry point's config."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        # Imported where a sweep writes (trainer.checkpoint loads torch): reading one (trainer.report) stays light.
+        from trainer.checkpoint import atomic_write
+
         # Members (maybe on other machines, sharing the sweep directory) read this to name their runs.
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -194,6 +196,8 @@ class SweepSummary(Callback):
         from hydra.core.utils import JobStatus
         from hydra.types import RunMode
 
+        from trainer.checkpoint import atomic_write
+
         # Every rank of a multi-task submitit member ends the job; rank 0 speaks for it.
         if HydraConfig.get().mode != RunMode.MULTIRUN or int(os.environ.get("RANK", 0)) != 0:
             return
@@ -203,6 +207,8 @@ class SweepSummary(Callback):
         atomic_write(Path(HydraConfig.get().runtime.output_dir) / JOB_RESULT_FILE, json.dumps(result, indent=2))
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        from trainer.checkpoint import atomic_write
+
         sweep_dir = Path(str(config.hydra.sweep.dir))
         members = summarise(sweep_dir)
         atomic_write(sweep_dir / SUMMARY_JSON, json.dumps({"sweep_dir": str(sweep_dir), "members": members}, indent=2))
