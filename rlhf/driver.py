@@ -319,10 +319,6 @@ class Driver:
     def _log_samples(self, step: int, texts: dict, raw: torch.Tensor, exp: Experience, n: int = 8) -> None:
         rows = [[texts["prompts"][i], texts["responses"][i], float(raw[i]), float(exp.scores[i])]
                 for i in range(min(n, len(exp)))]
-        with open(self.run_dir / "samples.jsonl", "a") as f:
-            for r in rows:
-                f.write(json.dumps({"step": step, "prompt": r[0], "response": r[1], "score_raw": r[2],
-                                    "score": r[3]}) + "\n")
         self.logger.log_table(step, "samples", ["prompt", "response", "score_raw", "score"], rows)
 
     # -------------------------------------------------------------- evaluation

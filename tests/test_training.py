@@ -231,6 +231,10 @@ def test_eval_reports_loss_and_exact_match_per_family(tmp_path, small_data):
     assert_report(run_dir, [run_dir], {"loss", "lr", "grad_norm", "tokens_per_s", "exact_match_family",
                                        "exact_match_split"})
     assert "exact match per family" in (run_dir / "report.html").read_text().lower()
+    # The evaluation's sample generations without W&B, as PPO writes them.
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(set(s) == {"step", "prompt", "answer", "generated", "match"} and s["step"] == 2
+                           for s in samples)
 
 
 def test_zero3_gathers_each_transformer_block_as_one_unit():

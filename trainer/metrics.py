@@ -26,6 +26,7 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / "metrics.jsonl", "a")
+        self._samples = run_dir / "samples.jsonl"
         if cfg.backend == "wandb":
             self.wandb_run = _init_wandb(run_dir, cfg, scrub_secrets(config), job_type)
 
@@ -39,7 +40,13 @@ class MetricsLogger:
             self.wandb_run.log(metrics, step=step)
 
     def log_table(self, step: int, name: str, columns: list[str], rows: list[list]) -> None:
-        if not self.enabled or self.wandb_run is None:
+        """Sample generations: a line per row in samples.jsonl ({"step", *columns}), so they are there without
+        W&B too (trainer.report shows the last step's), and a W&B table when W&B is on."""
+        if not self.enabled:
+            return
+        with open(self._samples, "a") as f:
+            f.writelines(json.dumps({"step": step, **dict(zip(columns, row))}) + "\n" for row in rows)
+        if self.wandb_run is None:
             return
         import wandb
 
