@@ -32,17 +32,13 @@ Systems (`--systems`), run in this order `--repeats` times, each run its own pro
 - tuneforge-auto-padded (only when `--systems` names it): tuneforge with TRL's batch layout (`data.packing=false
   preference_loss.share_prompt=false`; rows padded to a multiple of 8, its collator's fixed rounding).
 
-Besides the harness's medians and ratios of medians, the result file holds `paired`: for every tuneforge system,
-the tuneforge/TRL ratio of each repeat (the two runs of one repeat are neighbours in time, so load drift hits both
-alike), their median, min and max; and `load_average_before_run`: the machine's 1/5/15-minute load average just
-before each run.
+Besides medians and ratios of medians, the result file holds the harness's `paired` ratios (tuneforge/TRL per
+repeat, their median, min and max) and each run's `load_average_before`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -99,27 +95,6 @@ def tuneforge_pairs(job, padded: bool) -> tuple[dict, list[dict]]:
     return data, steps
 
 
-def paired_ratios(result: dict) -> dict:
-    """tuneforge/TRL per repeat, from the runs of the same repeat, and their median and spread."""
-    runs = result["runs"]
-    out = {}
-    for tf in (s for s in result["medians"] if s not in DPO.trl_systems):
-        for trl in DPO.trl_systems:
-            per_repeat = {}
-            for key in DPO.counts:
-                ratios = []
-                for r in sorted({run["repeat"] for run in runs}):
-                    a = [x for x in runs if x["system"] == tf and x["repeat"] == r]
-                    b = [x for x in runs if x["system"] == trl and x["repeat"] == r]
-                    if a and b:
-                        ratios.append(a[0][f"{key}_per_s"] / b[0][f"{key}_per_s"])
-                if ratios:
-                    per_repeat[f"{key}_per_s"] = {"per_repeat": ratios, "median": statistics.median(ratios),
-                                                  "min": min(ratios), "max": max(ratios)}
-            out.setdefault(tf, {})[trl] = per_repeat
-    return out
-
-
 def add_arguments(p) -> None:
     p.add_argument("--pairs", type=int, default=4096,
                    help="train on the first N pairs of the synthetic split (0: all 20,000). Both sides compute the "
@@ -141,10 +116,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         spec = {**harness.trl_spec(job, setup.data_path, args.threads), "beta": job.dpo.beta, "loss": job.dpo.loss}
         print(f"training pairs: {data['pairs']} ({data['tokens']} tokens, {data['tokens'] / data['pairs']:.1f} "
               f"per pair, longest sequence {data['longest']})", flush=True)
-        loads = []
 
         def run_system(system: str, run_dir: Path):
-            loads.append({"system": system, "run_dir": run_dir.name, "load_average": os.getloadavg()})
             if system in DPO.trl_systems:
                 records, wall = harness.run_trl("trl_dpo", run_dir, spec, args.threads, args.profile)
                 trained_on = json.loads((run_dir / "data.json").read_text())
@@ -167,17 +140,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "training, no reference model kept), as tuneforge's dpo.reference=cached",
             "training_pairs": data,
         })
-        result = json.loads(args.out.read_text())
-        result["load_average_before_run"] = loads
-        result["paired"] = paired_ratios(result)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        for tf, by_trl in result["paired"].items():
-            for trl, r in by_trl.items():
-                p = r["pairs_per_s"]
-                print(f"paired {tf}/{trl} pairs/s: median {p['median']:.2f}x (min {p['min']:.2f}x, max "
-                      f"{p['max']:.2f}x; per repeat {', '.join(f'{x:.2f}' for x in p['per_repeat'])})")
-        for entry in loads:
-            print(f"load before {entry['run_dir']}: {' '.join(f'{x:.2f}' for x in entry['load_average'])}")
 
 
 if __name__ == "__main__":

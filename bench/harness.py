@@ -68,6 +68,7 @@ class Comparison:
     trl_python: Optional[Path] = None
     profiled: bool = True  # offers --profile (py-spy on each run's one training process)
     optional_systems: tuple[str, ...] = ()  # run only when --systems names them (after the default ones)
+    model_size: str = "tiny"  # --model-size's default
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -80,7 +81,7 @@ def parse_args(c: Comparison, doc: str, argv: Optional[list[str]],
     for name, default in c.sizes.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=c.size_help[name])
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of every system")
-    p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny")
+    p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default=c.model_size)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP/MKL/torch threads for every run")
     p.add_argument("--skip-steps", type=int, default=5, help="first steps left out of the throughput (warm-up)")
     p.add_argument("--loss-window", type=int, default=10, help=f"final {c.final} = mean over this many last steps")
@@ -382,7 +383,29 @@ def summarize(runs: list[dict], c: Comparison) -> dict:
                 **{f"{k}_per_s": a[f"{k}_per_s"] / b[f"{k}_per_s"] for k in c.counts},
                 f"{final}_rel_diff": (a[final] - b[final]) / b[final],
             }
-    return {"medians": medians, "vs_trl": ratios}
+    return {"medians": medians, "vs_trl": ratios, "paired": paired_ratios(runs, c)}
+
+
+def paired_ratios(runs: list[dict], c: Comparison) -> dict:
+    """Every tuneforge/TRL ratio of each count per second, per repeat from the two runs of that repeat (neighbours
+    in time, so load drift hits both alike), with their median, min and max."""
+    out = {}
+    systems = list(dict.fromkeys(r["system"] for r in runs))
+    for tf in (s for s in systems if s not in c.trl_systems):
+        for trl in (s for s in systems if s in c.trl_systems):
+            per_count = {}
+            for key in c.counts:
+                ratios = []
+                for repeat in sorted({r["repeat"] for r in runs}):
+                    a = [r for r in runs if r["system"] == tf and r["repeat"] == repeat]
+                    b = [r for r in runs if r["system"] == trl and r["repeat"] == repeat]
+                    if a and b:
+                        ratios.append(a[0][f"{key}_per_s"] / b[0][f"{key}_per_s"])
+                if ratios:
+                    per_count[f"{key}_per_s"] = {"per_repeat": ratios, "median": statistics.median(ratios),
+                                                 "min": min(ratios), "max": max(ratios)}
+            out.setdefault(tf, {})[trl] = per_count
+    return out
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -425,8 +448,9 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
     for repeat in range(args.repeats):
         for system in (s for s in c.systems + c.optional_systems if s in args.systems):
             run_dir = setup.work / "runs" / f"{system}-r{repeat}"
+            load = os.getloadavg()  # 1/5/15-minute load average just before the run: was the machine quiet?
             records, wall = run_system(system, run_dir)
-            result = {"system": system, "repeat": repeat, "wall_s": wall,
+            result = {"system": system, "repeat": repeat, "wall_s": wall, "load_average_before": load,
                       **steady_state(records, args.skip_steps, args.loss_window, c.counts, c.final, c.means)}
             if args.profile:
                 result["profile"] = profile_summary(run_dir / "profile.txt", LOOP_FRAMES[system.split("-")[0]])
@@ -450,4 +474,11 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_tables(summary, c))
+    for tf, by_trl in summary["paired"].items():
+        for trl, per_count in by_trl.items():
+            for key, r in per_count.items():
+                print(f"paired {tf}/{trl} {key}: median {r['median']:.2f}x (min {r['min']:.2f}x, max {r['max']:.2f}x; "
+                      f"per repeat {', '.join(f'{x:.2f}' for x in r['per_repeat'])})")
+    for r in runs:
+        print(f"load before {r['system']}-r{r['repeat']}: {' '.join(f'{x:.2f}' for x in r['load_average_before'])}")
     print(f"wrote {args.out}")
