@@ -227,15 +227,17 @@ class PPOConfig:
 
 
 def leave_out_unused_roles(dcfg) -> None:
-    """In the composed (unresolved) config: the model paths of the roles this algorithm does not run become
-    null when they only point at an export (`${tf_require_export:...}`), so a critic-free run needs no reward
-    export for a critic it never starts. A path the user wrote stays as written."""
+    """In the composed (unresolved) config: the model paths of the roles this run does not start become null
+    when they only point at an export (`${tf_require_export:...}`), so a critic-free run needs no reward
+    export for a critic it never starts, nor reward functions a reward model. A path the user wrote stays."""
     from omegaconf import OmegaConf, open_dict
 
     from rlhf.algorithms import CRITIC_ESTIMATORS
 
     a = dcfg.algo
     unused = ([] if a.advantage in CRITIC_ESTIMATORS else ["critic"]) + ([] if a.kl_coef > 0 else ["reference"])
+    if dcfg.reward.get("functions"):
+        unused.append("reward")
     with open_dict(dcfg):
         for role in unused:
             for key in ("name_or_path", "tokenizer"):

@@ -267,6 +267,20 @@ def test_a_critic_free_run_needs_only_the_exports_of_the_roles_it_runs(tmp_path,
         compose("ppo")  # PPO's critic starts from the reward export
 
 
+def test_grpo_on_a_given_policy_needs_no_export_and_its_reference_is_that_policy(tmp_path, monkeypatch):
+    from rlhf.config import validate as validate_ppo
+
+    monkeypatch.chdir(tmp_path)  # no outputs/: neither an SFT nor a reward export exists
+    cfg = compose("ppo", ["algo=grpo", "actor.model.name_or_path=/models/policy"])
+    validate_ppo(cfg)
+    assert cfg.reward.model.name_or_path is None and cfg.critic.model.name_or_path is None
+    with_kl = compose("ppo", ["algo=grpo", "algo.kl_coef=0.04", "actor.model.name_or_path=/models/policy"])
+    assert with_kl.reference.model.name_or_path == "/models/policy"  # KL to where the policy started
+    own = compose("ppo", ["algo=grpo", "algo.kl_coef=0.04", "actor.model.name_or_path=/models/policy",
+                          "reference.model.name_or_path=/models/other"])
+    assert own.reference.model.name_or_path == "/models/other" and own.actor.model.name_or_path == "/models/policy"
+
+
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
 def test_an_empty_data_path_names_the_key(stage):
     from rlhf.config import validate as validate_ppo
