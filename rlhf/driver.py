@@ -12,7 +12,6 @@ finishes) -> log. The run directory gets metrics.jsonl, samples.jsonl, placement
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -22,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf.algorithms import build_kl_controller, masked_mean
+from rlhf.checkpoint import ResumePoint, commit, drop_uncommitted
 from rlhf.config import PPOConfig
 from rlhf.experience import Experience, Generation, build_rollout, pad_right, pad_rows
 from rlhf.group import ActorGroup, PendingCall, wait_all
@@ -34,7 +34,6 @@ from trainer.sampling import derive_seed
 from trainer.sweep import current_member, tag_logger
 
 ROOT = Path(__file__).resolve().parent.parent
-STATE_DIR = "driver"
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -120,22 +119,24 @@ def stop_groups(groups: dict[str, ActorGroup], placements: dict) -> None:
 class Driver:
     def __init__(self, cfg: PPOConfig, run_dir: Path, groups: dict[str, ActorGroup], tokenizer,
                  train_prompts: list, eval_prompts: list, logger: MetricsLogger,
-                 reward_stats: Optional[dict] = None, placements: Optional[dict] = None):
+                 inputs: Optional[dict] = None, placements: Optional[dict] = None):
         """A driver over started role groups (`start_groups`; anything with their `world_size` and
         `call*` methods will do). `placements`, when given, are removed with the groups by `stop()`;
         `Driver.start` builds the whole thing for a run."""
         self.cfg, self.run_dir, self.groups, self.placements = cfg, run_dir, groups, placements or {}
         self.tokenizer, self.train_prompts, self.eval_prompts = tokenizer, train_prompts, eval_prompts
-        self.logger, self.reward_stats = logger, reward_stats
+        self.logger, self.inputs = logger, inputs or {"models": {}, "reward_stats": None}
+        self.reward_stats = self.inputs["reward_stats"]
         a = cfg.algo
         self.kl = build_kl_controller(a.kl_controller, a.kl_coef, a.kl_target, a.kl_horizon)
         self._next_generation: dict[int, tuple[list, PendingCall]] = {}  # iteration -> its prompts and generation
         self.reward_names = function_names(cfg.reward.functions)  # each reward function's column in the scores
 
     @classmethod
-    def start(cls, cfg: PPOConfig, run_dir: Path, resolved: dict, use_gpu: bool) -> "Driver":
-        """A run's driver: the policy's tokenizer, the train and eval prompts, the reward statistics, the
-        logger (`resolved` is the config it records), then the four groups started on Ray."""
+    def start(cls, cfg: PPOConfig, run_dir: Path, resolved: dict, use_gpu: bool, inputs: dict) -> "Driver":
+        """A run's driver: the policy's tokenizer, the train and eval prompts, the logger (`resolved` is the
+        config it records), then the role groups started on Ray. `inputs`: the models and reward statistics
+        it starts from (`rlhf.checkpoint.resolved_inputs`, or what the run's first start recorded)."""
         from trainer.data import build_prompts
         from trainer.model import load_tokenizer
 
@@ -144,7 +145,6 @@ class Driver:
         train_prompts = build_prompts(d, tokenizer, d.path, d.split, d.format, d.name)
         eval_prompts = (build_prompts(d, tokenizer, d.eval_path, d.eval_split, d.eval_format)[: cfg.train.eval_prompts]
                         if d.eval_path else [])
-        reward_stats = load_reward_stats(cfg)
         print(f"policy={cfg.actor.model.name_or_path or 'tiny random init'} "
               f"reward={', '.join(function_names(cfg.reward.functions)) or cfg.reward.model.name_or_path or 'tiny random init'} "
               f"algo={cfg.algo.name} roles={','.join(cfg.active_roles)} "
@@ -157,7 +157,7 @@ class Driver:
         except BaseException:
             logger.close()
             raise
-        return cls(cfg, run_dir, groups, tokenizer, train_prompts, eval_prompts, logger, reward_stats, placements)
+        return cls(cfg, run_dir, groups, tokenizer, train_prompts, eval_prompts, logger, inputs, placements)
 
     def stop(self) -> None:
         stop_groups(self.groups, self.placements)
@@ -380,36 +380,21 @@ class Driver:
     # -------------------------------------------------------------- checkpoints
 
     def save(self, it: int) -> None:
-        from trainer.checkpoint import atomic_write, tag_for
-
+        """Every trained role's checkpoint of iteration `it`, then the driver's state, which commits it."""
         root = self.run_dir / "checkpoints"
         wait_all([self.groups[r].call("save", str(root), it) for r in self.cfg.trained_roles])
-        state_dir = root / STATE_DIR
-        state_dir.mkdir(parents=True, exist_ok=True)
         state = {"iteration": it, "kl": self.kl.state_dict(), "world_sizes":
                  {r: self.groups[r].world_size for r in self.groups}}
-        # Written last: a checkpoint counts only once both engines and this file are complete.
-        atomic_write(state_dir / f"{tag_for(it)}.json", json.dumps(state, indent=2))
-        atomic_write(state_dir / "latest", tag_for(it))
+        commit(root, it, state, self.cfg.trained_roles, self.cfg.train.keep_last, self.inputs)
 
-    def resume(self, resume: Optional[str]) -> int:
-        """Iterations already done (0 when starting fresh)."""
-        if resume is None:
+    def resume(self, point: Optional[ResumePoint]) -> int:
+        """Iterations already done (0 when starting fresh): the roles and the KL controller restored."""
+        if point is None:
             return 0
-        run = self.run_dir if resume == "auto" else Path(resume)
-        root = run / "checkpoints" if (run / "checkpoints").exists() else run
-        pointer = root / STATE_DIR / "latest"
-        if not pointer.exists():
-            if resume == "auto":
-                return 0
-            raise FileNotFoundError(f"resume={resume}: no PPO checkpoint there (looked for {pointer})")
-        tag = pointer.read_text().strip()
-        state = json.loads((root / STATE_DIR / f"{tag}.json").read_text())
-        sizes = {r: self.groups[r].world_size for r in self.groups}
-        if state["world_sizes"] != sizes:
-            raise ConfigError(f"resume: checkpoint {root / tag} was written with ranks {state['world_sizes']}, "
-                              f"this run has {sizes}; ZeRO checkpoints resume on the same layout")
-        wait_all([self.groups[r].call("load", str(root), tag) for r in self.cfg.trained_roles])
+        state = point.state
+        if point.root == self.run_dir / "checkpoints":
+            drop_uncommitted(point.root, point, self.cfg.trained_roles)
+        wait_all([self.groups[r].call("load", str(point.root), point.tag) for r in self.cfg.trained_roles])
         self.kl.load_state_dict(state["kl"])
-        print(f"resumed from {root / tag} after iteration {state['iteration']}", flush=True)
+        print(f"resumed from {point.root / point.tag} after iteration {state['iteration']}", flush=True)
         return state["iteration"]

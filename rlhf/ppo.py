@@ -23,10 +23,12 @@ if __name__ == "__main__":  # before anything below imports Ray
     keep_local_ray_on_loopback(sys.argv[1:])
 
 from rlhf.config import PPOConfig, validate
-from rlhf.driver import Driver, check_tokenizers
+from rlhf.checkpoint import check_layout, find_resume_point, pin_inputs, resolved_inputs
+from rlhf.driver import Driver, check_tokenizers, load_reward_stats
 from rlhf.group import RoleFailure
 from rlhf.placement import PlacementError
 from rlhf.scoring import before_after
+from trainer.checkpoint import CheckpointError
 from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError
 from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES, scrub_secrets
@@ -71,11 +73,19 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
 
     cfg: PPOConfig = to_typed(dcfg, hydra_overrides())
     validate(cfg)
+    run_dir = Path(cfg.output_dir)
+    # Before any model is checked or loaded: what the run resumes from, and the inputs its first start pinned.
+    point = find_resume_point(cfg.resume, run_dir, cfg.trained_roles)
+    if point is not None:
+        check_layout(point, cfg)
+    pinned = point is not None and point.inputs is not None
+    for note in pin_inputs(cfg, dcfg, point.inputs) if pinned else ():
+        print(f"note: {note}", flush=True)
     for role in cfg.active_roles:
         if not (role == "reward" and cfg.reward.functions):  # reward functions load no model
             check_model_source(cfg.role(role).model, f"{role}.model")
     check_tokenizers(cfg)
-    run_dir = Path(cfg.output_dir)
+    inputs = point.inputs if pinned else resolved_inputs(cfg, load_reward_stats(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = scrub_secrets(OmegaConf.to_container(dcfg, resolve=True))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -87,13 +97,15 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
     # iteration with a checkpoint instead of killing the run between saves.
     preemption = PreemptionFlag()
     try:
-        driver = Driver.start(cfg, run_dir, resolved, use_gpu)
-        done = driver.resume(cfg.resume)
+        driver = Driver.start(cfg, run_dir, resolved, use_gpu, inputs)
+        done = driver.resume(point)
         t = cfg.train
-        before = driver.evaluate(done) if done == 0 else json.loads((run_dir / "eval_start.json").read_text())
         if done == 0:
-            (run_dir / "eval_start.json").write_text(json.dumps(before, indent=2))
+            before = driver.evaluate(0)
             driver.logger.log(0, before)
+        else:  # the evaluation before training, from the run resumed (this one, or another with resume=<dir>)
+            before = json.loads((point.run_dir / "eval_start.json").read_text())
+        (run_dir / "eval_start.json").write_text(json.dumps(before, indent=2))
         metrics = {}
         for it in progress(range(done, t.iterations), desc=cfg.algo.name, initial=done, total=t.iterations,
                            unit="iteration"):
@@ -141,7 +153,7 @@ def main() -> None:
             code, final = run_ppo(dcfg)
         except user_errors() + (PlacementError,) as err:
             exit_with_user_error(err)
-        except RoleFailure as err:
+        except (RoleFailure, CheckpointError) as err:
             print(f"error: {err} (the last complete checkpoint is intact; rerun with resume=auto)", file=sys.stderr)
             raise SystemExit(1)
         if code:

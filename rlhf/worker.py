@@ -258,8 +258,8 @@ class RoleWorker:
 
     def save(self, ckpt_root: str, iteration: int) -> str:
         client_state = {"iteration": iteration, "nonfinite_skips": self.nonfinite_skips}
-        return str(save_checkpoint(self.engine, Path(ckpt_root) / self.role, iteration, client_state,
-                                   self.cfg.train.keep_last))
+        # Nothing pruned here: the driver prunes once it has committed the iteration (rlhf.checkpoint).
+        return str(save_checkpoint(self.engine, Path(ckpt_root) / self.role, iteration, client_state, None))
 
     def load(self, ckpt_root: str, tag: str) -> int:
         state = load_checkpoint(self.engine, Path(ckpt_root) / self.role, tag)

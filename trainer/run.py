@@ -15,7 +15,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from trainer.checkpoint import find_resume_dir, load_checkpoint
+from trainer.checkpoint import CheckpointError, checkpoint_world_size, find_resume_dir, load_checkpoint
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, resolve_zero_stage, validate
@@ -49,6 +49,10 @@ def run_stage(dcfg: DictConfig) -> Optional[float]:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(NONFINITE_EXIT_CODE)
+    except CheckpointError as err:  # every rank raises it; one says it
+        if dist.get_rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
     if code:
         raise SystemExit(code)
     return objective(metrics, dcfg.objective)
@@ -74,6 +78,13 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
                                        info.world_size, cfg.optim.max_grad_norm)
     precision = resolve_precision(cfg.deepspeed.precision)
     resume = find_resume_dir(cfg.resume, run_dir)
+    if resume is not None and checkpoint_world_size(*resume) != info.world_size:
+        ranks = checkpoint_world_size(*resume)
+        raise ConfigError(
+            f"resume: checkpoint {resume[0] / resume[1]} was written by {ranks} ranks, this run has "
+            f"{info.world_size}; ZeRO checkpoints resume on the same world size: rerun with {ranks} ranks "
+            f"(torchrun --nproc_per_node={ranks} -m trainer.{cfg.stage} ... on one node)"
+        )
 
     resolved = scrub_secrets(OmegaConf.to_container(dcfg, resolve=True))
     if info.is_main:
@@ -98,11 +109,6 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     if resume is not None:
         client_state = load_checkpoint(engine, *resume)
         state = TrainState.from_client_state(client_state)
-        if state.world_size != info.world_size:
-            raise ConfigError(
-                f"resume: checkpoint {resume[0] / resume[1]} was written by {state.world_size} ranks, "
-                f"this run has {info.world_size}; ZeRO checkpoints resume on the same world size"
-            )
         if info.is_main:
             print(f"resumed from {resume[0] / resume[1]} at step {state.step}", flush=True)
 

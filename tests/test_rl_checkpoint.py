@@ -1,0 +1,111 @@
+"""The RL run's checkpoint (rlhf.checkpoint) under faults, with real GRPO runs on a local Ray instance: a crash
+between the policy's checkpoint and the driver's state, resume from another run's directory, and the inputs a
+run's first start resolved staying pinned on resume (a newer export never slips in; a changed path is refused)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf.checkpoint import INPUTS, STATE_DIR, pin_inputs, resolved_inputs
+from runs import tiny_ppo_model
+from test_ppo import iterations_done, records, run_ppo
+from trainer.checkpoint import LATEST, torn
+from trainer.compose import compose, to_typed
+
+GRPO = ["algo=grpo", "rollout.prompts_per_iteration=4", "algo.mini_batch_size=8", "actor.micro_batch_size=4"]
+COMPARED = ("reward/score_raw_mean", "policy/loss", "policy/approx_kl", "response/length_mean")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> list[str]:
+    return tiny_ppo_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model) -> Path:
+    run = tmp_path_factory.mktemp("rl_ckpt") / "straight"
+    run_ppo(run, tiny_model, *GRPO, "train.iterations=3", "train.save_every=1", "train.keep_last=1")
+    return run
+
+
+@pytest.mark.distributed
+def test_a_crash_between_the_policy_checkpoint_and_the_driver_state_still_resumes(straight, tiny_model, tmp_path):
+    run = tmp_path / "crash"
+    ckpts = run / "checkpoints"
+    # The driver's state of iteration 2 cannot be written (a directory where its temporary file goes): the
+    # policy has saved iteration 2, the driver dies before committing it. keep_last=1 used to prune
+    # iteration 1 at the policy's save, leaving nothing that could resume.
+    blocker = ckpts / STATE_DIR / "step_00000002.json.tmp"
+    blocker.mkdir(parents=True)
+    common = [*GRPO, "train.iterations=3", "train.save_every=1", "train.keep_last=1"]
+    proc = run_ppo(run, tiny_model, *common, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "iteration 2 was not committed" in proc.stderr and "still names step_00000001" in proc.stderr
+    assert (ckpts / STATE_DIR / LATEST).read_text() == "step_00000001"
+    assert torn(ckpts / "actor" / "step_00000001") is None
+    assert torn(ckpts / "actor" / "step_00000002") is None  # saved, never committed
+
+    blocker.rmdir()
+    proc = run_ppo(run, tiny_model, *common, "resume=auto")
+    assert "resumed from" in proc.stdout and "after iteration 1" in proc.stdout
+    a, b = records(straight), records(run)
+    for step in (2, 3):  # retrained from iteration 1: the straight run's numbers
+        for key in COMPARED:
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
+    assert sorted(p.name for p in (ckpts / "actor").glob("step_*")) == ["step_00000003"]  # pruned after commit
+    assert sorted(p.name for p in (ckpts / STATE_DIR).glob("step_*.json")) == ["step_00000003.json"]
+
+
+@pytest.mark.distributed
+def test_resume_from_another_run_directory_continues_it_in_this_one(straight, tiny_model, tmp_path):
+    run = tmp_path / "more"
+    proc = run_ppo(run, tiny_model, *GRPO, "train.iterations=5", "train.save_every=1", f"resume={straight}")
+    assert f"resumed from {straight / 'checkpoints' / 'step_00000003'}" in proc.stdout
+    assert iterations_done(run) == [4, 5]
+    # The starting evaluation is the first run's; this run's checkpoints and inputs are its own.
+    assert json.loads((run / "eval_start.json").read_text()) == json.loads((straight / "eval_start.json").read_text())
+    assert (run / "before_after.txt").exists()
+    assert (run / "checkpoints" / STATE_DIR / LATEST).read_text() == "step_00000005"
+    assert json.loads((run / "checkpoints" / STATE_DIR / INPUTS).read_text()) == \
+        json.loads((straight / "checkpoints" / STATE_DIR / INPUTS).read_text())
+
+
+@pytest.mark.distributed
+def test_a_policy_path_changed_on_resume_is_refused_before_anything_starts(straight, tiny_model, tmp_path):
+    other = tiny_ppo_model(tmp_path / "other_model")
+    proc = run_ppo(tmp_path / "changed", other, *GRPO, "train.iterations=5", f"resume={straight}", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: actor.model.name_or_path={tmp_path / 'other_model'}: this run started from ")
+    assert "refused" in last
+
+
+def test_a_newer_export_does_not_slip_into_a_resumed_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for run in ("2026-01-01_00-00-00", "2026-02-01_00-00-00"):
+        (tmp_path / "outputs" / "sft" / run / "hf_model").mkdir(parents=True)
+        (tmp_path / "outputs" / "sft" / run / "train_state.json").write_text("{}")
+    first = Path("outputs/sft/2026-01-01_00-00-00/hf_model")
+    overrides = ["algo=grpo", "algo.kl_coef=0.04"]  # a reference too: it follows the policy's path
+    dcfg = compose("ppo", overrides, typed=False)
+    cfg = to_typed(dcfg.copy(), overrides)
+    pinned = resolved_inputs(cfg, None)
+    pinned["models"]["actor"]["name_or_path"] = pinned["models"]["reference"]["name_or_path"] = str(first)
+    notes = pin_inputs(cfg, dcfg, pinned)
+    assert cfg.actor.model.name_or_path == cfg.reference.model.name_or_path == str(first)
+    assert dcfg.actor.model.name_or_path == str(first)  # what config.yaml records
+    assert len(notes) == 2 and "as at this run's first start (it would now resolve to outputs/sft/2026-02-01" in notes[0]
+
+
+def test_another_layout_on_resume_is_refused_before_any_model_loads(tmp_path):
+    from rlhf.checkpoint import ResumePoint, check_layout
+    from trainer.config import ConfigError
+
+    cfg = compose("ppo", ["algo=grpo", "actor.model.name_or_path=/m", "actor.devices_per_node=4"])
+    point = ResumePoint(tmp_path, "step_00000003", {"world_sizes": {"actor": 2, "reward": 1}}, None)
+    with pytest.raises(ConfigError, match=r"written with ranks \{'actor': 2, 'reward': 1\}, this run has "
+                                          r"\{'actor': 4, 'reward': 1\}.*devices_per_node as they were"):
+        check_layout(point, cfg)
