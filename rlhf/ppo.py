@@ -32,6 +32,7 @@ from trainer.config import CONF_DIR, ConfigError
 from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES, scrub_secrets
 from trainer.loop import PreemptionFlag
 from trainer.report import write_report_quietly
+from trainer.resume import resume_command
 from trainer.model import check_model_source
 from trainer.sweep import objective
 
@@ -107,8 +108,8 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
             tqdm.write(f"iter {step}: score {metrics['reward/score_raw_mean']:.3f} kl {metrics['kl/seq_mean']:.3f} "
                        f"len {metrics['response/length_mean']:.1f} {metrics['time/iteration_s']:.1f}s")
             if preemption.requested and step < t.iterations:
-                print(f"preempted: saved iteration {step} in {run_dir / 'checkpoints'}; "
-                      f"rerun with resume=auto to continue", flush=True)
+                print(f"preempted: saved iteration {step} in {run_dir / 'checkpoints'}; to continue: "
+                      f"{resume_command()}", flush=True)
                 return PREEMPTED_EXIT_CODE, {}
         after = driver.evaluate(t.iterations)
         driver.logger.log(t.iterations, after)
@@ -142,13 +143,14 @@ def main() -> None:
         except user_errors() + (PlacementError,) as err:
             exit_with_user_error(err)
         except RoleFailure as err:
-            print(f"error: {err} (the last complete checkpoint is intact; rerun with resume=auto)", file=sys.stderr)
+            print(f"error: {err} (the last complete checkpoint is intact; to continue: {resume_command()})",
+                  file=sys.stderr)
             raise SystemExit(1)
         if code:
             raise SystemExit(code)
         return objective(final, dcfg.objective)
 
-    launch(entry)
+    launch(entry, "ppo")
 
 
 # Sweep members that a launcher plugin runs in another process import this module to unpickle
