@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import REPO, TINY, losses, run_env, run_stage, signal_when, write_sft_jsonl
+from runs import PPO_SMALL, REPO, TINY, losses, run_env, run_stage, signal_when, tiny_ppo_model, write_sft_jsonl
 from trainer.contracts import RUN_ID_ENV
 from trainer.resume import (Candidate, config_differences, launcher_words, pick, scan, wants_discovery,
                             with_resume_auto)
@@ -52,7 +52,7 @@ def test_the_newest_matching_run_is_continued_and_other_configs_are_ignored():
                      _candidate("c", 9, 300.0, optim__lr=0.01))  # newer and further, another config
     assert decision.run_dir == Path("outputs/sft/b") and decision.exit_code is None
     assert decision.message == ("resume=auto: continuing outputs/sft/b from step 6, the newest unfinished sft run "
-                                "with this config; 1 older one(s) left alone")
+                                "with this config; 1 older one left alone")
 
 
 def test_where_the_run_is_written_and_how_it_is_logged_do_not_make_another_config():
@@ -64,8 +64,11 @@ def test_where_the_run_is_written_and_how_it_is_logged_do_not_make_another_confi
 def test_none_matching_is_a_fresh_start_that_says_why():
     decision = _pick(_candidate("a", 4, 100.0, seed=2), _candidate("b", 4, 200.0, optim__lr=0.1))
     assert decision.run_dir is None and decision.exit_code is None
-    assert decision.message == ("resume=auto: none of the 2 unfinished sft run(s) under outputs/sft/ has this config "
+    assert decision.message == ("resume=auto: none of the 2 unfinished sft runs under outputs/sft/ has this config "
                                 "(the newest, outputs/sft/b, differs in optim.lr); starting fresh in outputs/sft/new")
+    assert _pick(_candidate("a", 4, 100.0, seed=2)).message == (
+        "resume=auto: the one unfinished sft run under outputs/sft/, outputs/sft/a, has another config (differs in "
+        "seed); starting fresh in outputs/sft/new")
     assert _pick().message == "resume=auto: no unfinished sft run under outputs/sft/; starting fresh in outputs/sft/new"
 
 
@@ -225,6 +228,32 @@ def test_both_ranks_of_a_preempted_torchrun_launch_continue_in_its_directory(tmp
     assert sorted(losses(run_dir)) == list(range(1, 41))
     assert {p.name for p in (run_dir / "checkpoints" / "step_00000040").glob("rng_rank*.pt")} == {
         "rng_rank0.pt", "rng_rank1.pt"}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_grpo_run_preempted_in_the_default_directory_continues_with_the_printed_command(tmp_path):
+    from test_ppo import iterations_done
+
+    model = tiny_ppo_model(tmp_path / "tiny_model")
+    typed = [sys.executable, "-m", "rlhf.ppo", *model, *PPO_SMALL, "algo=grpo", "rollout.prompts_per_iteration=4",
+             "algo.mini_batch_size=8", "actor.micro_batch_size=4", "train.iterations=3", "train.save_every=100"]
+    env = _cli_env()
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as users run it: the driver keeps Ray on loopback
+    runs = tmp_path / "outputs" / "ppo"
+    first = signal_when(typed, lambda: any(iterations_done(r) for r in runs.glob("*")), signal.SIGUSR1, env=env,
+                        cwd=tmp_path)
+    assert first.returncode == 75, first.stderr[-3000:]
+    (run_dir,) = runs.iterdir()
+    line = next(l for l in first.stdout.splitlines() if l.startswith("preempted:"))
+    command = shlex.split(line.split("to continue: ", 1)[1])
+    assert command[1:] == [*typed[1:], "resume=auto"]
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resume=auto: continuing outputs/ppo/{run_dir.name} from step " in again.stdout
+    assert list(runs.iterdir()) == [run_dir] and (run_dir / "before_after.json").exists()
+    assert iterations_done(run_dir)[-1] == 3
 
 
 def test_two_candidates_that_disagree_stop_the_run_in_one_line(tmp_path):

@@ -117,9 +117,12 @@ def pick(candidates: Sequence[Candidate], config: dict, stage: str, root: Path, 
     if not matching:
         newest = by_time[0]
         keys = config_differences(newest.config, config)
-        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-        return Decision(None, f"resume=auto: none of the {len(by_time)} unfinished {stage} run(s) under {root}/ "
-                              f"has this config (the newest, {newest.run_dir}, differs in {shown}); {fresh}")
+        differs = "differs in " + ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        if len(by_time) == 1:
+            return Decision(None, f"resume=auto: the one unfinished {stage} run under {root}/, {newest.run_dir}, has "
+                                  f"another config ({differs}); {fresh}")
+        return Decision(None, f"resume=auto: none of the {len(by_time)} unfinished {stage} runs under {root}/ has "
+                              f"this config (the newest, {newest.run_dir}, {differs}); {fresh}")
     newest = matching[0]
     furthest = max(matching, key=lambda c: c.step)
     if furthest.step > newest.step:
@@ -127,7 +130,8 @@ def pick(candidates: Sequence[Candidate], config: dict, stage: str, root: Path, 
                               f"{newest.run_dir} (step {newest.step}), is behind {furthest.run_dir} (step "
                               f"{furthest.step}); choose one: hydra.run.dir=<run dir> resume=auto",
                         exit_code=USER_ERROR_EXIT_CODE)
-    others = f"; {len(matching) - 1} older one(s) left alone" if len(matching) > 1 else ""
+    older = len(matching) - 1
+    others = f"; {older} older one{'s' if older > 1 else ''} left alone" if older else ""
     return Decision(newest.run_dir, f"resume=auto: continuing {newest.run_dir} from step {newest.step}, the newest "
                                     f"unfinished {stage} run with this config{others}")
 
