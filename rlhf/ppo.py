@@ -32,7 +32,7 @@ from trainer.config import CONF_DIR, ConfigError
 from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES, scrub_secrets
 from trainer.loop import PreemptionFlag
 from trainer.report import write_report_quietly
-from trainer.resume import resume_command
+from trainer.resume import hold_run_lock, resume_command
 from trainer.model import check_model_source
 from trainer.sweep import objective
 
@@ -78,6 +78,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
     check_tokenizers(cfg)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(run_dir)  # resume=auto elsewhere leaves a live run alone
     resolved = scrub_secrets(OmegaConf.to_container(dcfg, resolve=True))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     torch.manual_seed(cfg.seed)

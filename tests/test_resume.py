@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import PPO_SMALL, REPO, TINY, losses, run_env, run_stage, signal_when, tiny_ppo_model, write_sft_jsonl
+from runs import PPO_SMALL, REPO, TINY, losses, run_env, signal_when, tiny_ppo_model, write_sft_jsonl
 from trainer.contracts import RUN_ID_ENV
 from trainer.resume import (Candidate, config_differences, launcher_words, pick, scan, wants_discovery,
                             with_resume_auto)
@@ -115,6 +115,27 @@ def test_scan_keeps_runs_with_a_complete_checkpoint_and_no_finished_marker(tmp_p
     assert [(c.run_dir.name, c.step) for c in scan(tmp_path / "ppo", rl=True)] == [("unfinished", 3)]
 
 
+def test_a_matching_run_that_is_still_running_is_never_continued(tmp_path):
+    run = _fake_run(tmp_path / "live", 4, CONFIG)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from trainer.resume import hold_run_lock\nhold_run_lock(Path(sys.argv[1]))\n"
+                               "print('held', flush=True)\ntime.sleep(120)", str(run)],
+                              cwd=REPO, env={**run_env(), "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (found,) = scan(tmp_path, rl=False)
+        assert found.running
+        decision = _pick(Candidate(Path("outputs/sft/live"), 4, 100.0, _config(), running=True),
+                         _candidate("older", 2, 50.0))
+        assert decision.exit_code == 2 and decision.run_dir is None
+        assert decision.message.startswith("resume=auto: outputs/sft/live (step 4) has this config and is still running")
+    finally:
+        holder.kill()
+        holder.wait()
+    (found,) = scan(tmp_path, rl=False)
+    assert not found.running  # the kernel dropped the lock of the killed process
+
+
 # ---------------------------------------------------------------------------------------------------- when, and the command
 
 
@@ -177,18 +198,20 @@ def test_a_run_preempted_in_the_default_directory_continues_with_the_printed_com
     assert list(runs.iterdir()) == [run_dir], "the rerun made a directory of its own"
     assert (run_dir / "train_state.json").exists()
 
-    straight = tmp_path / "straight"
-    run_stage(straight, *common)
-    ls, lr = losses(straight), losses(run_dir)
+    # The straight run, for comparison, with resume=auto where there is nothing to continue: a fresh start in
+    # the directory it names.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    straight = subprocess.run(command, cwd=elsewhere, env=_cli_env(), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    line = next(l for l in straight.stdout.splitlines() if l.startswith("resume=auto:"))
+    assert line.startswith("resume=auto: no unfinished sft run under outputs/sft/; starting fresh in outputs/sft/")
+    straight_dir = elsewhere / line.rsplit(" ", 1)[1]
+    assert list((elsewhere / "outputs" / "sft").iterdir()) == [straight_dir]
+    ls, lr = losses(straight_dir), losses(run_dir)
     assert sorted(lr) == list(range(1, 151))
     for step in range(1, 151):
         assert ls[step] == pytest.approx(lr[step], rel=1e-5, abs=1e-6), (step, ls[step], lr[step])
-
-    # Finished now: the same command starts afresh, and says so.
-    fresh = subprocess.run(command[:-1] + ["train.max_steps=1", "resume=auto"], cwd=tmp_path, env=_cli_env(),
-                           capture_output=True, text=True, timeout=600)
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert "resume=auto: no unfinished sft run under outputs/sft/; starting fresh in outputs/sft/" in fresh.stdout
 
 
 @pytest.mark.distributed

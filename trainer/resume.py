@@ -10,7 +10,9 @@ launch's config apart from `IGNORED_KEYS`, and picks one:
 - one, or several where the newest (latest checkpoint written last) is also the furthest (highest step): it;
 - several where the newest is not the furthest: ambiguous, since either could be the one meant (a run
   restarted by hand from step 0 beside a preempted one that got further, or two runs at once): exit 2 in one
-  line naming both and how to choose (`hydra.run.dir=<dir> resume=auto`).
+  line naming both and how to choose (`hydra.run.dir=<dir> resume=auto`);
+- one that is still running (its process holds the lock `hold_run_lock` takes): exit 2 as well, never a second
+  process writing into a running run's directory.
 
 An explicit run directory (`hydra.run.dir=`, `output_dir=`, or a run id a launcher set, as `launch.slurm` does)
 keeps `resume=auto` to that directory, as before. Sweeps (`-m`) and Hydra's other flags are left alone.
@@ -41,16 +43,21 @@ FINISHED_MARKERS = {"supervised": "train_state.json", "rl": "before_after.json"}
 EXPLICIT_DIR_KEYS = ("hydra.run.dir", "output_dir")
 SWEEP_KEYS = ("hydra.mode",)  # with `-m`: a sweep's members have their own directories
 PPO_STATE_DIR = "driver"  # rlhf.driver.STATE_DIR: checkpoints/driver/latest names the newest complete checkpoint
+# In a run directory, locked (flock) by the process that writes the run while it lives; the kernel drops the lock
+# however the process ends, so a killed run never looks alive.
+RUNNING_LOCK = ".running"
 
 
 @dataclass(frozen=True)
 class Candidate:
     """An unfinished run: its directory, the step (iteration) of its newest complete checkpoint, when that
-    checkpoint was committed (seconds since the epoch) and the config it ran with."""
+    checkpoint was committed (seconds since the epoch), the config it ran with, and whether a process still
+    runs it."""
     run_dir: Path
     step: int
     saved_at: float
     config: dict = field(compare=False, repr=False)
+    running: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,11 @@ def pick(candidates: Sequence[Candidate], config: dict, stage: str, root: Path, 
                                   f"another config ({differs}); {fresh}")
         return Decision(None, f"resume=auto: none of the {len(by_time)} unfinished {stage} runs under {root}/ has "
                               f"this config (the newest, {newest.run_dir}, {differs}); {fresh}")
+    running = [c for c in matching if c.running]
+    if running:
+        return Decision(None, f"resume=auto: {running[0].run_dir} (step {running[0].step}) has this config and is "
+                              f"still running (a process holds its {RUNNING_LOCK}); let it finish or stop it, or "
+                              f"start another: hydra.run.dir=<new run dir>", exit_code=USER_ERROR_EXIT_CODE)
     newest = matching[0]
     furthest = max(matching, key=lambda c: c.step)
     if furthest.step > newest.step:
@@ -171,7 +183,39 @@ def unfinished_run(run_dir: Path, rl: bool) -> Optional[Candidate]:
         return None
     tag, saved_at = ckpt
     step = int(tag.rsplit("_", 1)[-1]) if tag.rsplit("_", 1)[-1].isdigit() else 0
-    return Candidate(run_dir, step, saved_at, config)
+    return Candidate(run_dir, step, saved_at, config, running=is_running(run_dir))
+
+
+_held_locks: list = []
+
+
+def hold_run_lock(run_dir: Path) -> None:
+    """Mark `run_dir` as running until this process exits (rank 0 of a supervised run, the RL driver). Where
+    the lock is held elsewhere or the filesystem has none, nothing is marked: an explicit directory keeps
+    today's behaviour."""
+    import fcntl
+
+    f = open(run_dir / RUNNING_LOCK, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return
+    _held_locks.append(f)  # open until the process exits
+
+
+def is_running(run_dir: Path) -> bool:
+    """Whether a live process holds `run_dir`'s lock."""
+    import fcntl
+
+    try:
+        with open(run_dir / RUNNING_LOCK) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file (a run from before it existed), or no locks on this filesystem
+        return False
+    return False
 
 
 def read_config(path: Path) -> Optional[dict]:
