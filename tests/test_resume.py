@@ -139,6 +139,15 @@ def test_a_matching_run_that_is_still_running_is_never_continued(tmp_path):
 # ---------------------------------------------------------------------------------------------------- when, and the command
 
 
+def test_a_config_that_does_not_compose_says_it_resumes_only_in_its_own_directory():
+    from trainer.resume import decide
+
+    decision = decide("sft", ["resume=auto", "optim.lr=not-a-number"])
+    assert decision.run_dir is None and decision.exit_code is None and "\n" not in decision.message
+    assert decision.message.startswith("resume=auto: not looking for a run to continue, this launch's config does "
+                                       "not compose (") and "optim.lr" in decision.message
+
+
 def test_discovery_only_without_an_explicit_run_directory():
     assert wants_discovery(["seed=1", "resume=auto"], {})
     assert not wants_discovery(["seed=1"], {})

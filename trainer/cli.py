@@ -53,8 +53,6 @@ def _continue_unfinished_run(config_name: str) -> None:
         box = [decision]
         dist.broadcast_object_list(box, src=0)  # the process group _agree_on_run_id started
         decision = box[0]
-    if decision is None:  # the config does not compose: Hydra's run says why
-        return
     if rank == 0:
         print(f"error: {decision.message}" if decision.exit_code else decision.message,
               file=sys.stderr if decision.exit_code else sys.stdout, flush=True)

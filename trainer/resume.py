@@ -256,13 +256,15 @@ def launch_config(config_name: str, overrides: Sequence[str]) -> tuple[dict, Pat
     return OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(resolved))), run_dir
 
 
-def decide(config_name: str, overrides: Sequence[str]) -> Optional[Decision]:
-    """What `resume=auto` does for this launch, or None when its config does not compose (the run then fails
-    with Hydra's own message)."""
+def decide(config_name: str, overrides: Sequence[str]) -> Decision:
+    """What `resume=auto` does for this launch. When its config does not compose here, the launch goes on in
+    its own directory, saying why (Hydra's run then fails with its own message, or starts fresh)."""
     try:
         config, fresh_dir = launch_config(config_name, overrides)
-    except Exception:
-        return None
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return Decision(None, f"resume=auto: not looking for a run to continue, this launch's config does not "
+                              f"compose ({reason}); resuming only from its own run directory")
     stage = str(config.get("stage", config_name))
     root = fresh_dir.parent
     return pick(scan(root, rl="algo" in config, skip=fresh_dir), config, stage, root, fresh_dir)
