@@ -17,8 +17,8 @@ import pytest
 
 from runs import PPO_SMALL, REPO, TINY, losses, run_env, signal_when, tiny_ppo_model, write_sft_jsonl
 from trainer.contracts import RUN_ID_ENV
-from trainer.resume import (Candidate, config_differences, launcher_words, pick, scan, wants_discovery,
-                            with_resume_auto)
+from trainer.resume import (Candidate, Decision, claim, config_differences, hold_run_lock, is_running,
+                            launcher_words, pick, scan, wants_discovery, with_resume_auto)
 
 CONFIG = {"stage": "sft", "seed": 1, "resume": None, "output_dir": "outputs/sft/a", "train": {"max_steps": 10},
           "logger": {"backend": "none", "run_name": None, "tags": []}, "optim": {"lr": 0.001}}
@@ -129,11 +129,15 @@ def test_a_matching_run_that_is_still_running_is_never_continued(tmp_path):
                          _candidate("older", 2, 50.0))
         assert decision.exit_code == 2 and decision.run_dir is None
         assert decision.message.startswith("resume=auto: outputs/sft/live (step 4) has this config and is still running")
+        # Two launches that decided on the same run at once: the second to lock it stops.
+        assert claim(Decision(run, "resume=auto: continuing ...")).exit_code == 2
     finally:
         holder.kill()
         holder.wait()
     (found,) = scan(tmp_path, rl=False)
     assert not found.running  # the kernel dropped the lock of the killed process
+    assert claim(Decision(run, "resume=auto: continuing ...")).run_dir == run  # and this process holds it now
+    assert hold_run_lock(run) and is_running(run)
 
 
 # ---------------------------------------------------------------------------------------------------- when, and the command

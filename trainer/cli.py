@@ -42,11 +42,11 @@ def _agree_on_run_id() -> None:
 def _continue_unfinished_run(config_name: str) -> None:
     """`resume=auto` without a run directory: rank 0 decides which run it continues (or a fresh start, or
     exit 2 when that is ambiguous) before Hydra creates a directory, and every rank follows."""
-    from trainer.resume import decide
+    from trainer.resume import claim, decide
 
     os.environ.setdefault(RUN_ID_ENV, run_id())  # a fresh start's directory is known, to name it
     rank = int(os.environ.get("RANK", 0))
-    decision = decide(config_name, sys.argv[1:]) if rank == 0 else None
+    decision = claim(decide(config_name, sys.argv[1:])) if rank == 0 else None
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         import torch.distributed as dist
 

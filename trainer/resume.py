@@ -63,7 +63,7 @@ class Candidate:
 @dataclass(frozen=True)
 class Decision:
     """What `resume=auto` does: continue `run_dir`, or start fresh (`run_dir` None); `message` is the one line
-    that says so; `exit_code` set when the run must not start (ambiguous)."""
+    that says so; `exit_code` set when the run must not start (ambiguous, or the run is still running)."""
     run_dir: Optional[Path]
     message: str
     exit_code: Optional[int] = None
@@ -189,19 +189,22 @@ def unfinished_run(run_dir: Path, rl: bool) -> Optional[Candidate]:
 _held_locks: list = []
 
 
-def hold_run_lock(run_dir: Path) -> None:
-    """Mark `run_dir` as running until this process exits (rank 0 of a supervised run, the RL driver). Where
-    the lock is held elsewhere or the filesystem has none, nothing is marked: an explicit directory keeps
-    today's behaviour."""
+def hold_run_lock(run_dir: Path) -> bool:
+    """Mark `run_dir` as running until this process exits (rank 0 of a supervised run, the RL driver); False
+    where another process holds it or the filesystem has no locks. The run goes on either way: an explicit
+    directory keeps today's behaviour."""
     import fcntl
 
+    if any(Path(f.name).resolve() == (run_dir / RUNNING_LOCK).resolve() for f in _held_locks):
+        return True
     f = open(run_dir / RUNNING_LOCK, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        return
+        return False
     _held_locks.append(f)  # open until the process exits
+    return True
 
 
 def is_running(run_dir: Path) -> bool:
@@ -268,6 +271,16 @@ def decide(config_name: str, overrides: Sequence[str]) -> Decision:
     stage = str(config.get("stage", config_name))
     root = fresh_dir.parent
     return pick(scan(root, rl="algo" in config, skip=fresh_dir), config, stage, root, fresh_dir)
+
+
+def claim(decision: Decision) -> Decision:
+    """Lock the run `decision` continues at once (not only when the run writes its config), so that a launch
+    deciding at the same moment cannot continue it too; the loser exits 2."""
+    if decision.run_dir is None or hold_run_lock(decision.run_dir):
+        return decision
+    return Decision(None, f"resume=auto: {decision.run_dir} started running from another launch meanwhile; let it "
+                          f"finish or stop it, or start another: hydra.run.dir=<new run dir>",
+                    exit_code=USER_ERROR_EXIT_CODE)
 
 
 # ---------------------------------------------------------------------------------------------------- the command
