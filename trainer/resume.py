@@ -178,7 +178,7 @@ def unfinished_run(run_dir: Path, rl: bool) -> Optional[Candidate]:
     if (run_dir / FINISHED_MARKERS["rl" if rl else "supervised"]).exists():
         return None
     ckpt = newest_checkpoint(run_dir, rl)
-    config = read_config(run_dir / "config.yaml")
+    config = read_config(run_dir / "config.yaml") if ckpt else None
     if ckpt is None or config is None:
         return None
     tag, saved_at = ckpt
