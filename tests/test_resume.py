@@ -20,7 +20,8 @@ from trainer.contracts import RUN_ID_ENV
 from trainer.resume import (Candidate, Decision, claim, config_differences, hold_run_lock, is_running,
                             launcher_words, pick, scan, wants_discovery, with_resume_auto)
 
-CONFIG = {"stage": "sft", "seed": 1, "resume": None, "output_dir": "outputs/sft/a", "train": {"max_steps": 10},
+CONFIG = {"stage": "sft", "seed": 1, "resume": None, "output_dir": "outputs/sft/a",
+          "train": {"max_steps": 10, "save_every": 400, "keep_last": 2},
           "logger": {"backend": "none", "run_name": None, "tags": []}, "optim": {"lr": 0.001}}
 
 
@@ -57,7 +58,8 @@ def test_the_newest_matching_run_is_continued_and_other_configs_are_ignored():
 
 def test_where_the_run_is_written_and_how_it_is_logged_do_not_make_another_config():
     assert config_differences(_config(), _config(resume="auto", output_dir="x", logger__run_name="n",
-                                                 logger__tags=["t"], logger__backend="wandb")) == []
+                                                 logger__tags=["t"], logger__backend="wandb", train__save_every=5,
+                                                 train__keep_last=1)) == []
     assert config_differences(_config(), _config(seed=2, train__max_steps=20)) == ["seed", "train.max_steps"]
 
 
