@@ -34,6 +34,7 @@ from trainer.config import CONF_DIR, ConfigError
 from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES, scrub_secrets
 from trainer.loop import PreemptionFlag
 from trainer.report import write_report_quietly
+from trainer.resume import hold_run_lock, resume_command
 from trainer.model import check_model_source
 from trainer.sweep import objective
 
@@ -87,6 +88,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
     check_tokenizers(cfg)
     inputs = point.inputs if pinned else resolved_inputs(cfg, load_reward_stats(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
+    hold_run_lock(run_dir)  # resume=auto elsewhere leaves a live run alone
     resolved = scrub_secrets(OmegaConf.to_container(dcfg, resolve=True))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     torch.manual_seed(cfg.seed)
@@ -119,8 +121,8 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
             tqdm.write(f"iter {step}: score {metrics['reward/score_raw_mean']:.3f} kl {metrics['kl/seq_mean']:.3f} "
                        f"len {metrics['response/length_mean']:.1f} {metrics['time/iteration_s']:.1f}s")
             if preemption.requested and step < t.iterations:
-                print(f"preempted: saved iteration {step} in {run_dir / 'checkpoints'}; "
-                      f"rerun with resume=auto to continue", flush=True)
+                print(f"preempted: saved iteration {step} in {run_dir / 'checkpoints'}; to continue: "
+                      f"{resume_command()}", flush=True)
                 return PREEMPTED_EXIT_CODE, {}
         after = driver.evaluate(t.iterations)
         driver.logger.log(t.iterations, after)
@@ -154,13 +156,14 @@ def main() -> None:
         except user_errors() + (PlacementError,) as err:
             exit_with_user_error(err)
         except (RoleFailure, CheckpointError) as err:
-            print(f"error: {err} (the last complete checkpoint is intact; rerun with resume=auto)", file=sys.stderr)
+            print(f"error: {err} (the last complete checkpoint is intact; to continue: {resume_command()})",
+                  file=sys.stderr)
             raise SystemExit(1)
         if code:
             raise SystemExit(code)
         return objective(final, dcfg.objective)
 
-    launch(entry)
+    launch(entry, "ppo")
 
 
 # Sweep members that a launcher plugin runs in another process import this module to unpickle

@@ -118,10 +118,10 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def signal_when(cmd: list[str], ready: Callable[[], bool], sig: int, *, env: dict | None = None,
-                timeout: float = 300) -> subprocess.CompletedProcess:
+                timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Start `cmd`, send it `sig` once `ready()` holds (as a scheduler preempting it would), and wait
     for it to exit; fails if it ended before it could be signalled."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env or run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         deadline = time.time() + timeout

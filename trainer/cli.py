@@ -3,6 +3,8 @@
 - Registers every config schema and `tf_*` resolver (`trainer.compose.register_all`).
 - Makes every rank of a distributed run resolve the same run directory: rank 0
   picks the id and broadcasts it (a per-rank `${now:}` would split the run).
+- `resume=auto` without a run directory: rank 0 finds the unfinished run to continue
+  (`trainer.resume`) and every rank runs in its directory.
 - Keeps ranks other than 0 from writing Hydra's files and logs.
 - Turns user errors into one line on stderr and a non-zero exit.
 """
@@ -15,7 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from trainer.compose import register_all, renamed_overrides, run_id
 from trainer.config import ConfigError
@@ -35,6 +37,30 @@ def _agree_on_run_id() -> None:
     box = [run_id() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     os.environ[RUN_ID_ENV] = box[0]
+
+
+def _continue_unfinished_run(config_name: str) -> None:
+    """`resume=auto` without a run directory: rank 0 decides which run it continues (or a fresh start, or
+    exit 2 when that is ambiguous) before Hydra creates a directory, and every rank follows."""
+    from trainer.resume import claim, decide
+
+    os.environ.setdefault(RUN_ID_ENV, run_id())  # a fresh start's directory is known, to name it
+    rank = int(os.environ.get("RANK", 0))
+    decision = claim(decide(config_name, sys.argv[1:])) if rank == 0 else None
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        import torch.distributed as dist
+
+        box = [decision]
+        dist.broadcast_object_list(box, src=0)  # the process group _agree_on_run_id started
+        decision = box[0]
+    if rank == 0:
+        print(f"error: {decision.message}" if decision.exit_code else decision.message,
+              file=sys.stderr if decision.exit_code else sys.stdout, flush=True)
+    if decision.exit_code:
+        raise SystemExit(decision.exit_code)
+    if decision.run_dir is not None:
+        quote = '"' if "'" in str(decision.run_dir) else "'"
+        sys.argv.append(f"hydra.run.dir={quote}{decision.run_dir}{quote}")
 
 
 def _quiet_non_zero_ranks() -> None:
@@ -76,8 +102,12 @@ def prepare_process() -> None:
     _per_environment_extension_cache()
 
 
-def launch(hydra_main: Callable[[], None]) -> None:
+def launch(hydra_main: Callable[[], None], config_name: Optional[str] = None) -> None:
+    """Run `hydra_main`, the Hydra entry whose primary config is `conf/<config_name>.yaml`."""
     from trainer.local_ray import keep_local_ray_on_loopback
+    from trainer.resume import remember_command, wants_discovery
+
+    remember_command(sys.argv)  # as typed: the preemption message repeats it
 
     # Before anything imports Ray: a sweep on Hydra's Ray launcher starts Ray in this process.
     keep_local_ray_on_loopback(sys.argv[1:])
@@ -87,7 +117,10 @@ def launch(hydra_main: Callable[[], None]) -> None:
             print(f"note: {note}", file=sys.stderr, flush=True)
     prepare_process()
     register_all()
+    discover = config_name is not None and wants_discovery(sys.argv[1:], os.environ)  # before a run id is set
     _agree_on_run_id()
+    if discover:
+        _continue_unfinished_run(config_name)
     _quiet_non_zero_ranks()
     hydra_main()
 

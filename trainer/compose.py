@@ -108,10 +108,11 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def compose(stage: str, overrides: list[str] = (), typed: bool = True) -> Any:
+def compose(stage: str, overrides: list[str] = (), typed: bool = True, return_hydra_config: bool = False) -> Any:
     """`conf/<stage>.yaml` with `overrides`, outside a Hydra run: the typed config, or with `typed=False`
     the DictConfig, interpolations unresolved. `output_dir` names the Hydra run directory, which exists
-    only inside a Hydra run, so it is `.` here unless an override sets it."""
+    only inside a Hydra run, so it is `.` here unless an override sets it. `return_hydra_config` keeps the
+    `hydra` node (untyped only), as inside a run: `hydra.run.dir` is the run directory a launch would get."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -120,7 +121,7 @@ def compose(stage: str, overrides: list[str] = (), typed: bool = True) -> Any:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        dcfg = hydra_compose(config_name=stage, overrides=overrides)
+        dcfg = hydra_compose(config_name=stage, overrides=overrides, return_hydra_config=return_hydra_config)
     if OmegaConf.is_interpolation(dcfg, "output_dir"):
         dcfg.output_dir = "."
     if not typed:

@@ -33,6 +33,7 @@ from trainer.step import NonFiniteError
 from trainer.metrics import MetricsLogger
 from trainer.model import check_model_source, load_tokenizer
 from trainer.report import write_report_quietly
+from trainer.resume import hold_run_lock, resume_command
 from trainer.stages import build_stage
 from trainer.sweep import current_member, join_submitit_ranks, objective, tag_logger
 
@@ -89,6 +90,7 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     resolved = scrub_secrets(OmegaConf.to_container(dcfg, resolve=True))
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        hold_run_lock(run_dir)  # resume=auto elsewhere leaves a live run alone
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         (run_dir / "deepspeed_config.json").write_text(json.dumps(scrub_secrets(ds_config), indent=2))
         (run_dir / "data_stats.json").write_text(json.dumps(parts.stats.as_dict(), indent=2))
@@ -131,7 +133,8 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
         state = fit(engine, parts.task, parts.train, ctx, state)
         if state.preempted:
             if info.is_main:
-                print(f"preempted: checkpoint saved at step {state.step}; rerun with resume=auto", flush=True)
+                print(f"preempted: checkpoint saved at step {state.step} in {run_dir}; to continue: "
+                      f"{resume_command()}", flush=True)
             return PREEMPTED_EXIT_CODE, final_eval
         if cfg.train.export:
             parts.export(engine, run_dir / "hf_model")

@@ -9,4 +9,4 @@ from trainer.cli import launch
 from trainer.run import stage_main
 
 if __name__ == "__main__":
-    launch(stage_main("sft"))
+    launch(stage_main("sft"), "sft")
