@@ -38,7 +38,6 @@ ratio of each repeat, with the load average before every run.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -48,7 +47,7 @@ if not __package__:  # run as `python bench/grpo_vs_trl.py`: make the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness  # noqa: E402  (after the sys.path fix above)
-from bench.ppo_vs_trl import save_models, tuneforge_layout  # noqa: E402
+from bench.ppo_vs_trl import compose_ppo, run_driver, save_models, tuneforge_layout, tuneforge_records  # noqa: E402
 
 GRPO = harness.Comparison(
     name="grpo_vs_trl", stage="ppo", data="sft", data_columns=("prompt", "answer"),
@@ -85,16 +84,6 @@ SYSTEM_OVERRIDES = {
     "tuneforge-zero0": ("actor.deepspeed.stage=0",),  # the policy's 2 ranks unpartitioned, gradients all-reduced
     "tuneforge-1rank": ("actor.devices_per_node=1", "cluster.torch_threads=2"),  # one policy rank (unpartitioned by `auto`) on 2 threads, as TRL
 }
-
-
-def compose_grpo(overrides: list[str]):
-    """tuneforge's typed, validated config for these overrides (what `python -m rlhf.ppo` will run)."""
-    from rlhf.config import validate
-    from trainer.compose import compose
-
-    cfg = compose("ppo", overrides)
-    validate(cfg)
-    return cfg
 
 
 def check_matchable(cfg) -> None:
@@ -138,26 +127,6 @@ def write_prompts(prompts: list, tokenizer, path: Path) -> None:
             f.write(json.dumps({"prompt": text, "answer": p.answer}) + "\n")
 
 
-def tuneforge_records(run_dir: Path, prompt_tokens: list[int], rollout_batch: int) -> list[dict]:
-    """Per-iteration records of a tuneforge run from its metrics.jsonl; prompt tokens come from replaying its
-    prompt sampler, and every iteration must have trained on `rollout_batch` rollouts."""
-    records = []
-    for r in harness.read_jsonl(run_dir / "metrics.jsonl"):
-        if "time/iteration_s" not in r:
-            continue  # the step-0 record (no evaluation here: empty)
-        rollouts = round(r["throughput/rollouts_per_s"] * r["time/iteration_s"])
-        if rollouts != rollout_batch:
-            raise SystemExit(f"error: {run_dir}: iteration {r['step']} trained on {rollouts} rollouts, not "
-                             f"{rollout_batch}")
-        records.append({
-            "step": r["step"], "time": r["time"], "rollouts": rollouts, "prompt_tokens": prompt_tokens[r["step"] - 1],
-            "response_tokens": round(r["response/length_mean"] * rollouts),
-            "generate_s": r["time/generate_s"], "score_s": r["time/forward_s"], "train_s": r["time/train_s"],
-            "score": r["reward/score_raw_mean"], "entropy": r["policy/entropy"],
-        })
-    return records
-
-
 def check_trl_records(run_dir: Path, records: list[dict], cfg) -> list[dict]:
     if len(records) != cfg.train.iterations or any(r["rollouts"] != cfg.rollout_batch for r in records):
         raise SystemExit(f"error: {run_dir}: TRL trained {len(records)} iterations of "
@@ -186,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             f"seed={args.seed}",
             *GRPO.tuneforge_overrides,
         ]
-        cfg = compose_grpo(overrides)
+        cfg = compose_ppo(overrides)
         check_matchable(cfg)
 
         d = cfg.data
@@ -205,12 +174,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             if system in GRPO.trl_systems:
                 records, wall = harness.run_trl("trl_grpo", run_dir, spec, args.threads, False)
                 return check_trl_records(run_dir, records, cfg), wall
-            cmd = [sys.executable, "-m", "rlhf.ppo", *overrides, *SYSTEM_OVERRIDES[system], f"hydra.run.dir={run_dir}"]
-            wall = harness.run_child(cmd, run_dir, args.threads, False)
-            seen = re.search(r"prompts=(\d+)", (run_dir / "output.log").read_text())
-            if seen is None or int(seen.group(1)) != len(prompts):
-                raise SystemExit(f"error: {run_dir}: tuneforge's driver built other prompts than the bench "
-                                 f"({seen.group(0) if seen else 'none found'}, expected prompts={len(prompts)})")
+            wall = run_driver([*overrides, *SYSTEM_OVERRIDES[system]], run_dir, args.threads, len(prompts))
             roles = {line.split()[0] for line in (run_dir / "placement.txt").read_text().splitlines()[1:]}
             if roles != {"actor", "reward"}:
                 raise SystemExit(f"error: {run_dir}: tuneforge ran {sorted(roles)}, not the policy and reward only")

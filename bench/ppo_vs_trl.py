@@ -190,7 +190,7 @@ def tuneforge_records(run_dir: Path, prompt_tokens: list[int], rollout_batch: in
         rollouts = round(r["throughput/rollouts_per_s"] * r["time/iteration_s"])
         if rollouts != rollout_batch:
             raise SystemExit(f"error: {run_dir}: iteration {r['step']} trained on {rollouts} rollouts, "
-                             f"not --rollout-batch {rollout_batch}")
+                             f"not {rollout_batch}")
         records.append({
             "step": r["step"], "time": r["time"], "rollouts": rollouts,
             "prompt_tokens": prompt_tokens[r["step"] - 1],
@@ -199,6 +199,17 @@ def tuneforge_records(run_dir: Path, prompt_tokens: list[int], rollout_batch: in
             "score": r["reward/score_raw_mean"], "kl": r["kl/seq_mean"], "entropy": r["policy/entropy"],
         })
     return records
+
+
+def run_driver(overrides: list[str], run_dir: Path, threads: int, prompts: int) -> float:
+    """Run `python -m rlhf.ppo` once; stop unless its driver built the bench's `prompts` prompts. Wall seconds."""
+    cmd = [sys.executable, "-m", "rlhf.ppo", *overrides, f"hydra.run.dir={run_dir}"]
+    wall = harness.run_child(cmd, run_dir, threads, False)
+    seen = re.search(r"prompts=(\d+)", (run_dir / "output.log").read_text())
+    if seen is None or int(seen.group(1)) != prompts:
+        raise SystemExit(f"error: {run_dir}: tuneforge's driver built other prompts than the bench "
+                         f"({seen.group(0) if seen else 'none found'}, expected prompts={prompts})")
+    return wall
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -245,12 +256,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         def run_system(system: str, run_dir: Path):
             if system in PPO.trl_systems:
                 return harness.run_trl("trl_ppo", run_dir, spec, args.threads, False, PPO.trl_python)
-            cmd = [sys.executable, "-m", "rlhf.ppo", *overrides, *SYSTEM_OVERRIDES[system], f"hydra.run.dir={run_dir}"]
-            wall = harness.run_child(cmd, run_dir, args.threads, False)
-            seen = re.search(r"prompts=(\d+)", (run_dir / "output.log").read_text())
-            if seen is None or int(seen.group(1)) != len(prompts):
-                raise SystemExit(f"error: {run_dir}: tuneforge's driver built other prompts than the bench "
-                                 f"({seen.group(0) if seen else 'none found'}, expected prompts={len(prompts)})")
+            wall = run_driver([*overrides, *SYSTEM_OVERRIDES[system]], run_dir, args.threads, len(prompts))
             return tuneforge_records(run_dir, prompt_tokens, cfg.rollout_batch), wall
 
         harness.compare(args, PPO, setup, run_system, argv=argv, recorded={
