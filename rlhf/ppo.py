@@ -32,7 +32,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError
 from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES, scrub_secrets
-from trainer.loop import PreemptionFlag
+from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
 from trainer.resume import hold_run_lock, resume_command
 from trainer.model import check_model_source
@@ -97,7 +97,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
     driver = None
     # Set before any actor starts: a scheduler's SIGTERM/SIGUSR1 then ends the current
     # iteration with a checkpoint instead of killing the run between saves.
-    preemption = PreemptionFlag()
+    preemption = preemption_flag()
     try:
         driver = Driver.start(cfg, run_dir, resolved, use_gpu, inputs)
         done = driver.resume(point)
@@ -108,6 +108,9 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
         else:  # the evaluation before training, from the run resumed (this one, or another with resume=<dir>)
             before = json.loads((point.run_dir / "eval_start.json").read_text())
         (run_dir / "eval_start.json").write_text(json.dumps(before, indent=2))
+        if preemption.requested:  # while the models loaded or the first evaluation ran: nothing new to save
+            print(f"preempted: before iteration {done + 1}; to continue: {resume_command()}", flush=True)
+            return PREEMPTED_EXIT_CODE, {}
         metrics = {}
         for it in progress(range(done, t.iterations), desc=cfg.algo.name, initial=done, total=t.iterations,
                            unit="iteration"):
@@ -133,7 +136,6 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
         print(table, flush=True)
         print(f"done: {t.iterations} iterations, outputs in {run_dir}", flush=True)
     finally:
-        preemption.restore()
         if driver is not None:
             driver.stop()
             if cfg.logger.report:

@@ -105,9 +105,11 @@ def prepare_process() -> None:
 def launch(hydra_main: Callable[[], None], config_name: Optional[str] = None) -> None:
     """Run `hydra_main`, the Hydra entry whose primary config is `conf/<config_name>.yaml`."""
     from trainer.local_ray import keep_local_ray_on_loopback
+    from trainer.preemption import preemption_flag
     from trainer.resume import remember_command, wants_discovery
 
     remember_command(sys.argv)  # as typed: the preemption message repeats it
+    preemption_flag()  # from here on a preemption warning is recorded, not fatal (trainer/preemption.py)
 
     # Before anything imports Ray: a sweep on Hydra's Ray launcher starts Ray in this process.
     keep_local_ray_on_loopback(sys.argv[1:])

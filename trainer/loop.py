@@ -10,7 +10,6 @@ are logged beside the loss, as means per loss item over all ranks.
 
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from trainer.config import TrainingJobConfig
 from trainer.engine import DistInfo, all_reduce_sum, device, peak_memory_gb
 from trainer.metrics import MetricsLogger
 from trainer.objectives import Task, split_loss
+from trainer.preemption import preemption_flag
 from trainer.progress import progress
 from trainer.sampling import SeededOrder
 from trainer.step import count_skip, optimizer_step_over
@@ -71,23 +71,6 @@ class GlobalBatchSampler:
         return step * self.global_batch / self.n
 
 
-class PreemptionFlag:
-    """SIGTERM/SIGUSR1 ask the loop to finish the current step, save and exit."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass
 class FitContext:
     cfg: TrainingJobConfig
@@ -110,7 +93,7 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
     t = cfg.train
     sampler = GlobalBatchSampler(len(rows), t.micro_batch_size, t.grad_accum, info.world_size, cfg.seed)
     ckpt_root = ctx.run_dir / "checkpoints"
-    flag = PreemptionFlag()
+    flag = preemption_flag()  # installed at process start (trainer.cli.launch); the same one here
     bar = progress(total=t.max_steps, initial=state.step, enabled=info.is_main, desc=cfg.stage, unit="step")
     window = _Window()
     dev = device()
@@ -166,7 +149,6 @@ def fit(engine, task: Task, rows: list[dict], ctx: FitContext, state: TrainState
                 break
     finally:
         bar.close()
-        flag.restore()
     return state
 
 

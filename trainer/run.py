@@ -20,6 +20,7 @@ from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, resolve_zero_stage, validate
 from trainer.engine import (
+    all_reduce_sum,
     build_deepspeed_config,
     build_engine,
     init_distributed,
@@ -32,6 +33,7 @@ from trainer.loop import FitContext, TrainState, fit
 from trainer.step import NonFiniteError
 from trainer.metrics import MetricsLogger
 from trainer.model import check_model_source, load_tokenizer
+from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
 from trainer.resume import hold_run_lock, resume_command
 from trainer.stages import build_stage
@@ -130,12 +132,15 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     ctx = FitContext(cfg=cfg, dist=info, run_dir=run_dir, logger=logger, collate=parts.collate,
                      evaluate=evaluate if stage_evaluate else None)
     try:
+        # A warning that came while the model loaded or the data tokenized: nothing trained yet, so nothing new
+        # to save (a resumed run's checkpoint is already there).
+        if preemption_voted():
+            return _preempted(info, f"before training, at step {state.step}", final_eval)
         state = fit(engine, parts.task, parts.train, ctx, state)
         if state.preempted:
-            if info.is_main:
-                print(f"preempted: checkpoint saved at step {state.step} in {run_dir}; to continue: "
-                      f"{resume_command()}", flush=True)
-            return PREEMPTED_EXIT_CODE, final_eval
+            return _preempted(info, f"checkpoint saved at step {state.step} in {run_dir}", final_eval)
+        if cfg.train.export and preemption_voted():  # the last step's checkpoint is saved: export on resume
+            return _preempted(info, f"before the export, checkpoint saved at step {state.step}", final_eval)
         if cfg.train.export:
             parts.export(engine, run_dir / "hf_model")
         if info.is_main:
@@ -147,6 +152,17 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
             write_report_quietly(run_dir)  # finished, preempted or failed: the curves so far
         dist.barrier()
     return 0, final_eval
+
+
+def preemption_voted() -> bool:
+    """Collective: whether any rank has had a preemption warning (one rank receiving it is enough)."""
+    return all_reduce_sum([float(preemption_flag().requested)])[0] > 0
+
+
+def _preempted(info, what: str, final_eval: dict) -> tuple[int, dict]:
+    if info.is_main:
+        print(f"preempted: {what}; to continue: {resume_command()}", flush=True)
+    return PREEMPTED_EXIT_CODE, final_eval
 
 
 def stage_main(config_name: str):

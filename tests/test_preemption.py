@@ -1,0 +1,87 @@
+"""Preemption wherever it lands (issue 19 part 3), with real processes: a warning that arrives before training
+(while the model loads or the data tokenizes) ends the run with status 75 and the command that continues it;
+in a 2-rank run one rank receiving it is enough for both to save the same step, and the resumed run equals
+the straight one."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runs import REPO, TINY, losses, run_env, run_stage, signal_when, write_sft_jsonl
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_sft_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", 300)
+
+
+def _common(data: Path) -> list[str]:
+    return [*TINY, f"data.path={data}", "data.eval_path=null", "optim.decay_steps=100"]
+
+
+@pytest.mark.distributed
+def test_a_warning_before_training_ends_the_run_with_75_and_the_command_that_continues(tmp_path, data):
+    run_dir = tmp_path / "early"
+    cmd = [sys.executable, "-m", "trainer.sft", *_common(data), "train.max_steps=5", f"hydra.run.dir={run_dir}"]
+    # Hydra has made the run directory: the entry point is importing torch, building the model or tokenizing.
+    proc = signal_when(cmd, lambda: (run_dir / ".hydra").exists(), signal.SIGTERM)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "preempted: before training, at step 0; to continue: " in proc.stdout
+    assert proc.stdout.rstrip().endswith("resume=auto")
+    assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing saved
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of `rank` among torchrun's workers (read from their environment), once it has started."""
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.distributed
+def test_one_rank_warned_is_enough_and_the_two_rank_resume_equals_the_straight_run(tmp_path, data):
+    common = [*_common(data), "train.micro_batch_size=2", "train.save_every=1000"]
+    straight, run_dir = tmp_path / "straight", tmp_path / "preempted"
+    run_stage(straight, *common, "train.max_steps=12", nproc=2)
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.sft",
+           *common, "train.max_steps=12", f"hydra.run.dir={run_dir}"]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and launcher.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        pid = _rank_pid(launcher, 1)
+        assert launcher.poll() is None and pid, "the run ended before rank 1 could be signalled"
+        subprocess.run(["kill", "-USR1", str(pid)], check=True)  # rank 1 only, as a node-local warning would
+        stdout, stderr = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert "preempted: checkpoint saved at step " in stdout, stderr[-3000:]
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    stopped_at = int(tag.split("_")[1])
+    assert 3 <= stopped_at < 12
+    # Both ranks saved that step (rank 0 was never signalled).
+    assert {p.name for p in (run_dir / "checkpoints" / tag).glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+
+    run_stage(run_dir, *common, "train.max_steps=12", "resume=auto", nproc=2)
+    a, b = losses(straight), losses(run_dir)
+    assert sorted(b) == list(range(1, 13))
+    for step in range(1, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, b[step], a[step])
