@@ -98,6 +98,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
     # Set before any actor starts: a scheduler's SIGTERM/SIGUSR1 then ends the current
     # iteration with a checkpoint instead of killing the run between saves.
     preemption = preemption_flag()
+    preemption.install()  # ray.init above replaced the SIGTERM handler with one that exits the driver
     try:
         driver = Driver.start(cfg, run_dir, resolved, use_gpu, inputs)
         done = driver.resume(point)

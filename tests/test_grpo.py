@@ -197,7 +197,8 @@ def test_grpo_resume_reproduces_the_straight_run(grpo_run, tiny_model, tmp_path)
     resumed = tmp_path / "resumed"
     cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, *GRPO, "train.iterations=4",
            "train.save_every=100", f"hydra.run.dir={resumed}"]
-    proc = signal_when(cmd, lambda: bool(iterations_done(resumed)), signal.SIGUSR1)
+    # SIGTERM, which ray.init would otherwise turn into an exit of the driver (test_ppo's run uses SIGUSR1).
+    proc = signal_when(cmd, lambda: bool(iterations_done(resumed)), signal.SIGTERM)
     assert proc.returncode == 75, proc.stderr[-3000:]
     run_ppo(resumed, tiny_model, *GRPO, "train.iterations=4", "train.save_every=100", "resume=auto")
     a, b = records(run), records(resumed)

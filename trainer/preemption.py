@@ -21,6 +21,11 @@ class PreemptionFlag:
 
     def __init__(self):
         self.requested = False
+        self.install()
+
+    def install(self) -> None:
+        """(Again) the handler of both signals: a library that sets its own (`ray.init` makes SIGTERM exit the
+        process) is overruled by calling this after it."""
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handle)
 
