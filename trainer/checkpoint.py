@@ -1,7 +1,8 @@
 """Crash-safe DeepSpeed checkpoints with everything exact resume needs.
 
 Layout under `<run_dir>/checkpoints/`:
-    step_00000400/        DeepSpeed's files (model, optimizer, scheduler, client_state)
+    step_00000400/        DeepSpeed's files (model, optimizer, scheduler, client_state); without frozen
+                          weights (peft adapters): only what trains and its optimizer state
         rng_rank{r}.pt    this rank's torch/python/numpy RNG states
         COMPLETE          written last, once every rank has finished
     latest                name of the newest COMPLETE checkpoint (atomic rename)
@@ -69,7 +70,8 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, keep
         # Same step already saved (a resumed run that had nothing left to do):
         # never write over a good checkpoint.
         return tag_dir
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=has_frozen_parameters(engine))
     torch.save(_rng_state(), tag_dir / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
@@ -78,6 +80,13 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, keep
         _prune(ckpt_root, keep_last, keep=tag)
     dist.barrier()
     return tag_dir
+
+
+def has_frozen_parameters(engine) -> bool:
+    """Whether part of the model is frozen (peft adapters on a frozen base). Its checkpoints leave the frozen
+    weights out: they never change, and a resumed run rebuilds them from the same model source (trainer.run
+    checks that it is the same)."""
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -129,7 +138,9 @@ def latest_tag(ckpt_root: Path) -> str | None:
 def load_checkpoint(engine, ckpt_root: Path, tag: str) -> dict:
     """Restore engine state and this rank's RNG; return the client_state."""
     rank = dist.get_rank()
-    load_path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag)
+    # A checkpoint without the frozen weights (adapters) misses their keys by design.
+    load_path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag,
+                                                     load_module_strict=not has_frozen_parameters(engine))
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
     rng_file = ckpt_root / tag / f"rng_rank{rank}.pt"

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
+from trainer.adapters import add_adapters, check_adapter_source, describe_adapters, parameter_counts
 from trainer.checkpoint import find_resume_dir, load_checkpoint
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
@@ -63,6 +64,7 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     set_seed(cfg.seed)
 
     check_model_source(cfg.model, "model")
+    check_adapter_source(cfg.peft)
     tokenizer = load_tokenizer(cfg.model)
     parts = build_stage(cfg, tokenizer, info)
     if len(parts.train) < cfg.train.micro_batch_size:
@@ -88,13 +90,21 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
               f"world_size={info.world_size} run_dir={run_dir}", flush=True)
 
     with zero3_init_context(ds_config):
-        model = parts.build_model(torch_dtype(precision))
+        model = add_adapters(parts.build_model(torch_dtype(precision)), cfg.peft)
+    if info.is_main:
+        trainable, total = parameter_counts(model)
+        # AdamW keeps two fp32 moments per trained parameter (and, in bf16/fp16, an fp32 master copy).
+        moments = trainable * (8 if precision == "fp32" else 12) / 2**20
+        print(f"parameters: {trainable:,} trained of {total:,} ({100 * trainable / total:.2f}%), optimizer state "
+              f"{moments:.1f} MiB; {describe_adapters(model)}", flush=True)
     total_steps = cfg.optim.decay_steps or cfg.train.max_steps
     engine = build_engine(model, cfg.deepspeed, cfg.optim, ds_config, total_steps)
     if parts.prepare is not None:
         parts.prepare(engine, ds_config, torch_dtype(precision))  # the engine still holds the starting weights
 
-    state = TrainState(world_size=info.world_size)
+    # A checkpoint of an adapted model holds no frozen weights: they come from the model source again on resume.
+    frozen_from = (cfg.model.name_or_path or "random init") if cfg.peft.method != "none" else ""
+    state = TrainState(world_size=info.world_size, frozen_from=frozen_from)
     if resume is not None:
         client_state = load_checkpoint(engine, *resume)
         state = TrainState.from_client_state(client_state)
@@ -102,6 +112,12 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
             raise ConfigError(
                 f"resume: checkpoint {resume[0] / resume[1]} was written by {state.world_size} ranks, "
                 f"this run has {info.world_size}; ZeRO checkpoints resume on the same world size"
+            )
+        if state.frozen_from != frozen_from:
+            raise ConfigError(
+                f"resume: checkpoint {resume[0] / resume[1]} trained adapters on {state.frozen_from or 'nothing'} "
+                f"(peft), this run's frozen model is {frozen_from or 'none (peft=none)'}; resume with the same "
+                f"model.name_or_path and peft.method"
             )
         if info.is_main:
             print(f"resumed from {resume[0] / resume[1]} at step {state.step}", flush=True)
