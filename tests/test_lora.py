@@ -133,3 +133,116 @@ def test_sft_with_lora_learns_and_exports_a_merged_model_and_an_adapter_that_agr
     ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
     assert torch.allclose(_logits(merged, ids), _logits(adapted, ids), atol=1e-5)
     assert not torch.allclose(_logits(merged, ids), _logits(base, ids), atol=1e-3)
+
+
+def _adapter_agrees_with_merged(run_dir: Path, base_dir: Path, reward: bool = False) -> None:
+    """hf_model/ (merged, a plain Hugging Face model) and hf_adapter/ on the base give the same outputs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    merged = auto.from_pretrained(run_dir / "hf_model")
+    adapted = PeftModel.from_pretrained(_tiny_model(base_dir, reward), run_dir / "hf_adapter")
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
+    assert torch.allclose(_logits(merged, ids), _logits(adapted, ids), atol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_lora_under_zero3_on_two_ranks_equals_one_rank_and_exports(base_dir, small_data, tmp_path):
+    """2 ranks x micro-batch 2 (ZeRO-3, the default for several ranks, gathering whole blocks) and 1 rank x 4 under
+    ZeRO-3 follow the same loss curve; the export gathers the partitioned base and adapters."""
+    common = [o for o in _lora_run(base_dir, small_data, "train.max_steps=6") if not o.startswith("train.micro")]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_stage(one, *common, "train.micro_batch_size=4", "deepspeed=zero3")
+    out = run_stage(two, *[o for o in common if o != "train.export=false"], "train.micro_batch_size=2", nproc=2).stdout
+    assert "zero_stage=3 (auto)" in out and "parameters: 17,408 trained of 132,416" in out
+    l1, l2 = losses(one), losses(two)
+    assert sorted(l1) == sorted(l2) == list(range(1, 7))
+    for step in l1:
+        assert l1[step] == pytest.approx(l2[step], rel=1e-4, abs=1e-5), (step, l1[step], l2[step])
+    assert l1[6] < l1[1]
+    _adapter_agrees_with_merged(two, base_dir)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> tuple[Path, Path]:
+    return write_pairs_jsonl(tmp_path_factory.mktemp("pairs"), 64, 16)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_reward_with_lora_trains_its_head_in_full_under_zero3_and_exports_a_classifier(base_dir, pairs, tmp_path):
+    run_dir = tmp_path / "reward"
+    train, eval_ = pairs
+    out = run_stage(run_dir, *[o for o in TINY if o != "train.export=false"], f"model.name_or_path={base_dir}",
+                    "peft=lora", f"data.path={train}", f"data.eval_path={eval_}", "train.max_steps=3",
+                    "train.micro_batch_size=8", "deepspeed=zero3", stage="reward").stdout
+    assert "trained in full: score" in out
+    _adapter_agrees_with_merged(run_dir, base_dir, reward=True)
+    assert (run_dir / "hf_model" / "reward_stats.json").exists()
+
+
+# DPO's reference with adapters, against a separate frozen copy of the base: the policy (base + an adapter that has
+# moved: lora_B drawn away from its zero init) scores a batch of pairs with its adapters off, through the task's
+# reference (dpo.reference=model) and through the cached pass's (dpo.reference=cached); then a training step runs
+# with the reference pass inside it. argv: base directory, pairs file, ZeRO stage.
+_REFERENCE_PROBE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from trainer.adapters import AdaptersOff, adapters_disabled, is_adapted
+from trainer.config import DataConfig, DeepSpeedConfig, DPOConfig, ModelConfig, OptimConfig, PeftConfig
+from trainer.engine import build_deepspeed_config, build_engine, init_distributed, zero3_init_context
+from trainer.model import build_causal_lm, load_tokenizer
+from trainer.objectives import DPOTask, sequence_logps
+from trainer.preference import build_preference_data, collate_pairs
+from trainer.reference_logps import compute_reference_logps
+from trainer.step import optimizer_step_over
+
+base, pairs, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
+info = init_distributed()
+mc = ModelConfig(name_or_path=base)
+tok = load_tokenizer(mc)
+rows = build_preference_data(DataConfig(path=pairs, eval_path=None, max_length=64), tok, seed=0).train[:4]
+def collate(r):
+    return collate_pairs(r, tok.pad_token_id, response_logps=True)
+batch = collate(rows)
+ds = DeepSpeedConfig(stage=stage)
+ds_config = build_deepspeed_config(ds, 4, 1, 1, 1.0)
+torch.manual_seed(0)
+with zero3_init_context(ds_config):
+    model = build_causal_lm(mc, tok, torch.float32)
+    from trainer.adapters import add_adapters
+    model = add_adapters(model, PeftConfig(method="lora"))
+for name, p in model.named_parameters():
+    if "lora_B" in name:
+        torch.nn.init.normal_(p, std=0.2)
+engine = build_engine(model, ds, OptimConfig(), ds_config, total_steps=1)
+frozen = AutoModelForCausalLM.from_pretrained(base).eval()
+with torch.no_grad():
+    want = sequence_logps(frozen, batch)[0]
+task = DPOTask(DPOConfig(reference="model"), reference=AdaptersOff(engine))
+with torch.no_grad():
+    p = task.pair_logps(engine, batch)
+with adapters_disabled(engine.module):
+    cached = compute_reference_logps(engine, rows, collate, 4, info, desc="reference")
+got = torch.cat([p.ref_chosen, p.ref_rejected])
+policy = torch.cat([p.chosen, p.rejected])
+result = optimizer_step_over(engine, iter([task.loss(engine, batch).loss]), 4.0, 1, "stop", where="probe")
+print("ref_err", float((got - want).abs().max()), "cached_err", float((cached.reshape(-1) - want).abs().max()),
+      "policy_gap", float((policy - want).abs().max()), "loss", float(result.loss_sum))
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_reference_with_adapters_off_equals_a_separate_copy_of_the_base(base_dir, pairs, stage):
+    proc = subprocess.run([sys.executable, "-c", _REFERENCE_PROBE, str(base_dir), str(pairs[0]), str(stage)], cwd=REPO,
+                          env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    values = proc.stdout.split()
+    measured = {k: float(v) for k, v in zip(values[-8::2], values[-7::2])}
+    assert measured["ref_err"] < 1e-4 and measured["cached_err"] < 1e-4, measured
+    assert measured["policy_gap"] > 1e-2, measured  # the adapter is on for the policy
+    assert measured["loss"] == measured["loss"] and measured["loss"] > 0, measured

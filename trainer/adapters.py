@@ -63,6 +63,11 @@ def add_adapters(model, p: PeftConfig, key: str = "peft"):
         return model
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
+    # With the embeddings frozen, the first block's input needs no gradient, and a module hook that waits for its
+    # input's gradient fires as soon as backward reaches the block: ZeRO-3 gathering a block as one unit
+    # (deepspeed.stage3_gather_per_block) would then release the block's weights before its adapters' backward.
+    # transformers' fix for the same reason under gradient checkpointing: the embeddings' output asks for a gradient.
+    model.enable_input_require_grads()
     if p.init_from is not None:
         return PeftModel.from_pretrained(model, str(Path(p.init_from).expanduser()), adapter_name=ADAPTER_NAME,
                                          is_trainable=True)
@@ -91,7 +96,9 @@ def describe_adapters(model) -> str:
     c = model.peft_config[ADAPTER_NAME]
     # all-linear is resolved to every layer's full name by now: name each kind once
     targets = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in c.target_modules}))
-    full = f", trained in full: {', '.join(sorted(c.modules_to_save))}" if c.modules_to_save else ""
+    # peft lists more names than the model has (a classifier's usual ones): name the modules it wrapped
+    full = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"})
+    full = f", trained in full: {', '.join(full)}" if full else ""
     return f"peft=lora r={c.r} alpha={c.lora_alpha} on {targets}{full}"
 
 
