@@ -246,3 +246,71 @@ def test_the_reference_with_adapters_off_equals_a_separate_copy_of_the_base(base
     assert measured["ref_err"] < 1e-4 and measured["cached_err"] < 1e-4, measured
     assert measured["policy_gap"] > 1e-2, measured  # the adapter is on for the policy
     assert measured["loss"] == measured["loss"] and measured["loss"] > 0, measured
+
+
+def _checkpoint_bytes(run_dir: Path) -> int:
+    step = (run_dir / "checkpoints" / "latest").read_text()
+    return sum(f.stat().st_size for f in (run_dir / "checkpoints" / step).rglob("*") if f.is_file())
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["auto", "zero3"])
+def test_lora_resume_reproduces_the_straight_run_from_a_checkpoint_of_the_adapters(base_dir, small_data, tmp_path,
+                                                                                    zero):
+    """Unpartitioned (auto on one rank) and ZeRO-3: the checkpoint leaves the frozen base out, and resuming from it
+    continues the straight run's loss curve exactly."""
+    common = _lora_run(base_dir, small_data, "optim.decay_steps=8", f"deepspeed={zero}")
+    straight, resumed, full = tmp_path / "straight", tmp_path / "resumed", tmp_path / "full"
+    run_stage(straight, *common, "train.max_steps=8")
+    run_stage(resumed, *common, "train.max_steps=4")
+    proc = run_stage(resumed, *common, "train.max_steps=8", "resume=auto")
+    assert "resumed from" in proc.stdout
+    ls, lr = losses(straight), losses(resumed)
+    assert sorted(lr) == list(range(1, 9))
+    for step in range(1, 9):
+        assert ls[step] == pytest.approx(lr[step], rel=1e-5, abs=1e-6), (step, ls[step], lr[step])
+
+    # The same model trained in full: its checkpoint holds the model and two Adam moments of every weight. (The
+    # adapters' holds the tied embedding too at stage 0: DeepSpeed leaves out frozen parameters by name, and the tied
+    # lm_head.weight is not one.)
+    run_stage(full, *[o for o in common if o != "peft=lora"], "train.max_steps=1")
+    sizes = _checkpoint_bytes(resumed), _checkpoint_bytes(full)
+    print(f"checkpoint bytes with deepspeed={zero}: lora {sizes[0]}, full {sizes[1]}")
+    assert sizes[0] < sizes[1] / 3, sizes
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_an_adapter_saved_by_peft_is_a_starting_point(base_dir, small_data, tmp_path):
+    """peft.init_from: an adapter saved by peft itself (lora_B moved off zero so it changes the model) is what
+    training starts from; with a negligible learning rate the export is that adapter on the base."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    theirs = get_peft_model(_tiny_model(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in theirs.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    theirs.save_pretrained(tmp_path / "adapter")
+
+    run_dir = tmp_path / "run"
+    out = run_stage(run_dir, *[o for o in _lora_run(base_dir, small_data, f"peft.init_from={tmp_path / 'adapter'}",
+                                                    "train.max_steps=1", "optim.lr=1e-12", "optim.warmup_steps=0")
+                               if o != "train.export=false"]).stdout
+    assert "peft=lora r=4 alpha=8 on q_proj, v_proj" in out
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
+    start = PeftModel.from_pretrained(_tiny_model(base_dir), tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
+    assert torch.allclose(_logits(merged, ids), _logits(start, ids), atol=1e-5)
+    assert not torch.allclose(_logits(merged, ids), _logits(_tiny_model(base_dir), ids), atol=1e-3)
+
+
+def test_a_missing_init_from_adapter_names_the_key(tmp_path):
+    from trainer.adapters import check_adapter_source
+
+    with pytest.raises(ConfigError, match=r"peft\.init_from=.*: no such directory"):
+        check_adapter_source(PeftConfig(method="lora", init_from=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match=r"not an adapter directory \(no adapter_config.json\)"):
+        check_adapter_source(PeftConfig(method="lora", init_from=str(tmp_path)))
