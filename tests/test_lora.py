@@ -314,3 +314,23 @@ def test_a_missing_init_from_adapter_names_the_key(tmp_path):
         check_adapter_source(PeftConfig(method="lora", init_from=str(tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match=r"not an adapter directory \(no adapter_config.json\)"):
         check_adapter_source(PeftConfig(method="lora", init_from=str(tmp_path)))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_dpo_with_lora_trains_the_same_with_the_reference_per_batch_or_cached(base_dir, pairs, tmp_path):
+    """dpo.reference=model with adapters builds no second model (the policy with adapters off scores each batch),
+    and trains exactly as the cached pass (also adapters off) does; the loss goes down."""
+    train, eval_ = pairs
+    common = [*TINY, f"model.name_or_path={base_dir}", "peft=lora", f"data.path={train}", "data.eval_path=null",
+              "train.max_steps=4", "train.micro_batch_size=8", "optim.lr=1e-2"]
+    cached, per_batch = tmp_path / "cached", tmp_path / "model"
+    run_stage(cached, *common, stage="dpo")
+    run_stage(per_batch, *common, "dpo.reference=model", stage="dpo")
+    assert (cached / "reference_logps.safetensors").exists() and not (per_batch / "reference_logps.safetensors").exists()
+    lc, lm = losses(cached), losses(per_batch)
+    assert sorted(lc) == sorted(lm) == [1, 2, 3, 4]
+    for step in lc:
+        assert lc[step] == pytest.approx(lm[step], rel=1e-5, abs=1e-6), (step, lc[step], lm[step])
+    assert lc[1] == pytest.approx(0.6931, abs=1e-3)  # log 2: the fresh adapter changes nothing yet
+    assert lc[4] < lc[1]
