@@ -334,3 +334,21 @@ def test_dpo_with_lora_trains_the_same_with_the_reference_per_batch_or_cached(ba
         assert lc[step] == pytest.approx(lm[step], rel=1e-5, abs=1e-6), (step, lc[step], lm[step])
     assert lc[1] == pytest.approx(0.6931, abs=1e-3)  # log 2: the fresh adapter changes nothing yet
     assert lc[4] < lc[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_resuming_adapters_on_another_base_or_without_adapters_exits_2(base_dir, small_data, tmp_path):
+    """The checkpoint holds no frozen weights, so they must come from the same model source again."""
+    import shutil
+
+    run_dir, other = tmp_path / "run", tmp_path / "other_base"
+    shutil.copytree(base_dir, other)
+    run_stage(run_dir, *_lora_run(base_dir, small_data, "train.max_steps=1"))
+    for change in (f"model.name_or_path={other}", "peft=none"):
+        overrides = [o if not o.startswith(change.split("=")[0] + "=") else change
+                     for o in _lora_run(base_dir, small_data, "train.max_steps=2", "resume=auto")]
+        proc = run_stage(run_dir, *overrides, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: resume: checkpoint") and f"trains adapters on {base_dir}, this run" in last, last

@@ -63,10 +63,10 @@ def add_adapters(model, p: PeftConfig, key: str = "peft"):
         return model
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
-    # With the embeddings frozen, the first block's input needs no gradient, and a module hook that waits for its
-    # input's gradient fires as soon as backward reaches the block: ZeRO-3 gathering a block as one unit
-    # (deepspeed.stage3_gather_per_block) would then release the block's weights before its adapters' backward.
-    # transformers' fix for the same reason under gradient checkpointing: the embeddings' output asks for a gradient.
+    # With the embeddings frozen, the first block's input needs no gradient, and ZeRO-3 gathering a block as one unit
+    # (deepspeed.stage3_gather_per_block) then releases that block's weights too early: backward meets a size-0
+    # adapter weight (seen with DeepSpeed 0.19; its post-backward hook waits on the block input's gradient).
+    # transformers' fix for the same case under gradient checkpointing: the embeddings' output asks for a gradient.
     model.enable_input_require_grads()
     if p.init_from is not None:
         return PeftModel.from_pretrained(model, str(Path(p.init_from).expanduser()), adapter_name=ADAPTER_NAME,

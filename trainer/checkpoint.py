@@ -4,6 +4,7 @@ Layout under `<run_dir>/checkpoints/`:
     step_00000400/        DeepSpeed's files (model, optimizer, scheduler, client_state); without frozen
                           weights (peft adapters): only what trains and its optimizer state
         rng_rank{r}.pt    this rank's torch/python/numpy RNG states
+        FROZEN_FROM       with peft adapters: the model source of the frozen weights left out
         COMPLETE          written last, once every rank has finished
     latest                name of the newest COMPLETE checkpoint (atomic rename)
 
@@ -23,8 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.config import ConfigError
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+# In a checkpoint without frozen weights (peft adapters): where they come from, read before the checkpoint loads.
+FROZEN_FROM = "FROZEN_FROM"
 
 
 def tag_for(step: int) -> str:
@@ -75,6 +80,8 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, keep
     torch.save(_rng_state(), tag_dir / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
+        if client_state.get("frozen_from"):
+            (tag_dir / FROZEN_FROM).write_text(client_state["frozen_from"])
         (tag_dir / COMPLETE).write_text(str(step))
         atomic_write(ckpt_root / LATEST, tag)
         _prune(ckpt_root, keep_last, keep=tag)
@@ -133,6 +140,19 @@ def latest_tag(ckpt_root: Path) -> str | None:
         return None
     tag = pointer.read_text().strip()
     return tag if (ckpt_root / tag / COMPLETE).exists() else None
+
+
+def check_frozen_from(ckpt_root: Path, tag: str, source: str) -> None:
+    """Before loading: the frozen weights a checkpoint leaves out must come from `source` in this run ("" on both
+    sides when the checkpoint holds the whole model); else a ConfigError saying what each trains."""
+    path = ckpt_root / tag / FROZEN_FROM
+    saved = path.read_text() if path.exists() else ""
+    if saved != source:
+        def trains(s: str) -> str:
+            return f"adapters on {s}" if s else "a whole model (peft=none)"
+
+        raise ConfigError(f"resume: checkpoint {ckpt_root / tag} trains {trains(saved)}, this run {trains(source)}; "
+                          f"resume with the checkpoint's model.name_or_path and peft")
 
 
 def load_checkpoint(engine, ckpt_root: Path, tag: str) -> dict:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from trainer.adapters import add_adapters, check_adapter_source, describe_adapters, parameter_counts
-from trainer.checkpoint import find_resume_dir, load_checkpoint
+from trainer.checkpoint import check_frozen_from, find_resume_dir, load_checkpoint
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, resolve_zero_stage, validate
@@ -103,21 +103,16 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
         parts.prepare(engine, ds_config, torch_dtype(precision))  # the engine still holds the starting weights
 
     # A checkpoint of an adapted model holds no frozen weights: they come from the model source again on resume.
-    frozen_from = (cfg.model.name_or_path or "random init") if cfg.peft.method != "none" else ""
-    state = TrainState(world_size=info.world_size, frozen_from=frozen_from)
+    frozen_source = (cfg.model.name_or_path or "random init") if cfg.peft.method != "none" else ""
+    state = TrainState(world_size=info.world_size, frozen_from=frozen_source)
     if resume is not None:
+        check_frozen_from(*resume, frozen_source)
         client_state = load_checkpoint(engine, *resume)
         state = TrainState.from_client_state(client_state)
         if state.world_size != info.world_size:
             raise ConfigError(
                 f"resume: checkpoint {resume[0] / resume[1]} was written by {state.world_size} ranks, "
                 f"this run has {info.world_size}; ZeRO checkpoints resume on the same world size"
-            )
-        if state.frozen_from != frozen_from:
-            raise ConfigError(
-                f"resume: checkpoint {resume[0] / resume[1]} trained adapters on {state.frozen_from or 'nothing'} "
-                f"(peft), this run's frozen model is {frozen_from or 'none (peft=none)'}; resume with the same "
-                f"model.name_or_path and peft.method"
             )
         if info.is_main:
             print(f"resumed from {resume[0] / resume[1]} at step {state.step}", flush=True)
