@@ -102,6 +102,15 @@ def describe_adapters(model) -> str:
     return f"peft=lora r={c.r} alpha={c.lora_alpha} on {targets}{full}"
 
 
+def parameter_summary(model: torch.nn.Module, precision: str) -> str:
+    """The run's one line on what trains: trained and total parameters, the optimizer state that follows (AdamW's two
+    fp32 moments per trained parameter, and in bf16/fp16 an fp32 master copy), the adapters."""
+    trainable, total = parameter_counts(model)
+    state_mib = trainable * (8 if precision == "fp32" else 12) / 2**20
+    return (f"parameters: {trainable:,} trained of {total:,} ({100 * trainable / total:.2f}%), optimizer state "
+            f"{state_mib:.1f} MiB; {describe_adapters(model)}")
+
+
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, whole even where ZeRO-3 has partitioned them; a tied weight counts once."""
     trainable = total = 0

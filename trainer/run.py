@@ -15,7 +15,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from trainer.adapters import add_adapters, check_adapter_source, describe_adapters, parameter_counts
+from trainer.adapters import add_adapters, check_adapter_source, parameter_summary
 from trainer.checkpoint import check_frozen_from, find_resume_dir, load_checkpoint
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
@@ -76,6 +76,10 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
                                        info.world_size, cfg.optim.max_grad_norm)
     precision = resolve_precision(cfg.deepspeed.precision)
     resume = find_resume_dir(cfg.resume, run_dir)
+    # A checkpoint of an adapted model holds no frozen weights: they come from the model source again on resume.
+    frozen_source = (cfg.model.name_or_path or "random init") if cfg.peft.method != "none" else ""
+    if resume is not None:
+        check_frozen_from(*resume, frozen_source)
 
     resolved = scrub_secrets(OmegaConf.to_container(dcfg, resolve=True))
     if info.is_main:
@@ -92,21 +96,14 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     with zero3_init_context(ds_config):
         model = add_adapters(parts.build_model(torch_dtype(precision)), cfg.peft)
     if info.is_main:
-        trainable, total = parameter_counts(model)
-        # AdamW keeps two fp32 moments per trained parameter (and, in bf16/fp16, an fp32 master copy).
-        moments = trainable * (8 if precision == "fp32" else 12) / 2**20
-        print(f"parameters: {trainable:,} trained of {total:,} ({100 * trainable / total:.2f}%), optimizer state "
-              f"{moments:.1f} MiB; {describe_adapters(model)}", flush=True)
+        print(parameter_summary(model, precision), flush=True)
     total_steps = cfg.optim.decay_steps or cfg.train.max_steps
     engine = build_engine(model, cfg.deepspeed, cfg.optim, ds_config, total_steps)
     if parts.prepare is not None:
         parts.prepare(engine, ds_config, torch_dtype(precision))  # the engine still holds the starting weights
 
-    # A checkpoint of an adapted model holds no frozen weights: they come from the model source again on resume.
-    frozen_source = (cfg.model.name_or_path or "random init") if cfg.peft.method != "none" else ""
     state = TrainState(world_size=info.world_size, frozen_from=frozen_source)
     if resume is not None:
-        check_frozen_from(*resume, frozen_source)
         client_state = load_checkpoint(engine, *resume)
         state = TrainState.from_client_state(client_state)
         if state.world_size != info.world_size:
