@@ -1,9 +1,11 @@
 """Crash-safe DeepSpeed checkpoints with everything exact resume needs.
 
 Layout under `<run_dir>/checkpoints/`:
-    step_00000400/        DeepSpeed's files (model, optimizer, scheduler, client_state)
+    step_00000400/        DeepSpeed's files (model, optimizer, scheduler, client_state); without frozen
+                          weights (peft adapters): only what trains and its optimizer state
         rng_rank{r}.pt    this rank's torch/python/numpy RNG states
         MANIFEST.json     every file and its size, and the world size (written at commit)
+        FROZEN_FROM       with peft adapters: the model source of the frozen weights left out
         COMPLETE          written last, once every rank has voted its part whole
     latest                name of the newest COMPLETE checkpoint (atomic rename)
 
@@ -29,9 +31,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.config import ConfigError
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
+# In a checkpoint without frozen weights (peft adapters): where they come from, read before the checkpoint loads.
+FROZEN_FROM = "FROZEN_FROM"
 
 
 def tag_for(step: int) -> str:
@@ -89,7 +95,8 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, keep
     error = None
     deepspeed_done = False
     try:
-        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=has_frozen_parameters(engine))
         deepspeed_done = True
         rng_file = tag_dir / f"rng_rank{rank}.pt"
         torch.save(_rng_state(), rng_file)
@@ -103,7 +110,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, keep
     failures = _vote(error)
     if not failures and rank == 0:
         try:
-            _commit(ckpt_root, tag, dist.get_world_size(), keep_last)
+            _commit(ckpt_root, tag, dist.get_world_size(), keep_last, client_state.get("frozen_from", ""))
         except OSError as e:
             error = "commit: " + _describe(e, ckpt_root)
     failures = failures or _vote(error)
@@ -152,9 +159,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _commit(ckpt_root: Path, tag: str, world_size: int, keep_last: Optional[int]) -> None:
-    """Rank 0, once every rank's part is whole and flushed: manifest, COMPLETE, then `latest`."""
+def _commit(ckpt_root: Path, tag: str, world_size: int, keep_last: Optional[int], frozen_from: str) -> None:
+    """Rank 0, once every rank's part is whole and flushed: FROZEN_FROM (adapters), manifest, COMPLETE, then
+    `latest`."""
     tag_dir = ckpt_root / tag
+    if frozen_from:
+        atomic_write(tag_dir / FROZEN_FROM, frozen_from)
     files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
     atomic_write(tag_dir / MANIFEST, json.dumps({"world_size": world_size, "files": files}, indent=1))
     atomic_write(tag_dir / COMPLETE, tag)
@@ -162,6 +172,13 @@ def _commit(ckpt_root: Path, tag: str, world_size: int, keep_last: Optional[int]
     atomic_write(ckpt_root / LATEST, tag)
     if keep_last is not None:
         prune(ckpt_root, keep_last, keep=tag)
+
+
+def has_frozen_parameters(engine) -> bool:
+    """Whether part of the model is frozen (peft adapters on a frozen base). Its checkpoints leave the frozen
+    weights out: they never change, and a resumed run rebuilds them from the same model source (trainer.run
+    checks that it is the same)."""
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -267,10 +284,25 @@ def checkpoint_world_size(ckpt_root: Path, tag: str) -> int:
     return len(list((ckpt_root / tag).glob("rng_rank*.pt")))
 
 
+def check_frozen_from(ckpt_root: Path, tag: str, source: str) -> None:
+    """Before loading: the frozen weights a checkpoint leaves out must come from `source` in this run ("" on both
+    sides when the checkpoint holds the whole model); else a ConfigError saying what each trains."""
+    path = ckpt_root / tag / FROZEN_FROM
+    saved = path.read_text() if path.exists() else ""
+    if saved != source:
+        def trains(s: str) -> str:
+            return f"adapters on {s}" if s else "a whole model (peft=none)"
+
+        raise ConfigError(f"resume: checkpoint {ckpt_root / tag} trains {trains(saved)}, this run {trains(source)}; "
+                          f"resume with the checkpoint's model.name_or_path and peft")
+
+
 def load_checkpoint(engine, ckpt_root: Path, tag: str) -> dict:
     """Restore engine state and this rank's RNG; return the client_state."""
     rank = dist.get_rank()
-    load_path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag)
+    # A checkpoint without the frozen weights (adapters) misses their keys by design.
+    load_path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag,
+                                                     load_module_strict=not has_frozen_parameters(engine))
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
     rng_file = ckpt_root / tag / f"rng_rank{rank}.pt"

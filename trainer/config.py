@@ -218,6 +218,30 @@ class DPOConfig:
     reference: str = "cached"
 
 
+PEFT_METHODS = ("none", "lora")
+# peft's shorthand for every Linear layer of the model except its output head (lm_head, a scalar `score`).
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning with Hugging Face peft (docs/lora.md): `method: lora` freezes the model and
+    trains low-rank adapters on `target_modules`, plus whatever `modules_to_save` names in full."""
+
+    method: str = "none"  # none | lora
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # the adapter's update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input, in [0, 1)
+    # Module names (or name suffixes) to adapt; [all-linear]: every Linear layer of the blocks (not the output head).
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
+    # Modules trained in full beside the adapters; null: the scalar head (`score`) of a reward model, nothing for a
+    # causal LM.
+    modules_to_save: Optional[list[str]] = None
+    # An adapter directory (adapter_config.json, written by peft's save_pretrained here or elsewhere) to start from
+    # instead of a fresh adapter; its own r, alpha and targets then apply.
+    init_from: Optional[str] = None
+
+
 @dataclass
 class TrainingJobConfig:
     """Root schema of every supervised stage (sft, instruct, reward, dpo)."""
@@ -238,6 +262,8 @@ class TrainingJobConfig:
     preference_loss: PreferenceLossConfig = field(default_factory=PreferenceLossConfig)
     # The DPO stage's objective (stage=dpo only).
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    # Adapters (peft=lora) or full training (peft=none).
+    peft: PeftConfig = field(default_factory=PeftConfig)
     # The final metric the entry function returns: what a sweeper (hydra/sweeper=optuna) optimises.
     objective: str = "eval/loss"
 
@@ -281,6 +307,21 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
                  f"got {cfg.model.attn_implementation!r}; set preference_loss.share_prompt=false")
     if cfg.stage == "dpo":
         validate_dpo(cfg.dpo)
+    validate_peft(cfg.peft)
+
+
+def validate_peft(p: PeftConfig, key: str = "peft") -> None:
+    """The values alone; target modules the model lacks are caught once it is built (trainer.adapters)."""
+    _require(p.method in PEFT_METHODS, f"{key}.method", f"must be one of {'|'.join(PEFT_METHODS)}, got {p.method!r}")
+    if p.method == "none":
+        return
+    _require(p.r > 0, f"{key}.r", f"must be > 0, got {p.r}")
+    _require(p.alpha > 0, f"{key}.alpha", f"must be > 0, got {p.alpha}")
+    _require(0.0 <= p.dropout < 1.0, f"{key}.dropout", f"must be in [0, 1), got {p.dropout}")
+    _require(bool(p.target_modules) and all(m.strip() for m in p.target_modules), f"{key}.target_modules",
+             f"must name at least one module (or [{ALL_LINEAR}]), got {p.target_modules}")
+    _require(ALL_LINEAR not in p.target_modules or len(p.target_modules) == 1, f"{key}.target_modules",
+             f"{ALL_LINEAR} already means every linear layer; give it alone, got {p.target_modules}")
 
 
 def validate_dpo(p: DPOConfig, key: str = "dpo") -> None:

@@ -39,6 +39,9 @@ REWARD_STATS_FILE = "reward_stats.json"
 # model's log-probs of every pair, reused on resume.
 REFERENCE_LOGPS_FILE = "reference_logps.safetensors"
 
+# A run with adapters (peft=lora) exports the adapter alone here, beside the merged model in hf_model/.
+ADAPTER_DIR = "hf_adapter"
+
 # ---------------------------------------------------------------- environment
 # Every rank of a distributed run resolves the same run directory from this id (trainer.cli).
 RUN_ID_ENV = "TUNEFORGE_RUN_ID"

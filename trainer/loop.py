@@ -37,6 +37,8 @@ class TrainState:
     loss_items_seen: int = 0
     nonfinite_skips: int = 0
     world_size: int = 1
+    # With adapters: where the frozen weights, which the checkpoint leaves out, came from ("" without adapters).
+    frozen_from: str = ""
     preempted: bool = False
 
     def to_client_state(self) -> dict:

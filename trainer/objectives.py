@@ -246,7 +246,8 @@ class DPOTask:
     """Direct preference optimisation of a causal LM on preference pairs (`dpo.loss` picks the loss).
 
     The reference log-probs come with the batch (`ref_chosen_logps`, `ref_rejected_logps`: dpo.reference=cached),
-    from a frozen `reference` model (dpo.reference=model), or are not needed (simpo)."""
+    from a frozen `reference` model (dpo.reference=model; with adapters, the policy with its adapters off), or are
+    not needed (simpo)."""
 
     def __init__(self, cfg: DPOConfig, reference: Optional[torch.nn.Module] = None):
         self.cfg, self.reference = cfg, reference
@@ -256,18 +257,22 @@ class DPOTask:
         return batch["margin"].numel()
 
     def pair_logps(self, model, batch: dict[str, torch.Tensor]) -> PairLogps:
-        logps, counts = sequence_logps(model, batch)
-        chosen, rejected = logps.chunk(2)  # (B,) each
+        # The reference first: when it is the policy with its adapters off (trainer.adapters.AdaptersOff), its
+        # gradient-free pass must not come between the policy's forward and backward.
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
         elif self.reference is not None:
             with torch.no_grad(), torch_linear():
                 ref_chosen, ref_rejected = sequence_logps(self.reference, batch)[0].chunk(2)
         elif not needs_reference(self.cfg):
-            ref_chosen = ref_rejected = torch.zeros_like(chosen)
+            ref_chosen = ref_rejected = None
         else:
             raise ValueError(f"dpo.loss={self.cfg.loss} needs reference log-probs: the batch has none and there is "
                              f"no reference model")
+        logps, counts = sequence_logps(model, batch)
+        chosen, rejected = logps.chunk(2)  # (B,) each
+        if ref_chosen is None:
+            ref_chosen = ref_rejected = torch.zeros_like(chosen)
         return PairLogps(chosen, rejected, ref_chosen, ref_rejected, *counts.chunk(2))
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> LossWithMetrics:

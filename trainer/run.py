@@ -15,7 +15,14 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from trainer.checkpoint import CheckpointError, checkpoint_world_size, find_resume_dir, load_checkpoint
+from trainer.adapters import add_adapters, check_adapter_source, parameter_summary
+from trainer.checkpoint import (
+    CheckpointError,
+    check_frozen_from,
+    checkpoint_world_size,
+    find_resume_dir,
+    load_checkpoint,
+)
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, resolve_zero_stage, validate
@@ -70,6 +77,7 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     set_seed(cfg.seed)
 
     check_model_source(cfg.model, "model")
+    check_adapter_source(cfg.peft)
     tokenizer = load_tokenizer(cfg.model)
     parts = build_stage(cfg, tokenizer, info)
     if len(parts.train) < cfg.train.micro_batch_size:
@@ -88,6 +96,10 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
             f"{info.world_size}; ZeRO checkpoints resume on the same world size: rerun with {ranks} ranks "
             f"(torchrun --nproc_per_node={ranks} -m trainer.{cfg.stage} ... on one node)"
         )
+    # A checkpoint of an adapted model holds no frozen weights: they come from the model source again on resume.
+    frozen_source = (cfg.model.name_or_path or "random init") if cfg.peft.method != "none" else ""
+    if resume is not None:
+        check_frozen_from(*resume, frozen_source)
 
     resolved = scrub_secrets(OmegaConf.to_container(dcfg, resolve=True))
     if info.is_main:
@@ -103,13 +115,15 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
               f"world_size={info.world_size} run_dir={run_dir}", flush=True)
 
     with zero3_init_context(ds_config):
-        model = parts.build_model(torch_dtype(precision))
+        model = add_adapters(parts.build_model(torch_dtype(precision)), cfg.peft)
+    if info.is_main:
+        print(parameter_summary(model, precision), flush=True)
     total_steps = cfg.optim.decay_steps or cfg.train.max_steps
     engine = build_engine(model, cfg.deepspeed, cfg.optim, ds_config, total_steps)
     if parts.prepare is not None:
         parts.prepare(engine, ds_config, torch_dtype(precision))  # the engine still holds the starting weights
 
-    state = TrainState(world_size=info.world_size)
+    state = TrainState(world_size=info.world_size, frozen_from=frozen_source)
     if resume is not None:
         client_state = load_checkpoint(engine, *resume)
         state = TrainState.from_client_state(client_state)

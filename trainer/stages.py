@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from trainer.adapters import AdaptersOff, adapters_disabled
 from trainer.config import TrainingJobConfig
 from trainer.contracts import REFERENCE_LOGPS_FILE
 from trainer.data import build_supervised_data, collate
@@ -150,12 +151,17 @@ def _dpo_stage(cfg: TrainingJobConfig, tokenizer, info: DistInfo) -> StageParts:
     def prepare(engine, ds_config: dict, dtype) -> None:
         if not needs_reference(cfg.dpo):
             return
+        # With adapters the reference is the policy's own base, adapters off (peft's disable_adapter): no copy.
         if cfg.dpo.reference == "cached":
             source = cfg.model.name_or_path or (f"random init: model.tiny {asdict(cfg.model.tiny)}, seed {cfg.seed}, "
                                                 f"zero stage {cfg.deepspeed.stage}")
-            attach_reference_logps(Path(cfg.output_dir) / REFERENCE_LOGPS_FILE, engine,
-                                   {"train": data.train, "eval": data.eval}, pair_collate, cfg.train.micro_batch_size,
-                                   info, source)
+            with adapters_disabled(engine.module):
+                attach_reference_logps(Path(cfg.output_dir) / REFERENCE_LOGPS_FILE, engine,
+                                       {"train": data.train, "eval": data.eval}, pair_collate,
+                                       cfg.train.micro_batch_size, info, source)
+            return
+        if cfg.peft.method != "none":
+            task.reference = AdaptersOff(engine)
             return
         with zero3_init_context(ds_config):
             reference = build_model(dtype)
