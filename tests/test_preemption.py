@@ -85,3 +85,19 @@ def test_one_rank_warned_is_enough_and_the_two_rank_resume_equals_the_straight_r
     assert sorted(b) == list(range(1, 13))
     for step in range(1, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, b[step], a[step])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", ["sft", "instruct"])
+def test_a_model_with_dropout_resumes_equal_to_the_straight_run(tmp_path, data, stage):
+    """Dropout draws from the RNG at every step, so only a restored RNG state gives the straight run's losses
+    (the other resume tests train without dropout); the instruct stage resumes the same way."""
+    common = [*_common(data), "model.tiny.attention_dropout=0.3", "train.micro_batch_size=4", "train.save_every=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_stage(straight, *common, "train.max_steps=6", stage=stage)
+    run_stage(resumed, *common, "train.max_steps=3", stage=stage)
+    run_stage(resumed, *common, "train.max_steps=6", "resume=auto", stage=stage)
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, b[step], a[step])

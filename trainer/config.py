@@ -45,6 +45,7 @@ class TinyModelConfig:
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
+    attention_dropout: float = 0.0  # Llama's one dropout; > 0 makes training draw from the RNG
 
 
 @dataclass
@@ -380,6 +381,8 @@ def validate_model(m: ModelConfig, key: str = "model") -> None:
     _require(m.attn_implementation in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
              f"{key}.attn_implementation", f"must be sdpa|eager|flash_attention_2|flash_attention_3|flex_attention, "
              f"got {m.attn_implementation!r}")
+    _require(0.0 <= m.tiny.attention_dropout < 1.0, f"{key}.tiny.attention_dropout",
+             f"must be in [0, 1), got {m.tiny.attention_dropout}")
 
 
 def global_batch_size(cfg: TrainingJobConfig, world_size: int) -> int:

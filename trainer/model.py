@@ -92,6 +92,7 @@ def tiny_llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> L
         max_position_embeddings=t.max_position_embeddings,
         rope_theta=t.rope_theta,
         tie_word_embeddings=t.tie_word_embeddings,
+        attention_dropout=t.attention_dropout,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
