@@ -85,6 +85,12 @@ def write_pairs_jsonl(root: Path, train_rows: int, eval_rows: int) -> tuple[Path
     return paths[0], paths[1]
 
 
+def tiny_sft(data: Path) -> list[str]:
+    """Overrides of a seconds-long SFT run on `data`: the tiny model, no evaluation, a fixed lr schedule
+    (so runs of different lengths, and a resumed one, train alike)."""
+    return [*TINY, f"data.path={data}", "data.eval_path=null", "optim.decay_steps=100"]
+
+
 def run_env() -> dict:
     env = dict(os.environ)
     env.pop("TUNEFORGE_RUN_ID", None)
@@ -115,6 +121,16 @@ def metric(run_dir: Path, key: str) -> dict[int, float]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return metric(run_dir, "train/loss")
+
+
+def assert_same_losses(straight: Path, resumed: Path, steps: int) -> None:
+    """`resumed` logged every step 1..`steps` once, each loss equal to the straight run's (exact resume)."""
+    import pytest
+
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, b[step], a[step])
 
 
 def signal_when(cmd: list[str], ready: Callable[[], bool], sig: int, *, env: dict | None = None,

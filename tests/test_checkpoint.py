@@ -11,17 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from runs import TINY, metric, run_stage, write_sft_jsonl
+from runs import metric, run_stage, tiny_sft, write_sft_jsonl
 from trainer.checkpoint import COMPLETE, LATEST, MANIFEST, latest_tag, prune, torn
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_sft_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", 200)
-
-
-def _common(data: Path) -> list[str]:
-    return [*TINY, f"data.path={data}", "data.eval_path=null", "optim.decay_steps=100"]
 
 
 @pytest.mark.distributed
@@ -35,7 +31,7 @@ def test_a_full_disk_mid_save_fails_every_rank_with_one_message_and_keeps_latest
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2200k", "tmpfs", str(ckpts)], check=True)
     try:
         start = time.monotonic()
-        proc = run_stage(run_dir, *_common(data), "train.max_steps=6", "train.save_every=2", "train.keep_last=3",
+        proc = run_stage(run_dir, *tiny_sft(data), "train.max_steps=6", "train.save_every=2", "train.keep_last=3",
                          "train.micro_batch_size=2", nproc=2, check=False, timeout=300)
         elapsed = time.monotonic() - start
         assert proc.returncode == 1, proc.stderr[-3000:]
@@ -54,7 +50,7 @@ def test_a_full_disk_mid_save_fails_every_rank_with_one_message_and_keeps_latest
 @pytest.mark.distributed
 def test_a_torn_latest_falls_back_to_the_previous_checkpoint_and_resumes_exactly(tmp_path, data):
     run_dir = tmp_path / "run"
-    common = [*_common(data), "train.save_every=2", "train.keep_last=2", "train.micro_batch_size=4"]
+    common = [*tiny_sft(data), "train.save_every=2", "train.keep_last=2", "train.micro_batch_size=4"]
     run_stage(run_dir, *common, "train.max_steps=4")
     first = metric(run_dir, "train/loss")
     ckpts = run_dir / "checkpoints"
@@ -118,14 +114,14 @@ def test_pruning_keeps_the_newest_and_removes_failed_saves(tmp_path):
 
 def test_resume_inputs_that_cannot_work_exit_2_naming_them(tmp_path, data):
     missing = tmp_path / "no_such_run"
-    proc = run_stage(tmp_path / "a", *_common(data), "train.max_steps=2", f"resume={missing}", check=False)
+    proc = run_stage(tmp_path / "a", *tiny_sft(data), "train.max_steps=2", f"resume={missing}", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: resume={missing}: no such directory"
 
     other = tmp_path / "two_ranks" / "checkpoints"
     _fake_checkpoint(other, 4, world_size=2)
     (other / LATEST).write_text("step_00000004")
-    proc = run_stage(tmp_path / "b", *_common(data), "train.max_steps=2", f"resume={other.parent}", check=False)
+    proc = run_stage(tmp_path / "b", *tiny_sft(data), "train.max_steps=2", f"resume={other.parent}", check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: resume: checkpoint {other / 'step_00000004'} was written by 2 ranks, this run has 1")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import REPO, TINY, losses, run_env, run_stage, tiny_ppo_model, write_pairs_jsonl, write_sft_jsonl
+from runs import REPO, TINY, assert_same_losses, losses, run_env, run_stage, tiny_ppo_model, write_pairs_jsonl, write_sft_jsonl
 from trainer.adapters import add_adapters, parameter_counts
 from trainer.compose import compose
 from trainer.config import ConfigError, PeftConfig, validate
@@ -266,10 +266,7 @@ def test_lora_resume_reproduces_the_straight_run_from_a_checkpoint_of_the_adapte
     run_stage(resumed, *common, "train.max_steps=4")
     proc = run_stage(resumed, *common, "train.max_steps=8", "resume=auto")
     assert "resumed from" in proc.stdout
-    ls, lr = losses(straight), losses(resumed)
-    assert sorted(lr) == list(range(1, 9))
-    for step in range(1, 9):
-        assert ls[step] == pytest.approx(lr[step], rel=1e-5, abs=1e-6), (step, ls[step], lr[step])
+    assert_same_losses(straight, resumed, 8)
 
     # The same model trained in full: its checkpoint holds the model and two Adam moments of every weight. (The
     # adapters' holds the tied embedding too at stage 0: DeepSpeed leaves out frozen parameters by name, and the tied

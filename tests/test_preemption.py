@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import REPO, TINY, losses, run_env, run_stage, signal_when, write_sft_jsonl
+from runs import REPO, assert_same_losses, run_env, run_stage, signal_when, tiny_sft, write_sft_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +21,10 @@ def data(tmp_path_factory) -> Path:
     return write_sft_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", 300)
 
 
-def _common(data: Path) -> list[str]:
-    return [*TINY, f"data.path={data}", "data.eval_path=null", "optim.decay_steps=100"]
-
-
 @pytest.mark.distributed
 def test_a_warning_before_training_ends_the_run_with_75_and_the_command_that_continues(tmp_path, data):
     run_dir = tmp_path / "early"
-    cmd = [sys.executable, "-m", "trainer.sft", *_common(data), "train.max_steps=5", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "trainer.sft", *tiny_sft(data), "train.max_steps=5", f"hydra.run.dir={run_dir}"]
     # Hydra has made the run directory: the entry point is importing torch, building the model or tokenizing.
     proc = signal_when(cmd, lambda: (run_dir / ".hydra").exists(), signal.SIGTERM)
     assert proc.returncode == 75, proc.stderr[-3000:]
@@ -52,7 +48,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
 
 @pytest.mark.distributed
 def test_one_rank_warned_is_enough_and_the_two_rank_resume_equals_the_straight_run(tmp_path, data):
-    common = [*_common(data), "train.micro_batch_size=2", "train.save_every=1000"]
+    common = [*tiny_sft(data), "train.micro_batch_size=2", "train.save_every=1000"]
     straight, run_dir = tmp_path / "straight", tmp_path / "preempted"
     run_stage(straight, *common, "train.max_steps=12", nproc=2)
 
@@ -81,10 +77,7 @@ def test_one_rank_warned_is_enough_and_the_two_rank_resume_equals_the_straight_r
     assert {p.name for p in (run_dir / "checkpoints" / tag).glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
 
     run_stage(run_dir, *common, "train.max_steps=12", "resume=auto", nproc=2)
-    a, b = losses(straight), losses(run_dir)
-    assert sorted(b) == list(range(1, 13))
-    for step in range(1, 13):
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, b[step], a[step])
+    assert_same_losses(straight, run_dir, 12)
 
 
 @pytest.mark.distributed
@@ -92,12 +85,9 @@ def test_one_rank_warned_is_enough_and_the_two_rank_resume_equals_the_straight_r
 def test_a_model_with_dropout_resumes_equal_to_the_straight_run(tmp_path, data, stage):
     """Dropout draws from the RNG at every step, so only a restored RNG state gives the straight run's losses
     (the other resume tests train without dropout); the instruct stage resumes the same way."""
-    common = [*_common(data), "model.tiny.attention_dropout=0.3", "train.micro_batch_size=4", "train.save_every=3"]
+    common = [*tiny_sft(data), "model.tiny.attention_dropout=0.3", "train.micro_batch_size=4", "train.save_every=3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_stage(straight, *common, "train.max_steps=6", stage=stage)
     run_stage(resumed, *common, "train.max_steps=3", stage=stage)
     run_stage(resumed, *common, "train.max_steps=6", "resume=auto", stage=stage)
-    a, b = losses(straight), losses(resumed)
-    assert sorted(b) == list(range(1, 7))
-    for step in range(1, 7):
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, b[step], a[step])
+    assert_same_losses(straight, resumed, 6)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from reports import assert_report
-from runs import REPO, TINY, losses, metric, run_env, run_stage, signal_when, write_sft_jsonl
+from runs import REPO, TINY, assert_same_losses, losses, metric, run_env, run_stage, signal_when, write_sft_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +113,7 @@ def test_resume_reproduces_the_straight_run(tmp_path, small_data):
     proc = run_stage(resumed, *common, "train.max_steps=10", "resume=auto")
     assert "resumed from" in proc.stdout
 
-    ls, lr = losses(straight), losses(resumed)
-    assert sorted(lr) == list(range(1, 11))
-    for step in range(1, 11):
-        assert ls[step] == pytest.approx(lr[step], rel=1e-5, abs=1e-6), (step, ls[step], lr[step])
+    assert_same_losses(straight, resumed, 10)
 
 
 @pytest.mark.distributed
