@@ -52,6 +52,9 @@ def test_tokenization_shows_a_bar_over_the_rows_on_rank_0_and_tokenizes_the_same
     lines = capsys.readouterr().err.splitlines()
     assert lines and all(line.startswith("tokenizing rows.jsonl:") for line in lines), lines
     assert "400/400" in lines[-1] and "row/s" in lines[-1]
+    monkeypatch.setattr(data, "_POOL_BATCHES", 5)  # with 2 processes: 4 slices of 100, a pool each
+    assert data._tokenize_dataset(ds, "auto", tok, DataConfig(max_length=64, num_proc=2), "rows.jsonl") == whole
+    assert "400/400" in capsys.readouterr().err.splitlines()[-1]
     monkeypatch.setenv("RANK", "1")
     data._tokenize_dataset(ds, "auto", tok, cfg, "rows.jsonl")
     assert capsys.readouterr().err == ""  # neither ours nor datasets' bar on another rank

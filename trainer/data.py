@@ -51,6 +51,7 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _MAP_BATCH = 1000
 _TOKENIZE_SLICES = 20  # a large dataset's tokenization bar moves once per slice, every 5%
+_POOL_BATCHES = 25  # with num_proc > 1, a slice's least batches per process
 _CODE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
@@ -484,9 +485,12 @@ def map_rows(ds: datasets.Dataset, fn: Callable[[dict], dict], features: dict, n
 
     A large dataset is mapped in up to 20 contiguous slices so that rank 0 shows a bar over the rows
     (trainer.progress: a line every few percent in a log); datasets' own bar stays off, as it would print on
-    every rank and, in a log, a carriage-return update per batch. One that fits a batch per process is one map."""
+    every rank and, in a log, a carriage-return update per batch. A dataset under two slices' worth (a batch, or
+    with num_proc > 1 `_POOL_BATCHES` batches per process) is one map, as before."""
     features = datasets.Features({**features, "error": datasets.Value("string")})
-    slices = max(1, min(_TOKENIZE_SLICES, len(ds) // (_MAP_BATCH * max(1, num_proc))))
+    # With num_proc > 1 each map starts a pool (~0.5 s on 2 cores): a slice then holds enough batches to hide it.
+    min_rows = _MAP_BATCH if num_proc <= 1 else _MAP_BATCH * num_proc * _POOL_BATCHES
+    slices = max(1, min(_TOKENIZE_SLICES, len(ds) // min_rows))
     bounds = [len(ds) * i // slices for i in range(slices + 1)]
     out: dict[str, list] = {name: [] for name in features}
     with _datasets_bars_off(), progress(total=len(ds), desc=f"tokenizing {source}", unit="row",
