@@ -1,16 +1,18 @@
 """Reward-model stage: the Bradley-Terry math, pair metrics on known rewards, real
-1- and 2-process ZeRO-3 runs, resume, export, and interoperability with TRL."""
+1- and 2-process ZeRO-3 runs, resume, export, the report, and interoperability with TRL."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from reports import assert_report
 from runs import TINY, losses, run_stage, write_pairs_jsonl
 from trainer.engine import DistInfo
 from trainer.evaluate import pairwise_metrics
@@ -217,11 +219,35 @@ def _hf_scores(model_dir: Path, eval_path: Path) -> tuple[torch.Tensor, torch.Te
 
 
 @pytest.fixture(scope="module")
-def trained_reward_model(tmp_path_factory, pairs) -> Path:
+def reward_run(tmp_path_factory, pairs) -> tuple[Path, str]:
+    """A run that evaluates twice and exports: its directory and what it printed."""
     run_dir = tmp_path_factory.mktemp("rm") / "run"
-    run_stage(run_dir, *_reward_args(pairs, "train.max_steps=10", "train.eval_every=10", "train.export=true",
-                                     "train.micro_batch_size=8"), stage="reward")
-    return run_dir
+    proc = run_stage(run_dir, *_reward_args(pairs, "train.max_steps=10", "train.eval_every=5", "train.export=true",
+                                            "train.micro_batch_size=8"), stage="reward")
+    return run_dir, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_reward_model(reward_run) -> Path:
+    return reward_run[0]
+
+
+@pytest.mark.distributed
+def test_reward_run_reports_its_plots_and_announces_its_export(reward_run, pairs):
+    run_dir, stdout = reward_run
+    plots = assert_report(run_dir, [run_dir], {"loss", "lr", "grad_norm", "tokens_per_s", "pairwise_accuracy",
+                                               "margin", "reward_stats"})
+    accuracy = {c.metric for p in plots if p.name == "pairwise_accuracy" for c in p.curves}
+    groups = {k for k in json.loads((run_dir / "eval_metrics.json").read_text()) if k.startswith("eval/accuracy/")}
+    kinds = {json.loads(line)["kind"] for line in pairs[1].read_text().splitlines()}
+    assert accuracy == {"eval/accuracy", *groups} and {f"eval/accuracy/{k}" for k in kinds} <= groups, accuracy
+    assert {c.metric for p in plots if p.name == "reward_stats" for c in p.curves} == {"eval/reward_mean",
+                                                                                        "eval/reward_std"}
+    assert "pairwise accuracy per split and kind" in (run_dir / "report.html").read_text().lower()
+    assert re.search(r"model \(model.tiny\) built in \d+\.\d s\n", stdout)
+    assert f"exporting to {run_dir / 'hf_model'}: gathering the weights ..." in stdout
+    assert re.search(rf"exported to {re.escape(str(run_dir / 'hf_model'))} in \d+\.\d s \(gather \d+\.\d s, "
+                     rf"save \d+\.\d s\)", stdout), stdout
 
 
 @pytest.mark.distributed

@@ -157,7 +157,8 @@ class LoggerConfig:
     group: Optional[str] = None
     run_name: Optional[str] = None
     tags: list[str] = field(default_factory=list)
-    # auto: online when WANDB_API_KEY is set, offline otherwise (never prompts).
+    # auto: as WANDB_MODE says when it is set, else online when WANDB_API_KEY is set and offline (with a note)
+    # otherwise; never prompts.
     mode: str = "auto"  # auto | online | offline
     log_every: int = 10
     num_sample_generations: int = 8

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import bisect
 import codecs
+import contextlib
 import functools
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -34,6 +36,7 @@ import jinja2
 import torch
 
 from trainer.config import DataConfig, DatasetSpec
+from trainer.progress import progress
 from trainer.sampling import SeededOrder
 
 IGNORE_INDEX = -100
@@ -47,6 +50,8 @@ DROP_REASONS = ("overlong", "no_trained_tokens", "empty")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _MAP_BATCH = 1000
+_TOKENIZE_SLICES = 20  # a large dataset's tokenization bar moves once per slice, every 5%
+_POOL_BATCHES = 25  # with num_proc > 1, a slice's least batches per process
 _CODE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
@@ -476,15 +481,44 @@ def map_rows(ds: datasets.Dataset, fn: Callable[[dict], dict], features: dict, n
              source: str) -> dict[str, list]:
     """`ds.map(fn)` in batches (num_proc processes) into `features` plus the string column `error` that `fn`
     returns per row; columns as Python lists. The first row with an error raises a DataError naming `source`
-    and the row index."""
-    out = ds.map(fn, batched=True, batch_size=_MAP_BATCH, remove_columns=ds.column_names,
-                 features=datasets.Features({**features, "error": datasets.Value("string")}),
-                 num_proc=num_proc if num_proc > 1 else None, desc=f"tokenizing {source}")[:]
+    and the row index.
+
+    A large dataset is mapped in up to 20 contiguous slices so that rank 0 shows a bar over the rows
+    (trainer.progress: a line every few percent in a log); datasets' own bar stays off, as it would print on
+    every rank and, in a log, a carriage-return update per batch. A dataset under two slices' worth (a batch, or
+    with num_proc > 1 `_POOL_BATCHES` batches per process) is one map, as before."""
+    features = datasets.Features({**features, "error": datasets.Value("string")})
+    # With num_proc > 1 each map starts a pool (~0.5 s on 2 cores): a slice then holds enough batches to hide it.
+    min_rows = _MAP_BATCH if num_proc <= 1 else _MAP_BATCH * num_proc * _POOL_BATCHES
+    slices = max(1, min(_TOKENIZE_SLICES, len(ds) // min_rows))
+    bounds = [len(ds) * i // slices for i in range(slices + 1)]
+    out: dict[str, list] = {name: [] for name in features}
+    with _datasets_bars_off(), progress(total=len(ds), desc=f"tokenizing {source}", unit="row",
+                                        enabled=int(os.environ.get("RANK", 0)) == 0) as bar:
+        for start, end in zip(bounds, bounds[1:]):
+            part = ds if slices == 1 else ds.select(range(start, end))
+            mapped = part.map(fn, batched=True, batch_size=_MAP_BATCH, remove_columns=ds.column_names,
+                              features=features, num_proc=num_proc if num_proc > 1 else None)[:]
+            for name, column in mapped.items():
+                out[name].extend(column)
+            bar.update(end - start)
     bad = [i for i, e in enumerate(out["error"]) if e]
     if bad:
         more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
         raise DataError(f"{source}: row {bad[0]}: {out['error'][bad[0]]}{more}")
     return out
+
+
+@contextlib.contextmanager
+def _datasets_bars_off():
+    was_on = not datasets.are_progress_bars_disabled()
+    if was_on:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------------------- packing

@@ -1,8 +1,8 @@
 """Where the numbers people watch go: `metrics.jsonl` always, W&B when asked.
 
 Only rank 0 constructs a real logger; other ranks get one that drops everything.
-W&B runs offline when no API key is present, so it never blocks on a login
-prompt, and secrets are scrubbed from anything logged as config.
+W&B runs offline when no API key is present (unless WANDB_MODE says otherwise), with a note and
+never a login prompt, and secrets are scrubbed from anything logged as config.
 """
 
 from __future__ import annotations
@@ -68,8 +68,14 @@ def _init_wandb(run_dir: Path, cfg: LoggerConfig, config: dict, job_type: str):
     import wandb
 
     mode = cfg.mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if mode == "auto" and os.environ.get("WANDB_MODE"):
+        mode = None  # the user's WANDB_MODE, which wandb reads itself
+    elif mode == "auto" and os.environ.get("WANDB_API_KEY"):
+        mode = "online"
+    elif mode == "auto":
+        mode = "offline"
+        print(f"note: W&B logs offline (no WANDB_API_KEY in the environment) to {run_dir / 'wandb'}; upload "
+              f"it later with `wandb sync {run_dir / 'wandb'}/offline-run-*`", file=sys.stderr, flush=True)
     # A stored run id lets a requeued job continue the same W&B run.
     id_file = run_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]

@@ -8,6 +8,8 @@ tokenizer this repo ships, so the default run needs no network.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -116,12 +118,19 @@ def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dty
 
 
 def _build(auto_class, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, extra: dict):
+    # Announced on rank 0 with its time: a real model's load can take minutes, with only transformers' own
+    # "Loading weights" bar (left on) in between.
+    announce = int(os.environ.get("RANK", 0)) == 0
+    start = time.perf_counter()
     if cfg.name_or_path is None:
         config = tiny_llama_config(cfg, tokenizer)
         for key, value in extra.items():
             setattr(config, key, value)
         model = auto_class.from_config(config, dtype=dtype)
+        what = "tiny random-init model (model.tiny) built"
     else:
+        if announce:
+            print(f"loading model {cfg.name_or_path} ({auto_class.__name__}, {dtype}) ...", flush=True)
         model = auto_class.from_pretrained(
             cfg.name_or_path,
             revision=cfg.revision,
@@ -132,6 +141,9 @@ def _build(auto_class, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dty
         )
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
+        what = f"model {cfg.name_or_path} loaded"
+    if announce:
+        print(f"{what} in {time.perf_counter() - start:.1f} s", flush=True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
