@@ -23,7 +23,7 @@ from rlhf.reward_functions import (
     regex_match,
 )
 from reports import assert_report
-from runs import PPO_SMALL, signal_when, tiny_ppo_model
+from runs import PPO_SMALL, REPO, signal_when, tiny_ppo_model
 from test_ppo import iterations_done, records, run_ppo, toy_policy
 from trainer.sampling import derive_seed
 
@@ -157,7 +157,11 @@ GRPO = ["algo=grpo", "rollout.prompts_per_iteration=4", "algo.mini_batch_size=8"
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory, tiny_model):
     run = tmp_path_factory.mktemp("grpo") / "straight"
-    proc = run_ppo(run, tiny_model, *GRPO, "train.iterations=4", "train.save_every=2")
+    # Exact match scores; the weight-0 probe records Ray's actor table from inside the reward actor.
+    functions = ("reward.functions=[{_target_: rlhf.reward_functions.exact_match}, "
+                 f"{{_target_: ppo_faults.record_actor_classes, weight: 0.0, path: '{run.parent / 'actors.txt'}'}}]")
+    proc = run_ppo(run, tiny_model, *GRPO, "train.iterations=4", "train.save_every=2", functions,
+                   pythonpath=str(REPO / "tests"))
     return run, proc
 
 
@@ -166,6 +170,8 @@ def test_grpo_runs_the_policy_and_a_reward_function_only(grpo_run):
     run, proc = grpo_run
     roles = [row.split()[0] for row in (run / "placement.txt").read_text().splitlines()[1:]]
     assert roles == ["actor", "actor", "reward"]  # no critic and, without a KL term, no reference
+    # Ray's own actor table agrees: two policy ranks and the reward actor, no critic or reference process.
+    assert (run.parent / "actors.txt").read_text().split() == ["PolicyWorker", "PolicyWorker", "RewardWorker"]
     assert "algo=grpo roles=actor,reward" in proc.stdout
     recs = records(run)
     for step in (1, 2, 3, 4):
