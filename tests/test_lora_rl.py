@@ -172,6 +172,15 @@ def test_a_lora_run_resumed_from_its_first_iteration_equals_the_straight_run(lor
 
 
 @pytest.mark.distributed
+def test_resuming_a_lora_run_without_its_adapters_exits_2_before_ray_starts(lora_runs, tiny_model, tmp_path):
+    straight, _ = lora_runs["from_policy"]
+    proc = run_ppo(tmp_path / "whole", tiny_model, *LORA_GRPO, "actor.peft=none", f"resume={straight}", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: resume: checkpoint" in proc.stderr and "trains adapters on" in proc.stderr
+    assert "this run a whole model (peft=none)" in proc.stderr and "roles=" not in proc.stdout  # no Ray, no groups
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_ppo_with_a_lora_policy_and_critic(tiny_model, tmp_path):
     """PPO's two trained roles on adapters: the critic's score head trains in full beside them (modules_to_save),
