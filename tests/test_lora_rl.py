@@ -1,6 +1,7 @@
 """LoRA adapters on the RL roles (`actor.peft=lora`, `critic.peft=lora`): the config, the generation replica that
 follows the adapters (merged weights), and real GRPO runs on a local Ray instance (loopback) where only the adapters
-train and the reference is the policy with its adapters off, with no reference group, equal to a separate one."""
+train and the reference is the policy with its adapters off, with no reference group, equal to a separate one; resume;
+PPO with a LoRA policy and critic."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from trainer.adapters import add_adapters, copy_merged
 from trainer.compose import compose
 from trainer.config import ConfigError, PeftConfig
 
-# The overrides of tests/test_ppo.py's models, for composing without exports.
+# Model paths so that the config composes without exports (nothing is loaded).
 MODELS = ["actor.model.name_or_path=/m/policy", "critic.model.name_or_path=/m/reward",
           "reward.model.name_or_path=/m/reward"]
 
