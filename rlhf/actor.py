@@ -33,6 +33,7 @@ from rlhf.algorithms import aggregate_loss, kl_estimate, loss_items, policy_loss
 from rlhf.config import old_logprobs_from_generation
 from rlhf.experience import Experience, Generation, cut_at_stop
 from rlhf.worker import RoleWorker
+from trainer.adapters import adapters_disabled, copy_merged, is_adapted
 from trainer.engine import device, torch_linear
 from trainer.evaluate import left_pad, stop_token_ids
 from trainer.model import build_causal_lm
@@ -126,32 +127,42 @@ class PolicyWorker(RoleWorker):
         if self.cfg.rollout.generation == "replica" and self.role_cfg.deepspeed.stage == 3:
             from transformers import AutoModelForCausalLM
 
-            config = self.engine.module.config
+            config = self.engine.module.config  # a peft model hands on its base model's
             # Built on the device: on the CPU, a large replica's random init, which refresh_replica overwrites
             # anyway, is slow and delays the start for nothing.
             with torch.device(device()):
                 self.replica = AutoModelForCausalLM.from_config(config, dtype=next(self.engine.module.parameters()).dtype)
             self.replica.requires_grad_(False).eval()
-            self.refresh_replica()
+            self.refresh_replica(changed_only=False)
         if self.rank == 0:
             how = ("recorded while sampling" if old_logprobs_from_generation(self.cfg.rollout, self.precision)
                    else "recomputed by a forward pass")
             print(f"policy: {self.precision}, old log-probs {how} (rollout.old_logprobs={self.cfg.rollout.old_logprobs})",
                   flush=True)
 
-    def refresh_replica(self) -> float:
+    def refresh_replica(self, changed_only: bool = True) -> float:
         """Copy the engine's current weights into the generation replica, gathered once (a replica exists
-        only under ZeRO-3)."""
+        only under ZeRO-3). With adapters (actor.peft) the replica is the plain model with them merged in, and
+        after an update only the adapted layers (and any module trained in full) are rewritten."""
         if self.replica is None:
             return 0.0
         import deepspeed
 
         t0 = time.perf_counter()
+        if is_adapted(self.engine.module):
+            copy_merged(self.engine.module, self.replica, changed_only)
+            return time.perf_counter() - t0
         params = dict(self.engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
             for name, p in self.replica.named_parameters():
                 p.data.copy_(params[name].data)
         return time.perf_counter() - t0
+
+    def reference_log_probs(self, exp: Experience) -> torch.Tensor:
+        """(B, T) the reference's log-probs of this rank's shard when the reference is this policy with its adapters
+        off (`PPOConfig.reference_from_policy`): the model it started from, with no second copy of the weights."""
+        with adapters_disabled(self.engine.module):
+            return self.log_probs(exp)
 
     def generate(self, prompts: list[list[int]], seeds: Optional[list[int]] = None) -> Generation:
         """Responses for this rank's prompts: greedy without `seeds`, else each sampled with its seed (a resumed
@@ -202,4 +213,4 @@ class PolicyWorker(RoleWorker):
         return metrics
 
     def after_load(self) -> None:
-        self.refresh_replica()
+        self.refresh_replica(changed_only=False)

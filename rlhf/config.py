@@ -19,16 +19,19 @@ from trainer.config import (
     LoggerConfig,
     ModelConfig,
     OptimConfig,
+    PeftConfig,
     _require,
     resolve_zero_stage,
     validate_data_source,
     validate_deepspeed,
     validate_model,
     validate_optim,
+    validate_peft,
 )
 from trainer.contracts import COLOCATE_MODES, NONFINITE_MODES, ROLES, TRAINED_ROLES
 
 GENERATION_MODES = ("replica", "zero3")
+REFERENCE_FROM_POLICY = ("auto", "false")
 OLD_LOGPROBS = ("auto", "generation", "recompute")
 KL_PLACES = ("reward", "loss")
 
@@ -41,6 +44,9 @@ class RoleConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)  # used by the trained roles (actor, critic)
+    # Trained roles (actor, critic): LoRA adapters on a frozen model (`actor.peft=lora`, conf/peft/, docs/lora.md),
+    # or the whole model (none). A critic's score head trains in full.
+    peft: PeftConfig = field(default_factory=PeftConfig)
     num_nodes: int = 1
     devices_per_node: int = 1
     # Sequences per forward pass on one rank (and per micro-batch of an update, for trained roles).
@@ -54,10 +60,20 @@ class RoleConfig:
     # reward only: the reward model's tokenizer differs from the policy's, so decode the policy's
     # tokens and re-encode them with the reward model's tokenizer.
     retokenize: bool = False
+    # reference only: auto: with a KL term and a policy with adapters (actor.peft=lora), the reference is the policy
+    # with its adapters off, computed by the policy's ranks, and no reference group starts. false: a separate
+    # reference group loads reference.model even then.
+    from_policy: str = "auto"
 
     @property
     def world_size(self) -> int:
         return self.num_nodes * self.devices_per_node
+
+    @property
+    def frozen_source(self) -> str:
+        """With adapters: where the frozen weights that a trained role's checkpoint leaves out come from (its
+        FROZEN_FROM, trainer.checkpoint); "" for a role trained in full."""
+        return (self.model.name_or_path or "random init") if self.peft.method != "none" else ""
 
 
 @dataclass
@@ -154,6 +170,12 @@ class AlgoConfig:
         return self.kl_coef > 0
 
 
+def reference_from_policy(kl_coef: float, actor_peft: str, from_policy: str) -> bool:
+    """Whether the KL term's reference is the policy with its adapters off (peft's `disable_adapter()`), so that no
+    reference group starts: there is a KL term, the policy trains adapters, and reference.from_policy is auto."""
+    return kl_coef > 0 and actor_peft != "none" and str(from_policy).lower() == "auto"
+
+
 @dataclass
 class ClusterConfig:
     # null: start a local Ray instance; "auto" or "<host>:<port>" joins a running cluster
@@ -209,11 +231,16 @@ class PPOConfig:
         return getattr(self, name)
 
     @property
+    def reference_from_policy(self) -> bool:
+        """The reference's log-probs come from the policy's ranks with its adapters off (no reference group)."""
+        return reference_from_policy(self.algo.kl_coef, self.actor.peft.method, self.reference.from_policy)
+
+    @property
     def active_roles(self) -> tuple[str, ...]:
         """The roles this algorithm runs, in ROLES order: the critic only for an estimator that needs one, the
-        reference only when there is a KL term."""
+        reference only when there is a KL term and the policy cannot be its own reference (adapters off)."""
         skip = {"critic"} if not self.algo.uses_critic else set()
-        if not self.algo.uses_reference:
+        if not self.algo.uses_reference or self.reference_from_policy:
             skip.add("reference")
         return tuple(r for r in ROLES if r not in skip)
 
@@ -235,7 +262,10 @@ def leave_out_unused_roles(dcfg) -> None:
     from rlhf.algorithms import CRITIC_ESTIMATORS
 
     a = dcfg.algo
-    unused = ([] if a.advantage in CRITIC_ESTIMATORS else ["critic"]) + ([] if a.kl_coef > 0 else ["reference"])
+    separate_reference = a.kl_coef > 0 and not reference_from_policy(
+        a.kl_coef, OmegaConf.select(dcfg, "actor.peft.method", default="none"),
+        OmegaConf.select(dcfg, "reference.from_policy", default="auto"))
+    unused = ([] if a.advantage in CRITIC_ESTIMATORS else ["critic"]) + ([] if separate_reference else ["reference"])
     if dcfg.reward.get("functions"):
         unused.append("reward")
     with open_dict(dcfg):
@@ -312,9 +342,24 @@ def validate(cfg: PPOConfig) -> None:
         _require(batch % role.world_size == 0, f"{name}.num_nodes/devices_per_node",
                  f"the rollout batch ({batch} = rollout.prompts_per_iteration x samples_per_prompt) must split "
                  f"evenly over the role's {role.world_size} ranks")
+    ref = cfg.reference
+    _require(str(ref.from_policy).lower() in REFERENCE_FROM_POLICY, "reference.from_policy",
+             f"must be one of {'|'.join(REFERENCE_FROM_POLICY)}, got {ref.from_policy!r}")
+    for name in ("reference", "reward"):
+        _require(cfg.role(name).peft.method == "none", f"{name}.peft",
+                 f"only the trained roles (actor.peft, critic.peft) take adapters; {name} is frozen, got "
+                 f"{cfg.role(name).peft.method!r}")
+    if cfg.reference_from_policy:
+        for key in ("name_or_path", "tokenizer", "revision"):
+            mine, policy = getattr(ref.model, key), getattr(cfg.actor.model, key)
+            # null: derived from the policy's and left out as unused (leave_out_unused_roles)
+            _require(mine is None or mine == policy, f"reference.model.{key}",
+                     f"is {mine!r}, the policy's {policy!r}: with actor.peft={cfg.actor.peft.method} the reference is "
+                     f"the policy with its adapters off; set reference.from_policy=false for another reference model")
     for name in cfg.trained_roles:
         role = cfg.role(name)
         validate_optim(role.optim, f"{name}.optim")
+        validate_peft(role.peft, f"{name}.peft")
         _require(a.mini_batch_size % role.world_size == 0 and batch % a.mini_batch_size == 0, "algo.mini_batch_size",
                  f"{a.mini_batch_size} must divide the rollout batch ({batch}) and split over {name}'s "
                  f"{role.world_size} ranks")

@@ -1,13 +1,14 @@
 """The RL driver: the role groups the algorithm needs (policy and reward always; the critic for PPO's GAE, the
-reference when there is a KL term: `PPOConfig.active_roles`) started on their placements, and what one
-iteration, an evaluation and a checkpoint ask of them.
+reference when there is a KL term and the policy has no adapters to turn off: `PPOConfig.active_roles`) started on
+their placements, and what one iteration, an evaluation and a checkpoint ask of them.
 
 One iteration: sample prompts, G samples each -> the policy generates (with algo.dynamic_sampling, more rounds
-until the batch holds groups whose scores differ) -> in parallel, policy log-probs, reference log-probs, critic
-values and reward scores -> token rewards, KL and advantages (`rlhf.scoring`, pure functions over the whole
-rollout batch) -> critic and policy updates in parallel (the policy's generation replica is refreshed at the end
-of its update; the next iteration's generation starts as soon as the policy is done, while the critic
-finishes) -> log. The run directory gets metrics.jsonl, samples.jsonl, placement.txt and checkpoints.
+until the batch holds groups whose scores differ) -> in parallel, policy log-probs, reference log-probs (from the
+policy's own ranks with its adapters off when it trains LoRA adapters), critic values and reward scores -> token
+rewards, KL and advantages (`rlhf.scoring`, pure functions over the whole rollout batch) -> critic and policy
+updates in parallel (the policy's generation replica is refreshed at the end of its update; the next iteration's
+generation starts as soon as the policy is done, while the critic finishes) -> log. The run directory gets
+metrics.jsonl, samples.jsonl, placement.txt and checkpoints.
 """
 
 from __future__ import annotations
@@ -278,11 +279,14 @@ class Driver:
     def _forward_phase(self, rollout: Experience, texts: dict, policy_logprobs: bool,
                        scores: Optional[torch.Tensor] = None):
         """Policy log-probs (when asked), reference log-probs and critic values (where those roles run) and the
-        reward scores (unless given), all groups at once; what is not computed is None."""
+        reward scores (unless given), all groups at once; what is not computed is None. A policy with adapters is
+        its own reference (`PPOConfig.reference_from_policy`): its ranks score the rollouts again with them off."""
         g = self.groups
         calls: dict[str, PendingCall] = {}
         if "reference" in g:
             calls["reference"] = g["reference"].call_sharded("log_probs", rollout.shards(g["reference"].world_size))
+        elif self.cfg.reference_from_policy:
+            calls["reference"] = g["actor"].call_sharded("reference_log_probs", rollout.shards(g["actor"].world_size))
         if "critic" in g:
             calls["critic"] = g["critic"].call_sharded("values", rollout.shards(g["critic"].world_size))
         if scores is None:

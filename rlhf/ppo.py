@@ -28,7 +28,8 @@ from rlhf.driver import Driver, check_tokenizers, load_reward_stats
 from rlhf.group import RoleFailure
 from rlhf.placement import PlacementError
 from rlhf.scoring import before_after
-from trainer.checkpoint import CheckpointError
+from trainer.adapters import check_adapter_source
+from trainer.checkpoint import CheckpointError, check_frozen_from
 from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError
 from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES, scrub_secrets
@@ -77,14 +78,20 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
     run_dir = Path(cfg.output_dir)
     # Before any model is checked or loaded: what the run resumes from, and the inputs its first start pinned.
     point = find_resume_point(cfg.resume, run_dir, cfg.trained_roles)
-    if point is not None:
-        check_layout(point, cfg)
     pinned = point is not None and point.inputs is not None
     for note in pin_inputs(cfg, dcfg, point.inputs) if pinned else ():
         print(f"note: {note}", flush=True)
+    if point is not None:
+        # With adapters a role's checkpoint left the frozen weights out: the same model source must give them again.
+        # Checked before the layout, which a LoRA policy changes too (it starts no reference group).
+        for role in cfg.trained_roles:
+            check_frozen_from(point.root / role, point.tag, cfg.role(role).frozen_source)
+        check_layout(point, cfg)
     for role in cfg.active_roles:
         if not (role == "reward" and cfg.reward.functions):  # reward functions load no model
             check_model_source(cfg.role(role).model, f"{role}.model")
+    for role in cfg.trained_roles:
+        check_adapter_source(cfg.role(role).peft, f"{role}.peft")
     check_tokenizers(cfg)
     inputs = point.inputs if pinned else resolved_inputs(cfg, load_reward_stats(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)

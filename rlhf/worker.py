@@ -21,6 +21,7 @@ import torch
 from rlhf.config import PPOConfig, RoleConfig
 from trainer.config import resolve_zero_stage
 from rlhf.experience import Experience, gather_response, last_token_positions, response_positions
+from trainer.adapters import add_adapters, parameter_summary
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.engine import (
     DistInfo,
@@ -112,13 +113,18 @@ class RoleWorker:
 
     def build(self, builder: Callable, total_steps: int = 0, grad_accum: int = 1):
         """Build the role's model with `builder(model_cfg, tokenizer, dtype)`: a DeepSpeed training
-        engine for trained roles, a ZeRO-3 inference engine for frozen roles at stage 3, or the
-        plain module on the device for small frozen roles."""
+        engine for trained roles (with `<role>.peft` adapters added before it, so that only they train), a
+        ZeRO-3 inference engine for frozen roles at stage 3, or the plain module on the device for small frozen
+        roles."""
         rc = self.role_cfg
         self.tokenizer = load_tokenizer(rc.model)
         ds_config = self.deepspeed_config(grad_accum)
         with zero3_init_context(ds_config):
             model = builder(rc.model, self.tokenizer, torch_dtype(self.precision))
+            if self.trains:
+                model = add_adapters(model, rc.peft, f"{self.role}.peft")
+        if self.trains and self.rank == 0:
+            print(f"{self.role}: {parameter_summary(model, self.precision)}", flush=True)
         if self.trains:
             self.engine = build_engine(model, rc.deepspeed, rc.optim, ds_config, total_steps)
             self.model = self.engine
@@ -257,7 +263,8 @@ class RoleWorker:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, ckpt_root: str, iteration: int) -> str:
-        client_state = {"iteration": iteration, "nonfinite_skips": self.nonfinite_skips}
+        client_state = {"iteration": iteration, "nonfinite_skips": self.nonfinite_skips,
+                        "frozen_from": self.role_cfg.frozen_source}
         # Nothing pruned here: the driver prunes once it has committed the iteration (rlhf.checkpoint).
         return str(save_checkpoint(self.engine, Path(ckpt_root) / self.role, iteration, client_state, None))
 

@@ -150,6 +150,45 @@ class AdaptersOff:
             module.train(was_training)
 
 
+def copy_merged(model, plain: torch.nn.Module, changed_only: bool = False) -> None:
+    """Write `model`'s weights (a peft model, unpartitioned or under ZeRO-3) with its adapters merged into `plain`, a
+    model of the base's architecture without adapters (an RL policy's generation replica): each adapted layer gets
+    W + (alpha / r) B A (peft's `get_delta_weight`), a module trained in full its trained copy, and with
+    `changed_only` nothing else (the frozen weights `plain` already holds never change). The training model is left
+    as it is; under ZeRO-3 each module is gathered while it is read, on every rank together."""
+    import deepspeed
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    dest = dict(plain.named_parameters())
+    base = model.get_base_model()
+    done: set[int] = set()  # ids of the trained model's parameters already written
+
+    def gathered(module):
+        params = list(module.parameters())
+        done.update(id(p) for p in params)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    with torch.no_grad():
+        for name, m in base.named_modules():
+            if isinstance(m, LoraLayer):
+                with gathered(m):
+                    layer = m.get_base_layer()
+                    dest[f"{name}.weight"].copy_(layer.weight + m.get_delta_weight(ADAPTER_NAME))
+                    if layer.bias is not None:
+                        dest[f"{name}.bias"].copy_(layer.bias)
+            elif isinstance(m, ModulesToSaveWrapper):
+                with gathered(m):
+                    for n, p in m.modules_to_save[ADAPTER_NAME].named_parameters():
+                        dest[f"{name}.{n}"].copy_(p)
+        if changed_only:
+            return
+        rest = [(n, p) for n, p in base.named_parameters() if id(p) not in done]
+        with deepspeed.zero.GatheredParameters([p for _, p in rest], modifier_rank=None):
+            for n, p in rest:
+                dest[n].copy_(p)
+
+
 def save_adapter_and_merge(model, state_dict: dict, adapter_dir: Path, tokenizer):
     """Rank 0 of an adapted model's export: write the adapter (what `PeftModel.from_pretrained(base, adapter_dir)`
     loads) and return the merged plain model (`merge_and_unload`) to save as the Hugging Face export.

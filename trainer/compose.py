@@ -57,15 +57,23 @@ RENAMED_KEYS = {
 }
 
 
+# A role's choice from a top-level config group, as users write it (`actor.peft=lora`), and as Hydra names it: the
+# roles' configs take the group at their own key (conf/actor/default.yaml: `/peft@peft`).
+ROLE_GROUP_CHOICES = {"actor.peft": "peft@actor.peft", "critic.peft": "peft@critic.peft"}
+
+
 def renamed_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """`overrides` with renamed keys given their new names, and a deprecation note for each."""
+    """`overrides` with renamed keys given their new names, and a deprecation note for each; a role's group choice
+    (`actor.peft=lora`) in Hydra's spelling."""
     out, notes = [], []
     for o in overrides:
         key = override_key(o)
+        prefix = o[: len(o) - len(o.lstrip("+~"))]
         if key in RENAMED_KEYS and "=" in o:
-            prefix = o[: len(o) - len(o.lstrip("+~"))]
             o = f"{prefix}{RENAMED_KEYS[key]}={o.split('=', 1)[1]}"
             notes.append(f"{key} is renamed {RENAMED_KEYS[key]}; the old name works until the next release")
+        elif key in ROLE_GROUP_CHOICES and "=" in o and not prefix:
+            o = f"{ROLE_GROUP_CHOICES[key]}={o.split('=', 1)[1]}"
         out.append(o)
     return out, notes
 
