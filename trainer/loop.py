@@ -76,11 +76,14 @@ class PreemptionFlag:
 
     def __init__(self):
         self.requested = False
+        self.requested_at: Optional[float] = None  # time.monotonic() of the first signal
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if not self.requested:
+            self.requested_at = time.monotonic()
         self.requested = True
 
     def restore(self):
