@@ -185,6 +185,18 @@ class ClusterConfig:
     colocate: str = "none"  # none | reference_with_actor | reward_with_critic | both | all
     placement_timeout_s: float = 120.0
     torch_threads: int = 1  # per actor on CPU: several actors share the cores
+    # The longest the driver waits for a role's call from the moment it is made; a rank that has not answered
+    # by then ends the run (exit 1) naming the role, rank, node and call. start: the calls that start the roles
+    # (the actor processes, their process groups, every model loaded from storage: the slowest thing a run does,
+    # once). call: every later one, a phase of an iteration or an evaluation (generate, scores, train, save...).
+    # Generous, like torch's 30-minute collective timeout: a false alarm costs the work since the last checkpoint.
+    start_timeout_s: float = 3600.0
+    call_timeout_s: float = 1800.0
+    # After a preemption signal the driver still finishes the iteration and saves it, but gives the calls in
+    # flight at most this many seconds from the signal: a role that is hung (or too slow for the scheduler's
+    # grace period) ends the run with exit 75 and the iteration unsaved, the last checkpoint intact. Keep it
+    # below the grace period the scheduler gives (launch.slurm --grace, a pod's terminationGracePeriodSeconds).
+    preemption_wait_s: float = 240.0
 
 
 @dataclass
@@ -198,6 +210,9 @@ class PPOTrainConfig:
     # A mini-batch update whose loss is non-finite: skip it (counted) or stop, as in the supervised stages.
     nonfinite: str = "skip"  # skip | stop
     max_nonfinite_skips: int = 10  # over the whole run, per trained role
+    # Every role's process group gives up on a collective after this many seconds (an error naming the
+    # role instead of a hang): the supervised stages' key of the same name (trainer.config.TrainConfig).
+    collective_timeout_s: float = 1800.0
 
     def saves_at(self, step: int) -> bool:
         """Whether iteration `step` (counted from 1) ends with a checkpoint. save_every=-1 writes none
@@ -323,6 +338,11 @@ def validate(cfg: PPOConfig) -> None:
         _require(r.samples_per_prompt >= 2, "rollout.samples_per_prompt",
                  f"algo.advantage={a.advantage}{' with algo.dynamic_sampling' if a.dynamic_sampling else ''} compares "
                  f"the samples of a prompt: needs >= 2, got {r.samples_per_prompt}")
+    for key, value in (("train.collective_timeout_s", t.collective_timeout_s),
+                       ("cluster.start_timeout_s", cfg.cluster.start_timeout_s),
+                       ("cluster.call_timeout_s", cfg.cluster.call_timeout_s),
+                       ("cluster.preemption_wait_s", cfg.cluster.preemption_wait_s)):
+        _require(value > 0, key, f"must be > 0 seconds, got {value}")
     _require(cfg.cluster.colocate in COLOCATE_MODES, "cluster.colocate",
              f"must be one of {COLOCATE_MODES}, got {cfg.cluster.colocate!r}")
     for name in cfg.active_roles:

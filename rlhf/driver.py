@@ -25,7 +25,7 @@ from rlhf.algorithms import build_kl_controller, masked_mean
 from rlhf.checkpoint import ResumePoint, commit, drop_uncommitted
 from rlhf.config import PPOConfig
 from rlhf.experience import Experience, Generation, build_rollout, pad_right, pad_rows
-from rlhf.group import ActorGroup, PendingCall, wait_all
+from rlhf.group import ActorGroup, PendingCall, limits_of, wait_all
 from rlhf.placement import RoleLayout, check_resources, create_placements, placement_table, remove_placements
 from rlhf.reward_functions import function_names
 from rlhf.scoring import pad_to_multiple, sample_prompts, score_rollout, split_evenly
@@ -74,9 +74,12 @@ def load_reward_stats(cfg: PPOConfig) -> Optional[dict]:
 # ---------------------------------------------------------------------------------------------------- the groups
 
 
-def start_groups(cfg: PPOConfig, run_dir: Path, use_gpu: bool) -> tuple[dict[str, ActorGroup], dict]:
+def start_groups(cfg: PPOConfig, run_dir: Path, use_gpu: bool, preemption=None) -> tuple[dict[str, ActorGroup], dict]:
     """The four roles placed on the cluster, their actors started, each role's process group formed and its
     model loaded: (groups by role, placements by role). placement.txt in `run_dir` says where each rank runs.
+    Until the models are loaded every call is waited for within cluster.start_timeout_s, later ones within
+    cluster.call_timeout_s, and after a signal to `preemption` (a `trainer.preemption.PreemptionFlag`) all within
+    cluster.preemption_wait_s of it (`rlhf.group.wait_all`).
     If any step fails, what was started is stopped before the error propagates."""
     import ray
 
@@ -91,15 +94,20 @@ def start_groups(cfg: PPOConfig, run_dir: Path, use_gpu: bool) -> tuple[dict[str
     placements = create_placements(layouts, cfg.cluster.colocate, use_gpu, cfg.cluster.placement_timeout_s)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(cfg.cluster.torch_threads), "TOKENIZERS_PARALLELISM": "false"}
+    limits = limits_of(cfg, preemption)
     groups: dict[str, ActorGroup] = {}
     try:
         for role in cfg.active_roles:
-            groups[role] = ActorGroup(role, workers[role], cfg.role(role).world_size, placements[role], cfg, env)
+            groups[role] = ActorGroup(role, workers[role], cfg.role(role).world_size, placements[role], cfg, env,
+                                      limits)
         table = placement_table([row for g in groups.values() for row in g.start()])
         (run_dir / "placement.txt").write_text(table + "\n")
         print(table, flush=True)
         t0 = time.perf_counter()
-        wait_all([g.call("setup") for g in groups.values()])
+        setup = [g.call("setup") for g in groups.values()]
+        for call in setup:
+            call.limit = "start_timeout_s"
+        wait_all(setup)
         print(f"models ready in {time.perf_counter() - t0:.1f}s", flush=True)
     except BaseException:
         stop_groups(groups, placements)
@@ -134,10 +142,12 @@ class Driver:
         self.reward_names = function_names(cfg.reward.functions)  # each reward function's column in the scores
 
     @classmethod
-    def start(cls, cfg: PPOConfig, run_dir: Path, resolved: dict, use_gpu: bool, inputs: dict) -> "Driver":
+    def start(cls, cfg: PPOConfig, run_dir: Path, resolved: dict, use_gpu: bool, inputs: dict,
+              preemption=None) -> "Driver":
         """A run's driver: the policy's tokenizer, the train and eval prompts, the logger (`resolved` is the
         config it records), then the role groups started on Ray. `inputs`: the models and reward statistics
-        it starts from (`rlhf.checkpoint.resolved_inputs`, or what the run's first start recorded)."""
+        it starts from (`rlhf.checkpoint.resolved_inputs`, or what the run's first start recorded).
+        `preemption`: the run's `trainer.preemption.PreemptionFlag`, which bounds the waits after a signal."""
         from trainer.data import build_prompts
         from trainer.model import load_tokenizer
 
@@ -154,7 +164,7 @@ class Driver:
         logger_cfg, logged_config = tag_logger(cfg.logger, resolved, current_member())
         logger = MetricsLogger(run_dir, logger_cfg, logged_config, job_type="ppo", enabled=True)
         try:
-            groups, placements = start_groups(cfg, run_dir, use_gpu)
+            groups, placements = start_groups(cfg, run_dir, use_gpu, preemption)
         except BaseException:
             logger.close()
             raise

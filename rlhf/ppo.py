@@ -25,7 +25,7 @@ if __name__ == "__main__":  # before anything below imports Ray
 from rlhf.config import PPOConfig, validate
 from rlhf.checkpoint import check_layout, find_resume_point, pin_inputs, resolved_inputs
 from rlhf.driver import Driver, check_tokenizers, load_reward_stats
-from rlhf.group import RoleFailure
+from rlhf.group import PreemptedInCall, RoleFailure
 from rlhf.placement import PlacementError
 from rlhf.scoring import before_after
 from trainer.adapters import check_adapter_source
@@ -106,8 +106,9 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
     # iteration with a checkpoint instead of killing the run between saves.
     preemption = preemption_flag()
     preemption.install()  # ray.init above replaced the SIGTERM handler with one that exits the driver
+    saved = point.state["iteration"] if point is not None else 0  # the last committed iteration
     try:
-        driver = Driver.start(cfg, run_dir, resolved, use_gpu, inputs)
+        driver = Driver.start(cfg, run_dir, resolved, use_gpu, inputs, preemption)
         done = driver.resume(point)
         t = cfg.train
         if done == 0:
@@ -129,6 +130,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
             driver.logger.log(step, metrics)
             if t.saves_at(step) or preemption.requested:
                 driver.save(step)
+                saved = step
             tqdm.write(f"iter {step}: score {metrics['reward/score_raw_mean']:.3f} kl {metrics['kl/seq_mean']:.3f} "
                        f"len {metrics['response/length_mean']:.1f} {metrics['time/iteration_s']:.1f}s")
             if preemption.requested and step < t.iterations:
@@ -143,6 +145,14 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
         (run_dir / "before_after.txt").write_text(table + "\n")
         print(table, flush=True)
         print(f"done: {t.iterations} iterations, outputs in {run_dir}", flush=True)
+    except PreemptedInCall as err:
+        # A role hung (or too slow for the grace period) when the signal came: it cannot save, so the run ends
+        # now, requeued like any preemption, from the last committed iteration.
+        kept = (f"the last saved iteration, {saved}, is where it continues" if saved
+                else "no iteration was saved yet, so the run starts over")
+        print(f"preempted: {err}; the iteration in flight is not saved, {kept}; to continue: {resume_command()}",
+              flush=True)
+        return PREEMPTED_EXIT_CODE, {}
     finally:
         if driver is not None:
             driver.stop()

@@ -93,7 +93,7 @@ class RoleWorker:
         # Ray gives each actor its own device (CUDA_VISIBLE_DEVICES), so it is local rank 0.
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        self.info = init_distributed()
+        self.info = init_distributed(self.cfg.train.collective_timeout_s)
 
     def describe(self) -> dict:
         from rlhf.placement import describe_actor

@@ -26,7 +26,7 @@ def repo_root() -> Path:
 # alone at the end. The `slurm` tests of several files take turns on the cluster (tests/slurm.py).
 LONGEST_FIRST = ("test_ppo.py", "test_slurm_launch.py", "test_sweeps.py", "test_training.py", "test_grpo.py",
                  "test_resume.py", "test_rl_checkpoint.py", "test_dpo.py", "test_lora.py", "test_reward.py",
-                 "test_preemption.py", "test_checkpoint.py", "test_launch.py")
+                 "test_hangs.py", "test_preemption.py", "test_checkpoint.py", "test_launch.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,6 +4,7 @@ purpose, and a probe of what really runs on Ray."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 _calls = 0
@@ -31,3 +32,16 @@ def record_actor_classes(prompts, responses, rows, path: str, **_):
         Path(path).write_text("\n".join(alive) + "\n")
         _recorded = True
     return [0.0] * len(responses)
+
+
+def hang_on_call(prompts, responses, rows, call: int = 2, marker: str = "", **_):
+    """Scores like exact match until the `call`-th call, which never returns (a hung actor); it first writes
+    the time it started hanging (time.time()) to `marker`, if given."""
+    global _calls
+    _calls += 1
+    if _calls >= call:
+        if marker:
+            Path(marker).write_text(str(time.time()))
+        while True:
+            time.sleep(60)
+    return [float(r.strip() == (row.get("answer") or "").strip()) for r, row in zip(responses, rows)]

@@ -182,6 +182,11 @@ class TrainConfig:
     nonfinite: str = "skip"  # skip | stop
     max_nonfinite_skips: int = 10
     export: bool = True  # write a Hugging Face directory at the end
+    # A rank waiting in a collective (all-reduce, barrier, ZeRO's gathers) for a peer that never comes gives up
+    # after this many seconds with an error instead of hanging; every process group of the run, DeepSpeed's
+    # included. Generous: it must outlast rank 0's longest lone work while the others wait (a checkpoint or
+    # export written to slow storage), and a false alarm costs the work since the last checkpoint.
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -282,6 +287,7 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _require(t.save_every >= 0, "train.save_every", f"must be >= 0, got {t.save_every}")
     _require(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
+    _require(t.collective_timeout_s > 0, "train.collective_timeout_s", f"must be > 0 seconds, got {t.collective_timeout_s}")
     _require(t.nonfinite in NONFINITE_MODES, "train.nonfinite", f"must be skip|stop, got {t.nonfinite!r}")
     validate_optim(o)
     validate_data_source(d)

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -38,14 +39,25 @@ def dist_backend() -> str:
     return "nccl" if has_gpu() else "gloo"
 
 
-def init_distributed() -> DistInfo:
+# How long a rank waits in a collective for its peers before it gives up with an error (train.collective_timeout_s
+# sets it; this is its default). torch's own is 30 minutes for gloo and 10 for NCCL, DeepSpeed's 10.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
+
+# What the last init_distributed set, re-applied by build_engine to the groups DeepSpeed makes.
+_collective_timeout = timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S)
+
+
+def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistInfo:
     """Join the process group set up by the launcher (deepspeed/torchrun env vars);
-    a plain `python -m` run becomes a world of one with an in-memory store (no listening socket)."""
+    a plain `python -m` run becomes a world of one with an in-memory store (no listening socket).
+    Every collective of this process gives up after `collective_timeout_s` (`set_collective_timeout`),
+    also in a group formed earlier (trainer.cli forms it before the config is read)."""
     import deepspeed
 
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = timedelta(seconds=collective_timeout_s)
     if world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -57,10 +69,27 @@ def init_distributed() -> DistInfo:
     if world_size == 1 and not dist.is_initialized():
         # torch's TCPStore listens on every interface whatever MASTER_ADDR says; a world of one needs no
         # rendezvous, so its store lives in memory and nothing listens (DeepSpeed joins the initialised group).
-        dist.init_process_group(dist_backend(), store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(dist_backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if not dist.is_initialized() or not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False)
+        deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False, timeout=timeout)
+    set_collective_timeout(collective_timeout_s)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Every process group this process is in gives up on a collective after `seconds` (an error on the
+    rank waiting, instead of a hang): the default group, and the copies of it DeepSpeed makes with
+    `dist.new_group`, which would otherwise get torch's default rather than the default group's. Groups
+    made later get it from `build_engine`. torchtitan sets its groups' timeouts the same way
+    (`_set_pg_timeout`, after its first step)."""
+    global _collective_timeout
+    _collective_timeout = timedelta(seconds=seconds)
+    if not dist.is_initialized():
+        return
+    from torch.distributed import distributed_c10d as c10d
+
+    for group in list(c10d._world.pg_map):
+        c10d._set_pg_timeout(_collective_timeout, group)
 
 
 def free_port() -> int:
@@ -253,6 +282,7 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: Optional[Op
         gather_per_block(model)  # before initialize, which installs the hooks
     if optim is None:
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        set_collective_timeout(_collective_timeout.total_seconds())  # the groups DeepSpeed has just made
         return engine
     optimizer = build_optimizer(model, optim, offload=ds.offload_optimizer)
 
@@ -263,4 +293,5 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: Optional[Op
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    set_collective_timeout(_collective_timeout.total_seconds())  # the groups DeepSpeed has just made
     return engine

@@ -11,6 +11,7 @@ Signal handling only: no torch, no training code.
 from __future__ import annotations
 
 import signal
+import time
 from typing import Optional
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -21,6 +22,8 @@ class PreemptionFlag:
 
     def __init__(self):
         self.requested = False
+        self.requested_at: Optional[float] = None  # time.monotonic() of the first signal
+        self._previous = {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
         self.install()
 
     def install(self) -> None:
@@ -29,7 +32,14 @@ class PreemptionFlag:
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handle)
 
+    def restore(self) -> None:
+        """The handlers from before this flag (for a flag made in a test; a run's flag stays)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
     def _handle(self, signum, frame):
+        if not self.requested:
+            self.requested_at = time.monotonic()
         self.requested = True
 
 

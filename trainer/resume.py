@@ -37,9 +37,11 @@ from trainer.contracts import RUN_ID_ENV, USER_ERROR_EXIT_CODE
 
 # Keys that say where a run is written, how often it is checkpointed, how it is recorded or which cluster runs it,
 # not what it trains: a run that differs from this launch only in these is the same run (a user may well rerun a
-# preempted command asking for more frequent checkpoints). A prefix covers the keys below it.
+# preempted command asking for more frequent checkpoints, or a hung one with other time limits). A prefix covers
+# the keys below it.
 IGNORED_KEYS = ("resume", "output_dir", "hydra", "logger", "objective", "train.save_every", "train.keep_last",
-                "cluster.address", "cluster.num_cpus")
+                "train.collective_timeout_s", "cluster.address", "cluster.num_cpus", "cluster.start_timeout_s",
+                "cluster.call_timeout_s", "cluster.preemption_wait_s")
 # Written when a run has finished: by the supervised stages (trainer.run) and by PPO/GRPO (rlhf.ppo).
 FINISHED_MARKERS = {"supervised": "train_state.json", "rl": "before_after.json"}
 EXPLICIT_DIR_KEYS = ("hydra.run.dir", "output_dir")

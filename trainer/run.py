@@ -70,7 +70,7 @@ def run_stage(dcfg: DictConfig) -> Optional[float]:
 
 def _run(dcfg: DictConfig) -> tuple[int, dict]:
     cfg: TrainingJobConfig = to_typed(dcfg, hydra_overrides())
-    info = init_distributed()
+    info = init_distributed(cfg.train.collective_timeout_s)
     validate(cfg, info.world_size)
     cfg.deepspeed = resolve_zero_stage(cfg.deepspeed, info.world_size)  # everything below sees a number
     run_dir = Path(cfg.output_dir)
