@@ -77,3 +77,24 @@ def test_a_directory_it_cannot_read_exits_2_with_one_line(tmp_path, case):
                 "cut short": "line 2 is cut short", "empty": "empty"}[case]
     assert line.startswith(f"error: {run}") and expected in line, line
     assert not (run / "report.html").exists()
+
+
+def test_the_report_a_run_writes_when_it_ends_is_silent_only_when_nothing_was_logged(tmp_path, capsys):
+    from trainer.report import write_report_quietly
+
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    write_report_quietly(nothing)  # stopped while loading: its own line says so, the last line stays the command
+    (nothing / "metrics.jsonl").write_text("\n")
+    write_report_quietly(nothing)
+    assert capsys.readouterr().out == "" and not (nothing / "report.html").exists()
+
+    broken = fake_run(tmp_path / "broken", "sft", sft_records(1.0))
+    with open(broken / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "train/lo')
+    write_report_quietly(broken)
+    assert capsys.readouterr().out.startswith(f"warning: no report for {broken} (ReportError: ")
+
+    fine = fake_run(tmp_path / "fine", "sft", sft_records(1.0))
+    write_report_quietly(fine)
+    assert capsys.readouterr().out == f"report: {fine / 'report.html'}\n" and (fine / "report.html").is_file()

@@ -493,7 +493,12 @@ def write_report(dirs: list[Path], out_dir: Path) -> Path:
 
 
 def write_report_quietly(run_dir: Path) -> None:
-    """The report a run writes when it ends: a failure here is one warning line, never the run's failure."""
+    """The report a run writes when it ends: a failure here is one warning line, never the run's failure.
+    A run that logged no step yet (preempted or failed while loading) has no curves: no report, and no warning
+    after the line that says how the run ended."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file() or not metrics.read_text().strip():
+        return
     try:
         path = write_report([run_dir], run_dir)
         print(f"report: {path}", flush=True)
