@@ -23,6 +23,7 @@ TINY = [
     "train.eval_every=0",
     "train.export=false",
     "logger.log_every=1",
+    "logger.report=false",  # a few seconds of plotting per run; the tests of reports turn it on
     "optim.warmup_steps=2",
 ]
 
@@ -30,6 +31,8 @@ TINY = [
 PPO_ROLES = ("actor", "critic", "reference", "reward")
 # A PPO run of seconds: few prompts, short answers, small batches.
 PPO_SMALL = [
+    # 64 rows of the synthetic suite: the default's 20,000 take seconds to build and tokenize, per run.
+    f"data.path={Path(__file__).parent / 'data' / 'prompts.jsonl'}",
     "data.max_length=64",
     "rollout.prompts_per_iteration=8",
     "rollout.max_new_tokens=6",
@@ -39,6 +42,7 @@ PPO_SMALL = [
     "train.eval_prompts=8",
     "train.eval_every=0",
     "train.samples_every=1",
+    "logger.report=false",
 ]
 
 

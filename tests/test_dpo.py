@@ -298,7 +298,7 @@ def _dpo_args(pairs, *extra: str) -> list[str]:
 @pytest.mark.distributed
 def test_dpo_one_and_two_process_zero3_runs_agree_and_learn(tmp_path, pairs):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = _dpo_args(pairs, "train.max_steps=8", "train.eval_every=8")
+    common = _dpo_args(pairs, "train.max_steps=8", "train.eval_every=8", "logger.report=true")
     # ZeRO-3 on one rank asked for (auto would not partition it), so both start from the same random init.
     run_stage(one, *common, "train.micro_batch_size=8", "deepspeed=zero3", stage="dpo")
     run_stage(two, *common, "train.micro_batch_size=4", nproc=2, stage="dpo")

@@ -160,7 +160,7 @@ def grpo_run(tmp_path_factory, tiny_model):
     # Exact match scores; the weight-0 probe records Ray's actor table from inside the reward actor.
     functions = ("reward.functions=[{_target_: rlhf.reward_functions.exact_match}, "
                  f"{{_target_: ppo_faults.record_actor_classes, weight: 0.0, path: '{run.parent / 'actors.txt'}'}}]")
-    proc = run_ppo(run, tiny_model, *GRPO, "train.iterations=4", "train.save_every=2", functions,
+    proc = run_ppo(run, tiny_model, *GRPO, "train.iterations=4", "train.save_every=2", "logger.report=true", functions,
                    pythonpath=str(REPO / "tests"))
     return run, proc
 

@@ -223,7 +223,7 @@ def reward_run(tmp_path_factory, pairs) -> tuple[Path, str]:
     """A run that evaluates twice and exports: its directory and what it printed."""
     run_dir = tmp_path_factory.mktemp("rm") / "run"
     proc = run_stage(run_dir, *_reward_args(pairs, "train.max_steps=10", "train.eval_every=5", "train.export=true",
-                                            "train.micro_batch_size=8"), stage="reward")
+                                            "train.micro_batch_size=8", "logger.report=true"), stage="reward")
     return run_dir, proc.stdout
 
 

@@ -45,7 +45,7 @@ def wait_until(cond, timeout: float, what: str, job: str) -> None:
 
 def test_sft_job_trains_on_two_ranks_is_preempted_requeues_itself_and_resumes(slurm_cluster, tmp_path):
     data = write_sft_jsonl(tmp_path / "sft.jsonl", 400)
-    run_dir, final = tmp_path / "run", 60
+    run_dir, final = tmp_path / "run", 30
     job = launch("sft", "--procs-per-node", "2", "--cpus-per-task", "2", "--grace", "60",
                  "--log-dir", str(tmp_path / "logs"), *TINY, f"data.path={data}", "data.eval_path=null",
                  "train.micro_batch_size=2", f"train.max_steps={final}", f"hydra.run.dir={run_dir}")

@@ -120,7 +120,7 @@ def test_resume_reproduces_the_straight_run(tmp_path, small_data):
 def test_preemption_saves_and_resumes(tmp_path, small_data):
     run_dir = tmp_path / "pre"
     cmd = [sys.executable, "-m", "trainer.sft", *TINY, f"data.path={small_data}", "data.eval_path=null",
-           "train.max_steps=100000", "train.micro_batch_size=4", f"hydra.run.dir={run_dir}"]
+           "train.max_steps=100000", "train.micro_batch_size=4", "logger.report=true", f"hydra.run.dir={run_dir}"]
     metrics = run_dir / "metrics.jsonl"
     proc = signal_when(cmd, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, signal.SIGTERM)
     out, err = proc.stdout, proc.stderr
@@ -218,7 +218,7 @@ def test_eval_reports_loss_and_exact_match_per_family(tmp_path, small_data):
     overrides = [o for o in TINY if o != "train.eval_every=0"]
     run_stage(run_dir, *overrides, f"data.path={small_data}", "data.eval_path=synthetic:sft", "train.max_steps=2",
               "train.micro_batch_size=4", "train.eval_every=2", "train.eval_generate_samples=60",
-              "train.eval_max_new_tokens=4")
+              "train.eval_max_new_tokens=4", "logger.report=true")
     metrics = json.loads((run_dir / "eval_metrics.json").read_text())
     assert metrics["step"] == 2 and metrics["eval/loss"] > 0
     assert 0.0 <= metrics["eval/exact_match"] <= 1.0
