@@ -6,7 +6,9 @@ that run, the metrics, resume. The estimators and losses themselves are in tests
 from __future__ import annotations
 
 import json
+import shlex
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -23,7 +25,7 @@ from rlhf.reward_functions import (
     regex_match,
 )
 from reports import assert_report
-from runs import PPO_SMALL, REPO, signal_when, tiny_ppo_model
+from runs import PPO_SMALL, REPO, run_env, signal_when, tiny_ppo_model
 from test_ppo import iterations_done, records, run_ppo, toy_policy
 from trainer.sampling import derive_seed
 
@@ -198,15 +200,32 @@ def test_grpo_run_writes_its_report(grpo_run):
 
 
 @pytest.mark.distributed
-def test_grpo_resume_reproduces_the_straight_run(grpo_run, tiny_model, tmp_path):
+@pytest.mark.slow
+def test_a_run_preempted_in_the_default_directory_continues_with_the_printed_command_as_the_straight_run(
+        grpo_run, tiny_model, tmp_path):
+    """As a user meets a preemption: the run was typed with no run directory, SIGTERM (which ray.init would
+    otherwise turn into an exit of the driver; test_ppo's run uses SIGUSR1) ends it with 75 and the command that
+    continues; that command, typed in the same place, finds the run in its default directory, continues it there,
+    and every iteration equals the straight run's."""
     run, _ = grpo_run
-    resumed = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, *GRPO, "train.iterations=4",
-           "train.save_every=100", f"hydra.run.dir={resumed}"]
-    # SIGTERM, which ray.init would otherwise turn into an exit of the driver (test_ppo's run uses SIGUSR1).
-    proc = signal_when(cmd, lambda: bool(iterations_done(resumed)), signal.SIGTERM)
-    assert proc.returncode == 75, proc.stderr[-3000:]
-    run_ppo(resumed, tiny_model, *GRPO, "train.iterations=4", "train.save_every=100", "resume=auto")
+    typed = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, *GRPO, "train.iterations=4",
+             "train.save_every=100"]
+    env = run_env()
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as users run it: the driver keeps Ray on loopback
+    env["PYTHONPATH"] = str(REPO)  # the runs start in a scratch directory, whose outputs/ is the outputs root
+    runs = tmp_path / "outputs" / "ppo"
+    first = signal_when(typed, lambda: any(iterations_done(r) for r in runs.glob("*")), signal.SIGTERM, env=env,
+                        cwd=tmp_path)
+    assert first.returncode == 75, first.stderr[-3000:]
+    (resumed,) = runs.iterdir()
+    line = next(l for l in first.stdout.splitlines() if l.startswith("preempted:"))
+    command = shlex.split(line.split("to continue: ", 1)[1])
+    assert command[1:] == [*typed[1:], "resume=auto"]
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resume=auto: continuing outputs/ppo/{resumed.name} from step " in again.stdout
+    assert list(runs.iterdir()) == [resumed] and (resumed / "before_after.json").exists()
     a, b = records(run), records(resumed)
     assert iterations_done(resumed) == [1, 2, 3, 4]
     for step in range(1, 5):

@@ -1,6 +1,7 @@
 """`resume=auto` without a run directory (trainer/resume.py): which unfinished run it continues, when it refuses
 to guess, the command a preempted run prints; and the preempted run in the default directory that the printed
-command continues."""
+command continues (for SFT here; tests/test_grpo.py preempts a GRPO run in its default directory and continues
+it with the printed command)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import PPO_SMALL, REPO, TINY, losses, run_env, signal_when, tiny_ppo_model, write_sft_jsonl
+from runs import REPO, TINY, losses, run_env, signal_when, write_sft_jsonl
 from trainer.contracts import RUN_ID_ENV
 from trainer.resume import (Candidate, Decision, claim, config_differences, hold_run_lock, is_running,
                             launcher_words, pick, scan, wants_discovery, with_resume_auto)
@@ -266,32 +267,6 @@ def test_both_ranks_of_a_preempted_torchrun_launch_continue_in_its_directory(tmp
     assert sorted(losses(run_dir)) == list(range(1, 41))
     assert {p.name for p in (run_dir / "checkpoints" / "step_00000040").glob("rng_rank*.pt")} == {
         "rng_rank0.pt", "rng_rank1.pt"}
-
-
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_a_grpo_run_preempted_in_the_default_directory_continues_with_the_printed_command(tmp_path):
-    from test_ppo import iterations_done
-
-    model = tiny_ppo_model(tmp_path / "tiny_model")
-    typed = [sys.executable, "-m", "rlhf.ppo", *model, *PPO_SMALL, "algo=grpo", "rollout.prompts_per_iteration=4",
-             "algo.mini_batch_size=8", "actor.micro_batch_size=4", "train.iterations=3", "train.save_every=100"]
-    env = _cli_env()
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as users run it: the driver keeps Ray on loopback
-    runs = tmp_path / "outputs" / "ppo"
-    first = signal_when(typed, lambda: any(iterations_done(r) for r in runs.glob("*")), signal.SIGUSR1, env=env,
-                        cwd=tmp_path)
-    assert first.returncode == 75, first.stderr[-3000:]
-    (run_dir,) = runs.iterdir()
-    line = next(l for l in first.stdout.splitlines() if l.startswith("preempted:"))
-    command = shlex.split(line.split("to continue: ", 1)[1])
-    assert command[1:] == [*typed[1:], "resume=auto"]
-
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resume=auto: continuing outputs/ppo/{run_dir.name} from step " in again.stdout
-    assert list(runs.iterdir()) == [run_dir] and (run_dir / "before_after.json").exists()
-    assert iterations_done(run_dir)[-1] == 3
 
 
 def test_two_candidates_that_disagree_stop_the_run_in_one_line(tmp_path):
