@@ -59,8 +59,10 @@ def _start_ray(cfg: PPOConfig) -> tuple[bool, bool]:
         # because `keep_local_ray_on_loopback` ran before Ray was imported.
         # address="local": a new instance even when another Ray cluster on this machine (an earlier
         # `ray start`) is what a bare ray.init() would join.
+        # Ray starts one idle worker per CPU for a new instance's first driver; every role's actors carry a
+        # runtime_env (Driver.start), which such a worker cannot take, so they would only cost start-up time.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=True)
+                 log_to_driver=True, _system_config={"prestart_worker_first_driver": False})
         started = True
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     return started, use_gpu

@@ -39,7 +39,7 @@ from trainer.engine import (
 )
 from trainer.model import load_tokenizer
 from trainer.objectives import per_token_scores
-from trainer.sampling import derive_seed
+from trainer.sampling import derive_seed, seed_everything
 from trainer.step import count_skip, optimizer_step_over
 
 
@@ -71,9 +71,7 @@ class RoleWorker:
         self.role_cfg: RoleConfig = replace(role_cfg, deepspeed=resolve_zero_stage(role_cfg.deepspeed, world_size))
         if not has_gpu():
             torch.set_num_threads(cfg.cluster.torch_threads)
-        from transformers import set_seed
-
-        set_seed(cfg.seed)  # random-init roles (tests) start from the same weights in every process
+        seed_everything(cfg.seed)  # random-init roles (tests) start from the same weights in every process
         self.engine = None
         self.model: Optional[torch.nn.Module] = None  # what forward passes run through
         self.info: Optional[DistInfo] = None

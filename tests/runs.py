@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -100,6 +101,33 @@ def run_env() -> dict:
     env.pop("TUNEFORGE_RUN_ID", None)
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     return env
+
+
+def marked() -> dict:
+    """An environment variable marking one run: every process it starts (torchrun's ranks, Ray's servers and
+    workers) inherits it, so `processes_of` finds them whoever else runs on this machine."""
+    return {"TUNEFORGE_TEST_RUN": uuid.uuid4().hex}
+
+
+def processes_of(env: dict) -> dict[int, str]:
+    """{pid: command line} of the live processes started with `env`'s TUNEFORGE_TEST_RUN mark (`marked`)."""
+    mark = f"TUNEFORGE_TEST_RUN={env['TUNEFORGE_TEST_RUN']}".encode()
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+    return found
+
+
+def left_behind(env: dict, within_s: float = 10) -> list[str]:
+    """The command lines of the marked run's processes still alive `within_s` after it ended."""
+    deadline = time.time() + within_s  # killed processes may take a moment to go
+    while (found := processes_of(env)) and time.time() < deadline:
+        time.sleep(0.5)
+    return list(found.values())
 
 
 def run_stage(run_dir: Path, *overrides: str, nproc: int = 1, stage: str = "sft", check: bool = True, timeout: int = 600):

@@ -11,13 +11,12 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from runs import PPO_SMALL, REPO, run_env, signal_when, tiny_ppo_model
+from runs import PPO_SMALL, REPO, left_behind, marked, run_env, signal_when, tiny_ppo_model
 
 import rlhf.group as group
 from trainer.preemption import PreemptionFlag
@@ -132,8 +131,9 @@ def test_a_rank_waiting_for_a_peer_gives_up_after_the_collective_timeout_in_ever
 
 # ------------------------------------------------------------------------------------------ a hung reward function
 
+# One policy rank: the hang is the reward role's (the default two ranks' layout runs in tests/test_grpo.py).
 GRPO = ["algo=grpo", "rollout.prompts_per_iteration=4", "algo.mini_batch_size=8", "actor.micro_batch_size=4",
-        "reward_source=exact_match"]
+        "reward_source=exact_match", "actor.devices_per_node=1"]
 
 
 @pytest.fixture(scope="module")
@@ -151,29 +151,8 @@ def hung_run(run_dir: Path, model: list[str], *overrides: str) -> tuple[list[str
            f"reward.functions={fn}", *overrides, f"hydra.run.dir={run_dir}"]
     env = run_env()
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as users run it: the driver keeps Ray on loopback
-    env.update(PYTHONPATH=str(REPO / "tests"), TUNEFORGE_TEST_RUN=uuid.uuid4().hex)
+    env.update(PYTHONPATH=str(REPO / "tests"), **marked())
     return cmd, env, marker
-
-
-def processes_of(env: dict) -> list[str]:
-    """Command lines of the live processes started with `env`'s TUNEFORGE_TEST_RUN (the driver, Ray's servers
-    and workers), whoever else runs Ray on this machine."""
-    mark = f"TUNEFORGE_TEST_RUN={env['TUNEFORGE_TEST_RUN']}".encode()
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            continue
-    return found
-
-
-def left_behind(env: dict, within_s: float = 10) -> list[str]:
-    deadline = time.time() + within_s  # killed processes may take a moment to go
-    while (found := processes_of(env)) and time.time() < deadline:
-        time.sleep(0.5)
-    return found
 
 
 def latest(run_dir: Path) -> str:

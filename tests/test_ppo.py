@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fake_groups import scheduling_driver
-from runs import PPO_SMALL, REPO, run_env, signal_when, tiny_ppo_model
+from runs import PPO_SMALL, REPO, left_behind, marked, processes_of, run_env, signal_when, tiny_ppo_model
 from rlhf.config import PPOConfig
 from rlhf.experience import build_rollout, cut_at_stop, pad_right, response_positions
 from rlhf.scoring import sample_prompts, score_rollout
@@ -55,6 +55,14 @@ def iterations_done(run_dir: Path) -> list[int]:
         if "time/iteration_s" in record:
             done.append(record["step"])
     return done
+
+
+def committed(run_dir: Path) -> int:
+    """The last iteration the driver committed (0 before the first)."""
+    try:
+        return int((run_dir / "checkpoints" / "driver" / "latest").read_text().split("_")[1])
+    except (FileNotFoundError, IndexError, ValueError):  # not yet, or caught mid-write
+        return 0
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -367,15 +375,20 @@ def test_a_policy_rank_killed_mid_run_ends_it_naming_the_rank(tiny_model, tmp_pa
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, "train.iterations=200", "train.save_every=1",
            f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**run_env(), **marked()}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not (run / "checkpoints" / "driver" / "step_00000002.json").exists():
-            time.sleep(0.5)
+        while time.time() < deadline and committed(run) < 2:  # (iterations may be pruned between two looks)
+            time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed"
-        pids = subprocess.run(["pgrep", "-f", "ray::PolicyWorker"], capture_output=True, text=True).stdout.split()
-        assert len(pids) == 2, pids
-        os.kill(int(pids[-1]), signal.SIGKILL)
+        running = processes_of(env)
+        policy = sorted(pid for pid, line in running.items() if "ray::PolicyWorker" in line)
+        assert len(policy) == 2, running
+        # No idle Ray workers: the local instance starts none ahead (no actor could take one: each carries a
+        # runtime_env), which Ray would otherwise do, one per CPU slot.
+        assert not [line for line in running.values() if "ray::IDLE" in line], running
+        os.kill(policy[-1], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
@@ -386,10 +399,8 @@ def test_a_policy_rank_killed_mid_run_ends_it_naming_the_rank(tiny_model, tmp_pa
     assert int(latest.split("_")[1]) >= 2
     for role in ("actor", "critic"):
         assert (run / "checkpoints" / role / latest / "COMPLETE").exists()
-    deadline = time.time() + 60  # the driver killed the actors and stopped its Ray instance
-    while subprocess.run(["pgrep", "-f", "ray::"], capture_output=True).returncode == 0 and time.time() < deadline:
-        time.sleep(1)
-    assert subprocess.run(["pgrep", "-f", "ray::"], capture_output=True).returncode == 1, "Ray workers left behind"
+    # The driver killed the actors and stopped its Ray instance (servers included).
+    assert not left_behind(env, within_s=60), "processes of the run left behind"
 
 
 @pytest.mark.parametrize("overrides, environ, joins", [

@@ -48,12 +48,12 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
 
 @pytest.mark.distributed
 def test_one_rank_warned_is_enough_and_the_two_rank_resume_equals_the_straight_run(tmp_path, data):
+    # A fixed lr schedule (tiny_sft): the preempted run is given far more steps than it gets to train, so the
+    # warning always lands mid-run however fast the machine, and the straight run trains as many as the resume.
     common = [*tiny_sft(data), "train.micro_batch_size=2", "train.save_every=1000"]
     straight, run_dir = tmp_path / "straight", tmp_path / "preempted"
-    run_stage(straight, *common, "train.max_steps=12", nproc=2)
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.sft",
-           *common, "train.max_steps=12", f"hydra.run.dir={run_dir}"]
+           *common, "train.max_steps=100000", f"hydra.run.dir={run_dir}"]
     launcher = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         metrics = run_dir / "metrics.jsonl"
@@ -69,15 +69,18 @@ def test_one_rank_warned_is_enough_and_the_two_rank_resume_equals_the_straight_r
     finally:
         if launcher.poll() is None:
             launcher.kill()
+    # (torchrun itself exits 1: its agent reports any rank's non-zero exit, 75 included, as a failure)
     assert "preempted: checkpoint saved at step " in stdout, stderr[-3000:]
     tag = (run_dir / "checkpoints" / "latest").read_text()
     stopped_at = int(tag.split("_")[1])
-    assert 3 <= stopped_at < 12
+    assert stopped_at >= 3
     # Both ranks saved that step (rank 0 was never signalled).
     assert {p.name for p in (run_dir / "checkpoints" / tag).glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
 
-    run_stage(run_dir, *common, "train.max_steps=12", "resume=auto", nproc=2)
-    assert_same_losses(straight, run_dir, 12)
+    final = stopped_at + 3
+    run_stage(run_dir, *common, f"train.max_steps={final}", "resume=auto", nproc=2)
+    run_stage(straight, *common, f"train.max_steps={final}", nproc=2)
+    assert_same_losses(straight, run_dir, final)
 
 
 @pytest.mark.distributed

@@ -83,6 +83,19 @@ def test_torch_linear_undoes_zero3s_process_wide_linear_wrapper_for_a_while(memo
     assert proc.stdout.strip().splitlines()[-1] == seen
 
 
+def test_forming_the_cpu_process_group_compiles_nothing(tmp_path):
+    """DeepSpeed's CPU backend would JIT-compile its inference all-reduce op as the group forms (minutes on this
+    machine, once per environment, and a ninja check in every process after); training never calls it."""
+    probe = ("from trainer.engine import init_distributed; init_distributed(); "
+             "import deepspeed.comm.comm as c; print('op', c.cdb.shm_comm_op)")
+    extensions = tmp_path / "torch_extensions"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**run_env(), "TORCH_EXTENSIONS_DIR": str(extensions)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "op None" in proc.stdout
+    assert not extensions.exists() or not any(extensions.iterdir())
+
+
 @pytest.mark.distributed
 def test_gradient_accumulation_matches_a_bigger_micro_batch(tmp_path, small_data):
     common = [*TINY, f"data.path={small_data}", "data.eval_path=null", "train.max_steps=4"]

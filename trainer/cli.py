@@ -75,10 +75,10 @@ def _silence_library_noise() -> None:
 
 
 def _per_environment_extension_cache() -> None:
-    # DeepSpeed JIT-builds a CPU communication op into torch's shared extension cache
-    # under a file lock. Two Python environments on one machine would rebuild it over
-    # each other, and a run killed mid-build leaves a lock that hangs every later start,
-    # so each environment gets its own cache.
+    # DeepSpeed JIT-builds its ops (CPU Adam for optimizer offload, say) into torch's shared
+    # extension cache under a file lock. Two Python environments on one machine would rebuild
+    # them over each other, and a run killed mid-build leaves a lock that hangs every later
+    # start, so each environment gets its own cache.
     tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{tag}"))
     _remove_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))

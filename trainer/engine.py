@@ -8,6 +8,7 @@ copy. The same code runs NCCL + bf16 on GPUs and gloo + fp32 on a CPU.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -71,9 +72,23 @@ def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S)
         # rendezvous, so its store lives in memory and nothing listens (DeepSpeed joins the initialised group).
         dist.init_process_group(dist_backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if not dist.is_initialized() or not deepspeed.comm.is_initialized():
+        _leave_the_inference_all_reduce_unbuilt()
         deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False, timeout=timeout)
     set_collective_timeout(collective_timeout_s)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def _leave_the_inference_all_reduce_unbuilt() -> None:
+    """On the CPU accelerator, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op as it
+    starts: minutes of compiling on a small machine the first time in an environment, and a ninja up-to-date check
+    in every process after. Only `deepspeed.comm.inference_all_reduce` (tensor-parallel inference) calls the op; it
+    falls back to torch's all_reduce without it, and training's collectives never use it. So it is not built."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # By its module path: `deepspeed.comm.torch` as an attribute is the torch package, which
+        # deepspeed.comm's star import puts there.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def set_collective_timeout(seconds: float) -> None:

@@ -13,14 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    LlamaConfig,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 from trainer.config import ConfigError, ModelConfig
 
@@ -105,6 +98,10 @@ def tiny_llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> L
 def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype):
     """Build the policy model. Call inside the ZeRO-3 context (see engine.zero3_init_context)
     so large checkpoints are loaded straight into partitions instead of whole on every rank."""
+    # Imported here: transformers' modeling code costs seconds of start-up, and processes that only check
+    # sources or tokenize (the RL driver, the launchers) never build a model.
+    from transformers import AutoModelForCausalLM
+
     return _build(AutoModelForCausalLM, cfg, tokenizer, dtype, {})
 
 
@@ -112,6 +109,8 @@ def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dty
     """A backbone with a scalar head (`num_labels=1`). Starting from a causal-LM checkpoint
     (an SFT export) keeps the backbone and initialises the head fresh. The score is read at
     the last non-padding token, which the model finds through `config.pad_token_id`."""
+    from transformers import AutoModelForSequenceClassification
+
     model = _build(AutoModelForSequenceClassification, cfg, tokenizer, dtype, {"num_labels": 1})
     model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from transformers import set_seed
 
 from trainer.adapters import add_adapters, check_adapter_source, parameter_summary
 from trainer.checkpoint import (
@@ -43,6 +42,7 @@ from trainer.model import check_model_source, load_tokenizer
 from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
 from trainer.resume import hold_run_lock, resume_command
+from trainer.sampling import seed_everything
 from trainer.stages import build_stage
 from trainer.sweep import current_member, join_submitit_ranks, objective, tag_logger
 
@@ -74,7 +74,7 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     validate(cfg, info.world_size)
     cfg.deepspeed = resolve_zero_stage(cfg.deepspeed, info.world_size)  # everything below sees a number
     run_dir = Path(cfg.output_dir)
-    set_seed(cfg.seed)
+    seed_everything(cfg.seed)
 
     check_model_source(cfg.model, "model")
     check_adapter_source(cfg.peft)

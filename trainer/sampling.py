@@ -6,8 +6,19 @@ need: an order is a function of (seed, stream, position)."""
 from __future__ import annotations
 
 import hashlib
+import random
 
+import numpy as np
 import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (torch.manual_seed seeds every device's): what
+    transformers.set_seed does on CUDA and CPU, whose module (trainer_utils) imports peft and with it
+    transformers' modeling code, seconds of start-up in processes that build no model."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def derive_seed(seed: int, *keys: int | str) -> int:
