@@ -44,9 +44,9 @@ def test_redaction_by_key_and_by_value():
 
 
 def test_a_run_writes_no_secret_given_as_an_override(tmp_path):
-    """config.yaml, deepspeed_config.json, Hydra's .hydra/*.yaml and the W&B run (config and command line).
-    `deepspeed.extra` is the carrier because it is a free-form dict the schema accepts; DeepSpeed itself pickles
-    its config into the checkpoint's model states, so checkpoints are left out of the scan."""
+    """config.yaml, deepspeed_config.json, Hydra's .hydra/*.yaml, the W&B run (config and command line) and the
+    checkpoint, whose states DeepSpeed pickles its config into. `deepspeed.extra` is the carrier because it is a
+    free-form dict the schema accepts."""
     data = write_sft_jsonl(tmp_path / "sft.jsonl", 16)
     run = tmp_path / "run"
     env = run_env()
@@ -56,7 +56,8 @@ def test_a_run_writes_no_secret_given_as_an_override(tmp_path):
            f"+deepspeed.extra.hf_token={SK_SECRET}", f"+deepspeed.extra.note={HF_SECRET}", f"hydra.run.dir={run}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != data and "checkpoints" not in p.parts]
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != data]
+    assert any(p.name.endswith("model_states.pt") for p in written)  # a checkpoint, with DeepSpeed's config in it
     for path in written:
         for secret in (SK_SECRET, HF_SECRET):
             assert secret.encode() not in path.read_bytes(), f"secret leaked into {path}"

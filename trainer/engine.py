@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import DeepSpeedConfig, OptimConfig, resolve_zero_stage
+from trainer.contracts import scrub_secrets
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,7 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: Optional[Op
     if optim is None:
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         set_collective_timeout(_collective_timeout.total_seconds())  # the groups DeepSpeed has just made
-        return engine
+        return _redacted(engine)
     optimizer = build_optimizer(model, optim, offload=ds.offload_optimizer)
 
     # A callable, so the schedule wraps the optimizer DeepSpeed actually steps.
@@ -309,4 +310,12 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: Optional[Op
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     set_collective_timeout(_collective_timeout.total_seconds())  # the groups DeepSpeed has just made
+    return _redacted(engine)
+
+
+def _redacted(engine):
+    """DeepSpeed pickles `engine.config`, the dict it was given, into every checkpoint's states (`ds_config`): a secret
+    in it (a monitor's API key in `deepspeed.extra`, say) would be written there. Its parsed copy, which the engine
+    and its monitors run on, keeps the values; the dict checkpoints record is redacted."""
+    engine.config = scrub_secrets(engine.config)
     return engine
