@@ -1,7 +1,8 @@
 """The embedded default, stage after stage, as a user runs it: each `python -m <module>` with no override, in
 its own process, in a scratch directory (so the stages chain through that directory's outputs/ only), with its
 wall time and what it reports. Writes one JSON file: the command, machine, versions, commit, the load average
-before each stage, and per stage the wall time, the final evaluation and (RL) the before/after table.
+before each stage, and per stage the wall time, the processes it ran (by kind) and the peak of their summed
+resident memory, the per-rank peaks the run logged, the final evaluation and (RL) the before/after table.
 
     python -m bench.default_pipeline --out bench/results/default_pipeline.json
     python -m bench.default_pipeline --stages sft reward ppo "ppo algo=grpo" --out ...
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -38,20 +40,82 @@ def run_stage(stage: str, work: Path) -> dict:
     before = set(out_dir.iterdir()) if out_dir.exists() else set()
     cmd = [sys.executable, "-m", STAGES[name], *overrides]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    mark = uuid.uuid4().hex
+    env["BENCH_STAGE_MARK"] = mark  # inherited by every process the stage starts (ranks, Ray's servers and actors)
     load = os.getloadavg()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{stage} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=err, text=True)
+        seen = watch(proc, f"BENCH_STAGE_MARK={mark}".encode())
+        seconds = time.perf_counter() - t0
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{stage} failed ({proc.returncode}):\n{err.read()[-3000:]}")
     (run_dir,) = set(out_dir.iterdir()) - before
     result = {"stage": stage, "command": shlex.join(["python", "-m", STAGES[name], *overrides]),
-              "load_average_before": load, "wall_s": round(seconds, 1), "run_dir": str(run_dir.relative_to(work))}
+              "load_average_before": load, "wall_s": round(seconds, 1), "run_dir": str(run_dir.relative_to(work)),
+              **seen, "logged_peak_memory_gb": logged_peak_memory(run_dir)}
     for file, key in (("eval_metrics.json", "final_eval"), ("before_after.json", "before_after")):
         if (run_dir / file).exists():
             result[key] = json.loads((run_dir / file).read_text())
     print(f"{stage}: {seconds:.0f} s", flush=True)
     return result
+
+
+def watch(proc: subprocess.Popen, mark: bytes, every_s: float = 0.5) -> dict:
+    """Until `proc` exits, every `every_s`: the processes whose environment holds `mark`. Returns how many there were
+    by kind (`process_kind`) and the peak of their summed resident memory (a sampled peak: a spike shorter than
+    `every_s` can be missed; the runs' own per-rank peaks are in `logged_peak_memory`)."""
+    kinds: dict[int, str] = {}
+    peak_kib = 0
+    while proc.poll() is None:
+        total = 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if mark not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    continue
+                rss = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                           if line.startswith("VmRSS:"))
+                kinds.setdefault(int(pid), process_kind(Path(f"/proc/{pid}/cmdline").read_bytes()))
+                total += int(rss.split()[1])
+            except (OSError, StopIteration, ValueError):  # gone, or a kernel thread without VmRSS
+                continue
+        peak_kib = max(peak_kib, total)
+        time.sleep(every_s)
+    counts: dict[str, int] = {}
+    for kind in kinds.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return {"processes": len(kinds), "process_kinds": dict(sorted(counts.items())),
+            "peak_resident_gb": round(peak_kib / 2**20, 3)}
+
+
+def process_kind(cmdline: bytes) -> str:
+    """"ray::PolicyWorker" for a Ray actor (its title, less the method it runs), "python -m trainer.sft" for a
+    module, else the program's name (and a Python script's)."""
+    argv = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0].split(".")[0]
+    program = Path(argv[0]).name
+    if not program.startswith("python"):
+        return program
+    for option in ("-m", "-c"):
+        if option in argv[1:-1]:
+            return f"python {option} {argv[argv.index(option) + 1]}" if option == "-m" else "python -c"
+    script = next((a for a in argv[1:] if not a.startswith("-")), None)
+    return f"python {Path(script).name}" if script else "python"
+
+
+def logged_peak_memory(run_dir: Path) -> dict[str, float]:
+    """The largest value of each `*memory_gb` metric the run logged (a rank's peak resident memory on the CPU)."""
+    peaks: dict[str, float] = {}
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        for key, value in json.loads(line).items():
+            if key.endswith("memory_gb") and isinstance(value, (int, float)):
+                peaks[key] = max(peaks.get(key, 0.0), value)
+    return peaks
 
 
 HEADLINE = ("eval/exact_match", "eval/em_split/trained_families_seen_phrasing",
@@ -61,9 +125,16 @@ HEADLINE = ("eval/exact_match", "eval/em_split/trained_families_seen_phrasing",
 
 def tables(report: dict) -> str:
     """Markdown: each stage's wall time and load, then each RL stage's before/after table (from the file)."""
-    lines = ["| command | wall time | load average before |", "| --- | ---: | ---: |"]
+    lines = ["| command | wall time | load average before | processes | peak resident memory, all processes |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| `{s['command']}` | {s['wall_s'] // 60:.0f} min {s['wall_s'] % 60:02.0f} s | "
-              f"{s['load_average_before'][0]:.2f} |" for s in report["stages"]]
+              f"{s['load_average_before'][0]:.2f} | {s.get('processes', '')} | "
+              + (f"{s['peak_resident_gb']:.2f} GiB |" if "peak_resident_gb" in s else " |") for s in report["stages"]]
+    if any("process_kinds" in s for s in report["stages"]):
+        lines += ["", "| command | processes by kind | peak per rank, as logged |", "| --- | --- | --- |"]
+        lines += [f"| `{s['command']}` | " + ", ".join(f"{k} x{n}" for k, n in s["process_kinds"].items()) + " | "
+                  + ", ".join(f"{k} {v:.2f} GiB" for k, v in s["logged_peak_memory_gb"].items()) + " |"
+                  for s in report["stages"] if "process_kinds" in s]
     for s in report["stages"]:
         if "before_after" in s:
             (end,) = [k for k in next(iter(s["before_after"].values())) if k != "start"]
