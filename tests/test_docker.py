@@ -10,8 +10,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,7 +111,7 @@ def ppo_overrides(container: dict) -> list[str] | None:
         words = shlex.split(line, comments=True)
         for i in range(len(words) - 2):
             if words[i:i + 3] == ["python", "-m", "rlhf.ppo"]:
-                return words[i + 3:]
+                return [w for w in words[i + 3:] if w != "&"]  # run in the background
     return None
 
 
@@ -394,7 +396,17 @@ def test_kuberay_check_catches_exposure_and_leaks(kuberay, dockerfile, mutate, e
     assert any(expected in p for p in problems), (expected, problems)
 
 
-def test_kuberay_ppo_command_validates_and_fits_the_gpu_workers(kuberay, tmp_path, monkeypatch):
+@pytest.fixture
+def exports_here(tmp_path, monkeypatch):
+    """A working directory whose outputs/ holds an SFT and a reward export: PPO starts from the newest ones on the
+    shared volume."""
+    monkeypatch.chdir(tmp_path)
+    for stage in ("sft", "reward"):
+        (tmp_path / "outputs" / stage / "run1" / "hf_model").mkdir(parents=True)
+        (tmp_path / "outputs" / stage / "run1" / "train_state.json").write_text("{}")
+
+
+def test_kuberay_ppo_command_validates_and_fits_the_gpu_workers(kuberay, exports_here):
     from rlhf.config import validate as validate_ppo
     from rlhf.placement import RoleLayout, check_resources
     from trainer.contracts import ROLES
@@ -402,11 +414,6 @@ def test_kuberay_ppo_command_validates_and_fits_the_gpu_workers(kuberay, tmp_pat
 
     cluster, job = kuberay
     driver = containers(job)[0]
-    # PPO starts from the newest SFT and reward exports on the shared volume.
-    monkeypatch.chdir(tmp_path)
-    for stage in ("sft", "reward"):
-        (tmp_path / "outputs" / stage / "run1" / "hf_model").mkdir(parents=True)
-        (tmp_path / "outputs" / stage / "run1" / "train_state.json").write_text("{}")
     cfg = compose("ppo", ppo_overrides(driver))
     validate_ppo(cfg)
     assert cfg.cluster.address == "auto"
@@ -424,6 +431,59 @@ def test_kuberay_ppo_command_validates_and_fits_the_gpu_workers(kuberay, tmp_pat
     check_resources(layouts, cfg.cluster.colocate, use_gpu=True, nodes=nodes)  # raises PlacementError if not
     # The driver waits for exactly the GPUs the worker group brings.
     assert {e["name"]: e.get("value") for e in driver["env"]}["EXPECTED_GPUS"] == f"{gpus:g}"
+
+
+def test_the_kuberay_driver_pod_gets_the_preemption_warning_and_its_replacement_resumes(kuberay, exports_here):
+    """The Job restarts a preempted (75) or evicted driver, whose replacement runs the same command, which resumes
+    (resume=auto in the run's one directory); a bad config (2) fails the Job; the grace period outlasts the
+    driver's own wait before it saves."""
+    from trainer.compose import compose
+
+    _, job = kuberay
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    rules = {(r["action"], tuple(r.get("onExitCodes", {}).get("values", [])),
+              tuple(c["type"] for c in r.get("onPodConditions", []))) for r in spec["podFailurePolicy"]["rules"]}
+    assert rules == {("FailJob", (2,), ()), ("Ignore", (75,), ()), ("Ignore", (), ("DisruptionTarget",))}
+    assert spec["backoffLimit"] > 0 and pod["restartPolicy"] == "Never"
+    overrides = ppo_overrides(containers(job)[0])
+    assert "resume=auto" in overrides and any(o.startswith("hydra.run.dir=outputs/") for o in overrides)
+    assert pod["terminationGracePeriodSeconds"] > compose("ppo", overrides).cluster.preemption_wait_s
+
+
+def test_the_kuberay_driver_script_passes_sigterm_to_the_driver_and_exits_with_its_status(kuberay, tmp_path):
+    """The driver container's script, run by bash with `ray` and `python` stand-ins: SIGTERM to the shell (the pod's
+    PID 1, which passes no signal on by itself) reaches the driver, and the script exits with the driver's 75."""
+    _, job = kuberay
+    script = "\n".join(containers(job)[0]["args"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text("#!/bin/sh\nexit 0\n")
+    # The GPU wait (`python -`) returns at once; the driver says it started, and on SIGTERM saves and exits 75.
+    (bin_dir / "python").write_text(f"""#!/bin/sh
+if [ "$1" = "-" ]; then cat >/dev/null; exit 0; fi
+trap 'echo TERM > {tmp_path}/got; exit 75' TERM
+echo "$@" > {tmp_path}/started
+while :; do sleep 0.1; done
+""")
+    for stub in ("ray", "python"):
+        (bin_dir / stub).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_HEAD": "head:6379", "EXPECTED_GPUS": "16"}
+    shell = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.time() + 30
+        while not (tmp_path / "started").exists() and shell.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "started").exists(), shell.stderr.read() if shell.poll() is not None else "no driver"
+        assert "rlhf.ppo" in (tmp_path / "started").read_text()
+        shell.send_signal(signal.SIGTERM)
+        shell.wait(timeout=30)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+        subprocess.run(["pkill", "-f", str(bin_dir / "python")], check=False)  # a driver the shell left behind
+    assert (tmp_path / "got").exists(), "the driver never got SIGTERM"
+    assert shell.returncode == 75
 
 
 def test_compose_example_passes_the_key_through_and_publishes_nothing():
