@@ -132,10 +132,11 @@ def kill_jobs(job_ids: list[str]) -> None:
     subprocess.run(["scancel", *job_ids], capture_output=True)  # and any that are still pending
 
 
-def send_signal(job_id: str, name: str, *, batch: bool = False) -> None:
+def send_signal(job_id: str, name: str, *, batch: bool = False, full: bool = False) -> None:
     """`scancel --signal`: by default Slurm signals only the job's srun steps; `batch=True`
-    signals only the batch script's shell (where a `trap` runs), not its children."""
-    cmd = ["scancel", f"--signal={name}", *(["--batch"] if batch else []), job_id]
+    signals only the batch script's shell (where a `trap` runs), not its children; `full=True` every
+    process of the job, the batch script's and every step's (what a preemption does)."""
+    cmd = ["scancel", f"--signal={name}", *(["--batch"] if batch else []), *(["--full"] if full else []), job_id]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 

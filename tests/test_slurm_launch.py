@@ -1,6 +1,7 @@
 """launch.slurm against the real one-node SLURM cluster (scripts/slurm_local.sh): a 2-rank ZeRO-3
 SFT job preempted (SIGUSR1, as before a time limit), requeued by its own script and resumed, and a
-PPO job on a Ray cluster formed inside the allocation. Several nodes cannot be had here;
+PPO job on a Ray cluster formed inside the allocation, preempted (SIGTERM to every process), requeued and
+resumed. Several nodes cannot be had here;
 tests/test_launch.py runs the same scripts on two simulated nodes."""
 
 from __future__ import annotations
@@ -64,25 +65,41 @@ def test_sft_job_trains_on_two_ranks_is_preempted_requeues_itself_and_resumes(sl
     assert max(steps) == final and steps.count(stopped_at + 1) == 1, "resumed after the checkpoint"
 
 
-def test_ppo_job_forms_a_ray_cluster_runs_the_driver_and_stops_ray(slurm_cluster, tmp_path):
-    # Preemption itself is the driver's (SIGUSR1 -> save -> exit 75, tests/test_ppo.py) and the batch
-    # script's (trap -> forward -> requeue, the SFT test above); one PPO start here keeps this short.
+def test_ppo_job_forms_a_ray_cluster_is_preempted_requeues_itself_resumes_and_stops_ray(slurm_cluster, tmp_path):
+    """What a preemption does, SIGTERM to every process of the job (`scancel --signal=TERM --full`): the Ray
+    steps stop with it, so the iteration in flight cannot be saved; the job requeues itself, the run resumes from
+    its last committed iteration and finishes, and each attempt's Ray cluster is gone with it. (SIGUSR1 before a
+    time limit goes to the batch script alone, which passes it to the driver: the iteration is saved, as in
+    tests/test_ppo.py.)"""
+    from test_ppo import committed
+
     model = tiny_ppo_model(tmp_path / "model")
-    run_dir, final = tmp_path / "ppo", 3
+    run_dir, final = tmp_path / "ppo", 6
     # One node here, so the head may stay on loopback; 5 CPU slots for the 5 role actors.
     job = launch("ppo", "--cpus-per-task", "2", "--ray-head-ip", "127.0.0.1", "--ray-cpus-per-node", "6",
                  "--grace", "60", "--log-dir", str(tmp_path / "logs"), *model, *PPO_SMALL,
-                 f"train.iterations={final}", f"hydra.run.dir={run_dir}")
+                 f"train.iterations={final}", "train.save_every=1", f"hydra.run.dir={run_dir}")
+    wait_until(lambda: committed(run_dir) >= 2, 400, "2 committed iterations", job)
+    send_signal(job, "TERM", full=True)
+    wait_for(job, "PENDING", timeout=120)  # the script saw the run end after the warning, and requeued the job
+    kept = committed(run_dir)
+    assert 2 <= kept < final
     wait_for(job, "COMPLETED", timeout=400)
     log = Path(job_info(job)["StdOut"]).read_text(errors="replace")  # tqdm bars cut mid-character
-    port = re.search(r"ray cluster at 127\.0\.0\.1:(\d+): 1 node\(s\) alive", log).group(1)
+    assert "TERM received" in log and "restart 1" in log
+    assert "run ended after the warning without saving (exit 1); requeueing job" in log  # the Ray steps stopped too
+    assert "resumed from" in log and f"after iteration {kept}" in log
     iterations = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
                   if "time/iteration_s" in x]
-    assert iterations == list(range(1, final + 1))
+    assert iterations[-(final - kept):] == list(range(kept + 1, final + 1))  # the resumed attempt's
+    assert sorted(set(iterations)) == list(range(1, final + 1))
     assert (run_dir / "before_after.json").exists() and (run_dir / "placement.txt").exists()
-    assert (run_dir / "checkpoints" / "driver" / "latest").read_text().strip() == f"step_{final:08d}"
-    # The job's Ray cluster is gone with it: no GCS server on its port survives.
+    assert committed(run_dir) == final
+    # Each attempt's Ray cluster is gone with it: no GCS server on its port (the job id's, both times) survives.
+    ports = set(re.findall(r"ray cluster at 127\.0\.0\.1:(\d+): 1 node\(s\) alive", log))
+    assert len(ports) == 1
     deadline = time.monotonic() + 30
-    while subprocess.run(["pgrep", "-f", f"gcs_server.*{port}"], capture_output=True).returncode == 0:
-        assert time.monotonic() < deadline, "the job's Ray cluster outlived it"
+    while any(subprocess.run(["pgrep", "-f", f"gcs_server.*{port}"], capture_output=True).returncode == 0
+              for port in ports):
+        assert time.monotonic() < deadline, "a Ray cluster of the job outlived it"
         time.sleep(1)
