@@ -76,7 +76,8 @@ def watch(proc: subprocess.Popen, mark: bytes, every_s: float = 0.5) -> dict:
                     continue
                 rss = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                            if line.startswith("VmRSS:"))
-                kinds.setdefault(int(pid), process_kind(Path(f"/proc/{pid}/cmdline").read_bytes()))
+                # The last title seen: a Ray worker starts as setup_worker.py and takes its actor's name later.
+                kinds[int(pid)] = process_kind(Path(f"/proc/{pid}/cmdline").read_bytes())
                 total += int(rss.split()[1])
             except (OSError, StopIteration, ValueError):  # gone, or a kernel thread without VmRSS
                 continue
