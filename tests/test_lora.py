@@ -75,6 +75,13 @@ def test_a_target_module_the_model_lacks_names_the_key_and_the_modules_it_has(ba
         add_adapters(_tiny_model(base_dir), PeftConfig(method="lora", target_modules=["q_proj", "qkv_proj"]))
 
 
+def test_both_halves_of_a_tied_embedding_in_modules_to_save_name_the_key(base_dir):
+    """peft would fail with a KeyError ("attribute 'weight' already exists") building the second copy."""
+    with pytest.raises(ConfigError, match=r"peft\.modules_to_save: embed_tokens and lm_head share one weight \(tied "
+                                          r"embeddings\)"):
+        add_adapters(_tiny_model(base_dir), PeftConfig(method="lora", modules_to_save=["embed_tokens", "lm_head"]))
+
+
 def test_a_bad_target_module_exits_2_in_one_line(base_dir, small_data, tmp_path):
     proc = run_stage(tmp_path / "run", *_lora_run(base_dir, small_data, "peft.target_modules=[attn]"), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -52,6 +52,18 @@ def _check_modules(model, names: list[str], key: str) -> None:
                           f"{', '.join(linear)}")
 
 
+def _check_one_of_a_tied_pair(model, names: list[str], key: str) -> None:
+    """peft copies each module in `modules_to_save`; of an input embedding and an output head that share one weight
+    it can copy only one (it fails with a KeyError about `weight` otherwise)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is None or head is None or embedding.weight is not head.weight:
+        return
+    tied = [t for t in names for n, m in model.named_modules() if m in (embedding, head) and (n == t or n.endswith("." + t))]
+    if len(set(tied)) > 1:
+        raise ConfigError(f"{key}: {' and '.join(dict.fromkeys(tied))} share one weight (tied embeddings); peft can "
+                          "train a copy of only one of them")
+
+
 def add_adapters(model, p: PeftConfig, key: str = "peft"):
     """`model` with LoRA adapters on `p.target_modules` and every other weight frozen (peft's `get_peft_model`), or
     the adapter in `p.init_from` (`PeftModel.from_pretrained`, trainable); `model` itself for `method: none`.
@@ -78,6 +90,7 @@ def add_adapters(model, p: PeftConfig, key: str = "peft"):
     modules_to_save = p.modules_to_save if p.modules_to_save is not None else (["score"] if scalar_head else None)
     if modules_to_save:
         _check_modules(model, modules_to_save, f"{key}.modules_to_save")
+        _check_one_of_a_tied_pair(model, modules_to_save, f"{key}.modules_to_save")
     lora = LoraConfig(
         r=p.r,
         lora_alpha=p.alpha,
