@@ -149,8 +149,9 @@ wait_run; STATUS=$?
 if [ "$PREEMPTED" = 1 ] || [ "$STATUS" = {preempted_code} ]; then
     if [ "$STATUS" = {preempted_code} ]; then
         echo "tuneforge: run saved (exit $STATUS); requeueing job $SLURM_JOB_ID to resume"
-    else  # e.g. a PPO job whose Ray steps the same signal stopped: the iteration in flight is lost
-        echo "tuneforge: run ended after the warning without saving (exit $STATUS); requeueing job $SLURM_JOB_ID to resume from its last checkpoint"
+    else  # torchrun turns its ranks' 75 into 1; a PPO job whose Ray steps got the signal too saved nothing new
+        echo "tuneforge: run stopped after the warning (exit $STATUS); requeueing job $SLURM_JOB_ID" \
+            "to resume from its last checkpoint"
     fi
     stop_ray  # first: a requeue would otherwise wait for the Ray steps to be killed
     scontrol requeue "$SLURM_JOB_ID"

@@ -87,7 +87,7 @@ def test_ppo_job_forms_a_ray_cluster_is_preempted_requeues_itself_resumes_and_st
     wait_for(job, "COMPLETED", timeout=400)
     log = Path(job_info(job)["StdOut"]).read_text(errors="replace")  # tqdm bars cut mid-character
     assert "TERM received" in log and "restart 1" in log
-    assert "run ended after the warning without saving (exit 1); requeueing job" in log  # the Ray steps stopped too
+    assert "run stopped after the warning (exit 1); requeueing job" in log  # the Ray steps stopped too
     assert "resumed from" in log and f"after iteration {kept}" in log
     iterations = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
                   if "time/iteration_s" in x]

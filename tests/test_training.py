@@ -89,8 +89,8 @@ def test_forming_the_cpu_process_group_compiles_nothing(tmp_path):
     probe = ("from trainer.engine import init_distributed; init_distributed(); "
              "import deepspeed.comm.comm as c; print('op', c.cdb.shm_comm_op)")
     extensions = tmp_path / "torch_extensions"
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**run_env(), "TORCH_EXTENSIONS_DIR": str(extensions)},
-                          capture_output=True, text=True, timeout=600)
+    env = {**run_env(), "TORCH_EXTENSIONS_DIR": str(extensions)}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "op None" in proc.stdout
     assert not extensions.exists() or not any(extensions.iterdir())

@@ -58,7 +58,8 @@ def _check_one_of_a_tied_pair(model, names: list[str], key: str) -> None:
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embedding is None or head is None or embedding.weight is not head.weight:
         return
-    tied = [t for t in names for n, m in model.named_modules() if m in (embedding, head) and (n == t or n.endswith("." + t))]
+    tied = [t for t in names for n, m in model.named_modules()
+            if m in (embedding, head) and (n == t or n.endswith("." + t))]
     if len(set(tied)) > 1:
         raise ConfigError(f"{key}: {' and '.join(dict.fromkeys(tied))} share one weight (tied embeddings); peft can "
                           "train a copy of only one of them")

@@ -86,10 +86,10 @@ def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S)
 
 
 def _destroy_process_group_at_exit() -> None:
-    """Seen here once in a few hundred multi-rank runs: a rank that had finished and printed `done` aborted at exit
-    ("terminate called without an active exception", -6), and torchrun reported the run failed. Left to interpreter
-    shutdown, gloo's threads can still hold finished work whose tensors are freed after Python is gone
-    (pytorch/pytorch#179291 describes it and proposes this same atexit call); destroyed here, they go first."""
+    """A rank that had finished and printed `done` aborted at exit once in the test suite ("terminate called without
+    an active exception", -6), and torchrun reported the run failed. Left to interpreter shutdown, gloo's threads can
+    still hold finished work whose tensors are freed after Python is gone (pytorch/pytorch#179291 describes it and
+    proposes this same atexit call); destroyed here, they go first."""
     with contextlib.suppress(Exception):
         if dist.is_initialized():
             dist.destroy_process_group()
