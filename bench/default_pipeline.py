@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from bench.harness import ROOT, code_version, machine_info
+from bench.harness import ROOT, code_version, machine_info, marked_pids
 
 STAGES = {"sft": "trainer.sft", "instruct": "trainer.instruct", "reward": "trainer.reward", "dpo": "trainer.dpo",
           "ppo": "rlhf.ppo"}
@@ -46,7 +46,7 @@ def run_stage(stage: str, work: Path) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=err, text=True)
-        seen = watch(proc, f"BENCH_STAGE_MARK={mark}".encode())
+        seen = watch(proc, f"BENCH_STAGE_MARK={mark}")
         seconds = time.perf_counter() - t0
         err.seek(0)
         if proc.returncode != 0:
@@ -62,7 +62,7 @@ def run_stage(stage: str, work: Path) -> dict:
     return result
 
 
-def watch(proc: subprocess.Popen, mark: bytes, every_s: float = 0.5) -> dict:
+def watch(proc: subprocess.Popen, mark: str, every_s: float = 0.5) -> dict:
     """Until `proc` exits, every `every_s`: the processes whose environment holds `mark`. Returns how many there were
     by kind (`process_kind`) and the peak of their summed resident memory (a sampled peak: a spike shorter than
     `every_s` can be missed; the runs' own per-rank peaks are in `logged_peak_memory`)."""
@@ -70,16 +70,14 @@ def watch(proc: subprocess.Popen, mark: bytes, every_s: float = 0.5) -> dict:
     peak_kib = 0
     while proc.poll() is None:
         total = 0
-        for pid in filter(str.isdigit, os.listdir("/proc")):
+        for pid in marked_pids(mark):
             try:
-                if mark not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                    continue
                 rss = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                            if line.startswith("VmRSS:"))
                 # The last title seen: a Ray worker starts as setup_worker.py and takes its actor's name later.
-                kinds[int(pid)] = process_kind(Path(f"/proc/{pid}/cmdline").read_bytes())
+                kinds[pid] = process_kind(Path(f"/proc/{pid}/cmdline").read_bytes())
                 total += int(rss.split()[1])
-            except (OSError, StopIteration, ValueError):  # gone, or a kernel thread without VmRSS
+            except (OSError, StopIteration):  # gone since, or a kernel thread without VmRSS
                 continue
         peak_kib = max(peak_kib, total)
         time.sleep(every_s)
@@ -101,9 +99,10 @@ def process_kind(cmdline: bytes) -> str:
     program = Path(argv[0]).name
     if not program.startswith("python"):
         return program
-    for option in ("-m", "-c"):
-        if option in argv[1:-1]:
-            return f"python {option} {argv[argv.index(option) + 1]}" if option == "-m" else "python -c"
+    if "-m" in argv[1:-1]:
+        return f"python -m {argv[argv.index('-m') + 1]}"
+    if "-c" in argv[1:]:
+        return "python -c"
     script = next((a for a in argv[1:] if not a.startswith("-")), None)
     return f"python {Path(script).name}" if script else "python"
 

@@ -317,6 +317,19 @@ def profile_summary(collapsed: Path, loop_frame: str, top: int = 30) -> dict:
     return {"samples": total, "inclusive_pct": share(inclusive), "self_pct": share(own)}
 
 
+def marked_pids(mark: str) -> list[int]:
+    """The live processes whose environment holds `mark` ("NAME=value"): a variable set on a command is inherited
+    by everything it starts (torchrun's ranks, Ray's servers and actors), whoever else runs on the machine."""
+    key, pids = mark.encode(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if key in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                pids.append(int(pid))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
 def machine_info(threads: int, trl_python: Optional[Path] = None) -> dict:
     """The machine and library versions; with `trl_python`, "trl" and "trl_env" are that interpreter's."""
     import deepspeed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -111,14 +112,12 @@ def marked() -> dict:
 
 def processes_of(env: dict) -> dict[int, str]:
     """{pid: command line} of the live processes started with `env`'s TUNEFORGE_TEST_RUN mark (`marked`)."""
-    mark = f"TUNEFORGE_TEST_RUN={env['TUNEFORGE_TEST_RUN']}".encode()
+    from bench.harness import marked_pids
+
     found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                found[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
+    for pid in marked_pids(f"TUNEFORGE_TEST_RUN={env['TUNEFORGE_TEST_RUN']}"):
+        with contextlib.suppress(OSError):  # gone since
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     return found
 
 
@@ -128,6 +127,14 @@ def left_behind(env: dict, within_s: float = 10) -> list[str]:
     while (found := processes_of(env)) and time.time() < deadline:
         time.sleep(0.5)
     return list(found.values())
+
+
+def committed(run_dir: Path) -> int:
+    """The last iteration an RL run's driver committed (0 before the first)."""
+    try:
+        return int((run_dir / "checkpoints" / "driver" / "latest").read_text().split("_")[1])
+    except (FileNotFoundError, IndexError, ValueError):  # not yet, or caught mid-write
+        return 0
 
 
 def run_stage(run_dir: Path, *overrides: str, nproc: int = 1, stage: str = "sft", check: bool = True, timeout: int = 600):

@@ -39,7 +39,7 @@ def test_watch_counts_the_marked_processes_and_their_peak_memory():
               f"subprocess.run([sys.executable, '-c', {child!r}], check=True)")
     env = {**os.environ, "BENCH_STAGE_MARK": "test-mark"}
     proc = subprocess.Popen([sys.executable, "-c", parent], env=env)
-    seen = watch(proc, b"BENCH_STAGE_MARK=test-mark", every_s=0.1)
+    seen = watch(proc, "BENCH_STAGE_MARK=test-mark", every_s=0.1)
     assert proc.returncode == 0
     assert seen["processes"] == 2 and seen["process_kinds"] == {"python -c": 2}
     assert 0.25 <= seen["peak_resident_gb"] < 0.5  # both buffers (and two interpreters) at once

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fake_groups import scheduling_driver
-from runs import PPO_SMALL, REPO, left_behind, marked, processes_of, run_env, signal_when, tiny_ppo_model
+from runs import PPO_SMALL, REPO, committed, left_behind, marked, processes_of, run_env, signal_when, tiny_ppo_model
 from rlhf.config import PPOConfig
 from rlhf.experience import build_rollout, cut_at_stop, pad_right, response_positions
 from rlhf.scoring import sample_prompts, score_rollout
@@ -55,14 +55,6 @@ def iterations_done(run_dir: Path) -> list[int]:
         if "time/iteration_s" in record:
             done.append(record["step"])
     return done
-
-
-def committed(run_dir: Path) -> int:
-    """The last iteration the driver committed (0 before the first)."""
-    try:
-        return int((run_dir / "checkpoints" / "driver" / "latest").read_text().split("_")[1])
-    except (FileNotFoundError, IndexError, ValueError):  # not yet, or caught mid-write
-        return 0
 
 
 def records(run_dir: Path) -> dict[int, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runs import PPO_SMALL, REPO, TINY, run_env, tiny_ppo_model, write_sft_jsonl
+from runs import PPO_SMALL, REPO, TINY, committed, run_env, tiny_ppo_model, write_sft_jsonl
 from slurm import job_info, send_signal, slurm_cluster, slurm_node, wait_for  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slurm
@@ -71,8 +71,6 @@ def test_ppo_job_forms_a_ray_cluster_is_preempted_requeues_itself_resumes_and_st
     its last committed iteration and finishes, and each attempt's Ray cluster is gone with it. (SIGUSR1 before a
     time limit goes to the batch script alone, which passes it to the driver: the iteration is saved, as in
     tests/test_ppo.py.)"""
-    from test_ppo import committed
-
     model = tiny_ppo_model(tmp_path / "model")
     run_dir, final = tmp_path / "ppo", 6
     # One node here, so the head may stay on loopback; 5 CPU slots for the 5 role actors.

@@ -48,7 +48,6 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 
 # What the last init_distributed set, re-applied by build_engine to the groups DeepSpeed makes.
 _collective_timeout = timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT_S)
-_destroy_registered = False  # whether _destroy_process_group_at_exit is registered with atexit
 
 
 def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> DistInfo:
@@ -78,10 +77,6 @@ def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S)
         _leave_the_inference_all_reduce_unbuilt()
         deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False, timeout=timeout)
     set_collective_timeout(collective_timeout_s)
-    global _destroy_registered
-    if not _destroy_registered:
-        atexit.register(_destroy_process_group_at_exit)
-        _destroy_registered = True
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
 
 
@@ -93,6 +88,9 @@ def _destroy_process_group_at_exit() -> None:
     with contextlib.suppress(Exception):
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+atexit.register(_destroy_process_group_at_exit)  # a no-op in a process that never joins a group
 
 
 def _leave_the_inference_all_reduce_unbuilt() -> None:
