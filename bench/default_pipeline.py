@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from bench.harness import ROOT, code_version, machine_info, marked_pids
+from bench.harness import ROOT, code_version, machine_info, marked_pids, warn_if_dirty
 
 STAGES = {"sft": "trainer.sft", "instruct": "trainer.instruct", "reward": "trainer.reward", "dpo": "trainer.dpo",
           "ppo": "rlhf.ppo"}
@@ -159,11 +159,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if a.out is None:
         p.error("--out is required to run")
+    code = code_version()
+    warn_if_dirty(code)
     with tempfile.TemporaryDirectory(prefix="default_pipeline_") as tmp:
         work = a.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         report = {"command": shlex.join(["python", "-m", "bench.default_pipeline", *(argv or sys.argv[1:])]),
-                  "machine": machine_info(threads=os.cpu_count() or 1), "code": code_version(),
+                  "machine": machine_info(threads=os.cpu_count() or 1), "code": code,
                   "stages": [run_stage(s, work) for s in a.stages]}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2) + "\n")

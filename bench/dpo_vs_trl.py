@@ -32,8 +32,8 @@ Systems (`--systems`), run in this order `--repeats` times, each run its own pro
 - tuneforge-auto-padded (only when `--systems` names it): tuneforge with TRL's batch layout (`data.packing=false
   preference_loss.share_prompt=false`; rows padded to a multiple of 8, its collator's fixed rounding).
 
-Besides medians and ratios of medians, the result file holds the harness's `paired` ratios (tuneforge/TRL per
-repeat, their median, min and max) and each run's `load_average_before`.
+Besides medians, the result file holds the harness's `paired` ratios (tuneforge/TRL per repeat, their median,
+min and max), the model's parameter count and, per run, how busy the machine was before it.
 """
 
 from __future__ import annotations

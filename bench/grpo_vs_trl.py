@@ -31,8 +31,8 @@ Throughput is rollouts per second of wall time between iteration ends after the 
 (each iteration generates and trains on prompts x G rollouts), with real prompt and response tokens per second, the
 mean phase times (generate / score / train) and the mean reward over the measured iterations; every run reports the
 policy's mean token entropy over its last `--loss-window` iterations (`final entropy`) as a check that both sides
-sample from the same policy. The result file holds medians, ratios of medians, and `paired`: the tuneforge/TRL
-ratio of each repeat, with the load average before every run.
+sample from the same policy. The result file holds what `bench.harness.compare` records: medians, `paired` (the
+tuneforge/TRL ratio of each repeat), the policy's parameter count and how busy the machine was before each run.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ if not __package__:  # run as `python bench/grpo_vs_trl.py`: make the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness  # noqa: E402  (after the sys.path fix above)
-from bench.ppo_vs_trl import compose_ppo, run_driver, save_models, tuneforge_layout, tuneforge_records  # noqa: E402
+from bench.ppo_vs_trl import (compose_ppo, model_config, run_driver, save_models, tuneforge_layout,  # noqa: E402
+                              tuneforge_records)
 
 GRPO = harness.Comparison(
     name="grpo_vs_trl", stage="ppo", data="sft", data_columns=("prompt", "answer"),
@@ -168,7 +169,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                                                                            cfg.seed))
                          for it in range(cfg.train.iterations)]
         spec = trl_spec(cfg, policy, prompts_path, args.threads)
-        setup = harness.Setup(work, prompts_path, len(prompts), overrides, cfg)
+        setup = harness.Setup(work, prompts_path, len(prompts), overrides, cfg,
+                              harness.model_parameters(model_config(args.model_size)))
 
         def run_system(system: str, run_dir: Path):
             if system in GRPO.trl_systems:

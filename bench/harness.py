@@ -4,8 +4,10 @@ A supervised benchmark (`sft_vs_trl.py`, `reward_vs_trl.py`) writes its data fil
 from the shared overrides, replays tuneforge's sampler for exact per-step counts, and hands `compare` a function
 that runs one system once (`ppo_vs_trl.py` prepares its own models and prompts, and uses the rest). `compare`
 runs every system `--repeats` times in alternation, each as its own process, measures throughput from wall-clock
-step ends, and writes medians, tuneforge/TRL ratios, the machine and every run to one JSON file. What a benchmark
-counts per step and how its tables show it is its `Comparison`.
+step ends, and writes medians, the paired tuneforge/TRL ratios of every repeat, the machine, the commit (and
+whether the tree was clean), the benchmarked model's parameter count, how busy the machine was before each run
+and every run to one JSON file. What a benchmark counts per step and how its tables show it is its
+`Comparison`; `bench.tables` renders the docs' tables from these files.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Comparison:
     profiled: bool = True  # offers --profile (py-spy on each run's one training process)
     optional_systems: tuple[str, ...] = ()  # run only when --systems names them (after the default ones)
     model_size: str = "tiny"  # --model-size's default
+    scalar_head: bool = False  # the benchmarked model is a reward model (one-label head), not a causal LM
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
@@ -120,6 +123,7 @@ class Setup:
     rows: int  # its row count
     overrides: list[str]  # every tuneforge run's (the ZeRO preset and run dir are added per run)
     job: object  # trainer.config.TrainingJobConfig they compose to
+    parameters: Optional[int] = None  # the benchmarked model's (RL: the policy's), recorded in the result file
 
 
 @contextlib.contextmanager
@@ -139,7 +143,21 @@ def prepared(args: argparse.Namespace, c: Comparison) -> Iterator[Setup]:
             for row in rows:
                 f.write(json.dumps({k: row[k] for k in c.data_columns}) + "\n")
         overrides = [*c.tuneforge_overrides, *tuneforge_overrides(args, data_path)]
-        yield Setup(work, data_path, len(rows), overrides, compose(c.stage, overrides))
+        job = compose(c.stage, overrides)
+        yield Setup(work, data_path, len(rows), overrides, job, model_parameters(job.model, c.scalar_head))
+
+
+def model_parameters(model, scalar_head: bool = False) -> int:
+    """The parameter count of the model a `trainer.config.ModelConfig` builds, exactly as tuneforge builds it (tied
+    weights counted once), on the meta device: no memory, no init, well under a second for the tiny sizes."""
+    import torch
+
+    from trainer.model import build_causal_lm, build_reward_model, load_tokenizer
+
+    build = build_reward_model if scalar_head else build_causal_lm
+    with torch.device("meta"):
+        built = build(model, load_tokenizer(model), torch.float32)
+    return sum(p.numel() for p in built.parameters())
 
 
 def tuneforge_overrides(args: argparse.Namespace, data_path: Path) -> list[str]:
@@ -330,6 +348,38 @@ def marked_pids(mark: str) -> list[int]:
     return pids
 
 
+# More CPU than this used by other processes while the bench waits before a run marks the run as loaded.
+BUSY_CORES_LIMIT = 0.25
+
+
+def busy_cores(stat_before: str, stat_after: str) -> float:
+    """Cores kept busy between two readings of /proc/stat: busy jiffies over all jiffies of its "cpu" line, times the
+    number of cores (its "cpuN" lines), so the kernel's tick rate and the exact interval drop out.
+
+    The bench itself sleeps between the readings, so this is what everything else on the machine used. The load
+    average cannot tell that: right after a run, its 1-minute figure is mostly that run."""
+    def jiffies(text: str) -> tuple[int, int, int]:
+        lines = text.splitlines()
+        # user nice system idle iowait irq softirq steal; guest time is already inside user and nice.
+        fields = [int(x) for x in next(line for line in lines if line.split()[0] == "cpu").split()[1:9]]
+        cores = sum(1 for line in lines if line.startswith("cpu") and line.split()[0] != "cpu")
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields), cores
+
+    busy0, total0, cores = jiffies(stat_before)
+    busy1, total1, _ = jiffies(stat_after)
+    return cores * (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def measure_busy_cores(seconds: float = 2.0, stat: Path = Path("/proc/stat")) -> Optional[float]:
+    """`busy_cores` over `seconds` of this process sleeping; None where there is no /proc/stat (not Linux)."""
+    if not stat.exists():
+        return None
+    before = stat.read_text()
+    time.sleep(seconds)
+    return busy_cores(before, stat.read_text())
+
+
 def machine_info(threads: int, trl_python: Optional[Path] = None) -> dict:
     """The machine and library versions; with `trl_python`, "trl" and "trl_env" are that interpreter's."""
     import deepspeed
@@ -361,16 +411,27 @@ def machine_info(threads: int, trl_python: Optional[Path] = None) -> dict:
 
 
 def code_version() -> dict:
-    """The tuneforge commit benchmarked, and the files that differed from it (benchmark files aside)."""
+    """The tuneforge commit benchmarked, every file that differed from it (untracked ones too: a bench file or a
+    doc changes what a number means as much as the code does), and `clean`: whether none did. None where git
+    did not answer."""
     def git(*cmd):
         out = subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True, text=True)
         # rstrip only: a porcelain status line starts with a space when the index is unchanged.
         return out.stdout.rstrip() if out.returncode == 0 else None
 
     status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"),
-            "changed_files": None if status is None else
-            [line[3:] for line in status.splitlines() if not line[3:].startswith(("bench/", "docs/benchmarks.md"))]}
+    changed = None if status is None else [line[3:] for line in status.splitlines()]
+    return {"commit": git("rev-parse", "HEAD"), "clean": None if changed is None else not changed,
+            "changed_files": changed}
+
+
+def warn_if_dirty(code: dict) -> None:
+    """Say so when the tree differs from its commit. A warning, not a refusal: people iterate on a dirty tree,
+    and `bench.tables` marks the figures of such a file."""
+    if code["clean"] is False:
+        shown = ", ".join(code["changed_files"][:5]) + (", ..." if len(code["changed_files"]) > 5 else "")
+        print(f"warning: the tree differs from commit {(code['commit'] or '?')[:7]} ({shown}); the result file "
+              f"will say so (code.clean=false). Benchmark a clean tree for figures you publish.", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
@@ -396,18 +457,20 @@ def summarize(runs: list[dict], c: Comparison) -> dict:
                 **{f"{k}_per_s": a[f"{k}_per_s"] / b[f"{k}_per_s"] for k in c.counts},
                 f"{final}_rel_diff": (a[final] - b[final]) / b[final],
             }
-    return {"medians": medians, "vs_trl": ratios, "paired": paired_ratios(runs, c)}
+    return {"medians": medians, "vs_trl": ratios, "paired": paired_ratios(runs, c.counts, c.trl_systems),
+            "loaded_runs": sum(1 for r in runs if r.get("loaded"))}
 
 
-def paired_ratios(runs: list[dict], c: Comparison) -> dict:
+def paired_ratios(runs: list[dict], counts: Iterable[str], trl_systems: Iterable[str]) -> dict:
     """Every tuneforge/TRL ratio of each count per second, per repeat from the two runs of that repeat (neighbours
     in time, so load drift hits both alike), with their median, min and max."""
     out = {}
     systems = list(dict.fromkeys(r["system"] for r in runs))
-    for tf in (s for s in systems if s not in c.trl_systems):
-        for trl in (s for s in systems if s in c.trl_systems):
+    trl_systems = tuple(trl_systems)
+    for tf in (s for s in systems if s not in trl_systems):
+        for trl in (s for s in systems if s in trl_systems):
             per_count = {}
-            for key in c.counts:
+            for key in counts:
                 ratios = []
                 for repeat in sorted({r["repeat"] for r in runs}):
                     a = [r for r in runs if r["system"] == tf and r["repeat"] == repeat]
@@ -429,19 +492,43 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def format_tables(summary: dict, c: Comparison) -> str:
+UNRECORDED = "unrecorded"  # what a table shows for a figure its result file does not hold (older files)
+
+
+def medians_table(summary: dict, c: Comparison) -> str:
+    """Each system's medians over its repeats."""
     headers = [*(f"{unit}/s" for unit in c.counts.values()), "s/step", *c.means.values(),
                *(f"{unit}/step" for unit in c.counts.values()), f"final {c.final}", "wall s"]
     formats = [*(".1f" for _ in c.counts), ".3f", *(".3f" for _ in c.means), *(".0f" for _ in c.counts), ".4f", ".0f"]
-    medians = markdown_table(
+    return markdown_table(
         ["system", *headers],
-        [[name, *(format(s[key], fmt) for key, fmt in zip(median_keys(c), formats))]
+        [[name, *(format(s[key], fmt) if key in s else UNRECORDED for key, fmt in zip(median_keys(c), formats))]
          for name, s in summary["medians"].items()])
-    ratios = markdown_table(
-        ["tuneforge", "vs", *(f"{unit}/s" for unit in c.counts.values()), f"final {c.final}"],
-        [[tf, trl, *(f"{r[f'{k}_per_s']:.2f}x" for k in c.counts), f"{r[f'final_{c.final}_rel_diff']:+.1%}"]
-         for tf, by_trl in summary["vs_trl"].items() for trl, r in by_trl.items()])
-    return medians + "\n\n" + ratios
+
+
+def paired_cell(r: dict) -> str:
+    """A paired ratio as "median (min-max)": the headline, with the spread of the repeats beside it."""
+    return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def paired_table(summary: dict, c: Comparison) -> str:
+    """Per tuneforge system and TRL system: the paired ratio of each count per second, the headline count's
+    medians on each side, and the final value's difference (of the medians)."""
+    (first, unit), final = next(iter(c.counts.items())), f"final_{c.final}"
+    rows = []
+    for tf, by_trl in summary["paired"].items():
+        for trl, per_count in by_trl.items():
+            diff = summary["vs_trl"].get(tf, {}).get(trl, {}).get(f"{final}_rel_diff")
+            rows.append([tf, trl, *(paired_cell(per_count[f"{k}_per_s"]) for k in c.counts),
+                         *(f"{summary['medians'][s][f'{first}_per_s']:.1f}" for s in (tf, trl)),
+                         UNRECORDED if diff is None else f"{diff:+.1%}"])
+    return markdown_table(
+        ["tuneforge", "vs", *(f"{u}/s, paired median (min-max)" for u in c.counts.values()),
+         f"tuneforge {unit}/s", f"TRL {unit}/s", f"final {c.final}, difference"], rows)
+
+
+def format_tables(summary: dict, c: Comparison) -> str:
+    return medians_table(summary, c) + "\n\n" + paired_table(summary, c)
 
 
 def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
@@ -454,16 +541,24 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
     `recorded` goes into the result file as it is (what the TRL runs were given)."""
     machine = machine_info(args.threads, c.trl_python)
     code = code_version()
+    warn_if_dirty(code)
     print(f"{machine['cpu']}, {machine['logical_cores']} cores, {args.threads} threads; torch {machine['torch']}, "
-          f"trl {machine['trl']}; {setup.rows} rows; {args.steps} steps x {args.repeats} repeats", flush=True)
+          f"trl {machine['trl']}; {setup.rows} rows; {args.steps} steps x {args.repeats} repeats; "
+          f"{setup.parameters} parameters", flush=True)
 
     runs = []
     for repeat in range(args.repeats):
         for system in (s for s in c.systems + c.optional_systems if s in args.systems):
             run_dir = setup.work / "runs" / f"{system}-r{repeat}"
-            load = os.getloadavg()  # 1/5/15-minute load average just before the run: was the machine quiet?
+            busy = measure_busy_cores()  # was anything else running? (the load average is mostly our last run)
+            loaded = busy is not None and busy > BUSY_CORES_LIMIT
+            if loaded:
+                print(f"warning: {busy:.2f} cores busy with other processes before {system}-r{repeat} (limit "
+                      f"{BUSY_CORES_LIMIT}); the run is flagged as loaded", flush=True)
+            load = os.getloadavg()  # 1/5/15-minute load average just before the run
             records, wall = run_system(system, run_dir)
             result = {"system": system, "repeat": repeat, "wall_s": wall, "load_average_before": load,
+                      "busy_cores_before": busy, "loaded": loaded,
                       **steady_state(records, args.skip_steps, args.loss_window, c.counts, c.final, c.means)}
             if args.profile:
                 result["profile"] = profile_summary(run_dir / "profile.txt", LOOP_FRAMES[system.split("-")[0]])
@@ -478,6 +573,7 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
         "command": " ".join([f"python -m bench.{c.name}", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "tuneforge_overrides": [o for o in setup.overrides if not o.startswith("data.path=")],
+        "parameters": setup.parameters,
         **recorded,
         "machine": machine,
         "code": code,
@@ -490,8 +586,11 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
     for tf, by_trl in summary["paired"].items():
         for trl, per_count in by_trl.items():
             for key, r in per_count.items():
-                print(f"paired {tf}/{trl} {key}: median {r['median']:.2f}x (min {r['min']:.2f}x, max {r['max']:.2f}x; "
-                      f"per repeat {', '.join(f'{x:.2f}' for x in r['per_repeat'])})")
+                print(f"paired {tf}/{trl} {key}: per repeat {', '.join(f'{x:.2f}' for x in r['per_repeat'])}")
     for r in runs:
-        print(f"load before {r['system']}-r{r['repeat']}: {' '.join(f'{x:.2f}' for x in r['load_average_before'])}")
+        busy = "?" if r["busy_cores_before"] is None else f"{r['busy_cores_before']:.2f}"
+        print(f"before {r['system']}-r{r['repeat']}: other processes {busy} cores, load average "
+              f"{' '.join(f'{x:.2f}' for x in r['load_average_before'])}" + ("  LOADED" if r["loaded"] else ""))
+    print(f"{summary['loaded_runs']} of {len(runs)} runs flagged as loaded" + ("; the tree was not clean"
+                                                           if code["clean"] is False else ""))
     print(f"wrote {args.out}")

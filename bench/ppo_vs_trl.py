@@ -30,7 +30,7 @@ second, the mean phase times (generate / score / train) and the mean raw reward 
 measured iterations. As a check that both sides sample from the same policy, every run reports the mean token
 entropy of the policy over its last `--loss-window` iterations (`final entropy`).
 
-Systems (`--systems`), run in this order `--repeats` times; the tables show medians and tuneforge/TRL ratios:
+Systems (`--systems`), run in this order `--repeats` times; the tables show medians and paired tuneforge/TRL ratios:
 - tuneforge: the PPO defaults (the policy's 2 ranks under ZeRO-3, the critic's 1 rank unpartitioned, both by
   `deepspeed.stage=auto`; old log-probs recorded while sampling, `rollout.old_logprobs=auto` in fp32; the next
   rollouts sampled while the critic's update finishes, `rollout.overlap_critic_update`);
@@ -106,16 +106,22 @@ def add_tuneforge_threads(p) -> None:
                         "config's 1); --threads sets TRL's process and tuneforge's driver")
 
 
+def model_config(model_size: str):
+    """The `trainer.config.ModelConfig` of tuneforge's tiny random-init model at --model-size."""
+    from trainer.config import ModelConfig, TinyModelConfig
+
+    return ModelConfig(tiny=TinyModelConfig(**harness.MODEL_SIZES[model_size]))
+
+
 def save_models(out: Path, model_size: str, seed: int) -> tuple[Path, Path]:
     """Write the policy and the reward model, each with the shipped tokenizer, as tuneforge builds its tiny
     random-init models; both sides load them with `from_pretrained`."""
     import torch
     from transformers import set_seed
 
-    from trainer.config import ModelConfig, TinyModelConfig
     from trainer.model import build_causal_lm, build_reward_model, load_tokenizer
 
-    cfg = ModelConfig(tiny=TinyModelConfig(**harness.MODEL_SIZES[model_size]))
+    cfg = model_config(model_size)
     tokenizer = load_tokenizer(cfg)
     dirs = []
     for name, build in (("policy", build_causal_lm), ("reward", build_reward_model)):
@@ -251,7 +257,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         prompt_tokens = [sum(len(p.prompt_ids) for p in sample_prompts(prompts, it, cfg.rollout_batch, cfg.seed))
                          for it in range(cfg.train.iterations)]
         spec = trl_spec(cfg, policy, reward, prompts_path, args.threads)
-        setup = harness.Setup(work, prompts_path, len(prompts), overrides, cfg)
+        setup = harness.Setup(work, prompts_path, len(prompts), overrides, cfg,
+                              harness.model_parameters(model_config(args.model_size)))
 
         def run_system(system: str, run_dir: Path):
             if system in PPO.trl_systems:

@@ -19,7 +19,7 @@ tuneforge builds here (pair count, token count, a digest of the token ids) or if
 other than `--micro-batch-size` pairs. The sample order differs (each side shuffles with its own sampler), so the
 pairs of a given step, and so its tokens, differ between the two.
 
-Systems (`--systems`), run in this order `--repeats` times; the tables show medians and tuneforge/TRL ratios:
+Systems (`--systems`), run in this order `--repeats` times; the tables show medians and paired tuneforge/TRL ratios:
 - tuneforge-auto: the reward stage's defaults (`deepspeed=auto`: unpartitioned on this one process), pairs packed into rows of `--max-length` tokens with each
   pair's shared prompt computed once (`data.packing=true preference_loss.share_prompt=true`; scores equal to the padded
   layout's, tested in tests/test_reward.py);
@@ -58,6 +58,7 @@ REWARD = harness.Comparison(
     sizes={"steps": 40, "micro_batch_size": 32, "max_length": 128, "warmup_steps": 0},
     size_help={**harness.SUPERVISED_SIZE_HELP, "micro_batch_size": "preference pairs per step (= global batch)",
                "max_length": "longest side of a pair in tokens; longer pairs are dropped"},
+    scalar_head=True,
 )
 
 

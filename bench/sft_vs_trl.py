@@ -16,7 +16,7 @@ Systems (`--systems`): tuneforge-auto (the default `deepspeed=auto`: unpartition
 reference) and trl-unpacked (TRL without packing, padded batches of as many examples as a tuneforge step holds on
 average: the same work per step without TRL's padding-free packed attention, which costs O((batch x length)^2) on
 CPU). Runs alternate, tuneforge and TRL in turn (`SFT.systems`), `--repeats` times; the tables show medians and
-tuneforge/TRL ratios.
+the paired tuneforge/TRL ratios (per repeat; median, min-max).
 """
 
 from __future__ import annotations

@@ -43,3 +43,70 @@ def test_watch_counts_the_marked_processes_and_their_peak_memory():
     assert proc.returncode == 0
     assert seen["processes"] == 2 and seen["process_kinds"] == {"python -c": 2}
     assert 0.25 <= seen["peak_resident_gb"] < 0.5  # both buffers (and two interpreters) at once
+
+
+# ---------------------------------------------------------------------------------------------------- bench.harness
+
+STAT = """cpu  {user} 0 {system} {idle} 0 0 0 0 0 0
+cpu0 0 0 0 0 0 0 0 0 0 0
+cpu1 0 0 0 0 0 0 0 0 0 0
+intr 12345
+"""
+
+
+def test_busy_cores_counts_the_busy_share_of_every_core():
+    from bench.harness import busy_cores
+
+    before = STAT.format(user=1000, system=500, idle=3000)
+    # 200 jiffies pass on 2 cores: 50 busy (user 30 + system 20), 150 idle -> a quarter of 2 cores.
+    after = STAT.format(user=1030, system=520, idle=3150)
+    assert busy_cores(before, after) == 0.5
+    assert busy_cores(before, before) == 0.0  # no tick between the readings: nothing measured, nothing busy
+
+
+def test_model_parameters_count_the_built_model_with_tied_weights_once():
+    from bench.harness import model_parameters
+    from trainer.compose import compose
+
+    model = compose("sft", []).model
+    assert model_parameters(model) == 857_216  # the embedded default's 0.86M (README)
+    # The LM head is tied to the embedding (counted once); the score head adds hidden (128) x 1 label.
+    assert model_parameters(model, scalar_head=True) == 857_216 + 128
+
+
+def test_compare_records_parameters_cleanliness_quietness_and_paired_ratios(tmp_path, monkeypatch, capsys):
+    """compare end to end with a fake run per system: no training, no sleeping."""
+    import argparse
+
+    from bench import harness
+
+    c = harness.Comparison(name="fake", stage="sft", data="sft", data_columns=(), tuneforge_overrides=(),
+                           systems=("tf", "trl"), trl_systems=("trl",), counts={"tokens": "tok"},
+                           sizes={"steps": 4}, size_help={"steps": ""})
+    busy = iter([0.1, 0.9, 0.0, 0.0])  # the second run (trl, repeat 0) finds another process busy
+    monkeypatch.setattr(harness, "measure_busy_cores", lambda: next(busy))
+    monkeypatch.setattr(harness, "machine_info", lambda threads, trl_python=None: {
+        "cpu": "fake", "logical_cores": 2, "torch": "x", "trl": "y"})
+    monkeypatch.setattr(harness, "code_version", lambda: {"commit": "abcdef0123", "clean": False,
+                                                          "changed_files": ["bench/harness.py"]})
+    speed = {("tf", 0): 20.0, ("trl", 0): 10.0, ("tf", 1): 30.0, ("trl", 1): 10.0}
+    repeat = {"tf": -1, "trl": -1}
+
+    def run_system(system, run_dir):
+        repeat[system] += 1
+        per_s = speed[system, repeat[system]]
+        return [{"step": s, "time": s * 100 / per_s, "tokens": 100, "loss": 1.0} for s in range(1, 5)], 1.0
+
+    args = argparse.Namespace(repeats=2, systems=["tf", "trl"], threads=2, steps=4, skip_steps=1, loss_window=2,
+                              profile=False, out=tmp_path / "fake.json")
+    setup = harness.Setup(tmp_path, tmp_path / "data.jsonl", 10, [], None, parameters=1234)
+    harness.compare(args, c, setup, run_system, recorded={}, argv=[])
+    result = json.loads(args.out.read_text())
+    out = capsys.readouterr().out
+    assert result["parameters"] == 1234 and result["code"]["clean"] is False
+    assert "warning: the tree differs" in out and "warning: 0.90 cores busy" in out
+    assert [r["loaded"] for r in result["runs"]] == [False, True, False, False] and result["loaded_runs"] == 1
+    assert [r["busy_cores_before"] for r in result["runs"]] == [0.1, 0.9, 0.0, 0.0]
+    paired = result["paired"]["tf"]["trl"]["tokens_per_s"]
+    assert paired["per_repeat"] == [2.0, 3.0] and paired["median"] == 2.5
+    assert "2.50x (2.00-3.00)" in out  # the printed headline is the paired median with its spread
