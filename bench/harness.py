@@ -521,7 +521,7 @@ def paired_table(summary: dict, c: Comparison) -> str:
             diff = summary["vs_trl"].get(tf, {}).get(trl, {}).get(f"{final}_rel_diff")
             rows.append([tf, trl, *(paired_cell(per_count[f"{k}_per_s"]) for k in c.counts),
                          *(f"{summary['medians'][s][f'{first}_per_s']:.1f}" for s in (tf, trl)),
-                         UNRECORDED if diff is None else f"{diff:+.1%}"])
+                         UNRECORDED if diff is None else f"{diff:+.2%}"])
     return markdown_table(
         ["tuneforge", "vs", *(f"{u}/s, paired median (min-max)" for u in c.counts.values()),
          f"tuneforge {unit}/s", f"TRL {unit}/s", f"final {c.final}, difference"], rows)

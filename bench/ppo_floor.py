@@ -198,6 +198,27 @@ def zero3_policy_update(args: argparse.Namespace, work: Path) -> float:
     return measured["seconds"] * measured["ranks"]
 
 
+def floor_tables(result: dict) -> str:
+    """Markdown, from a result file: the pieces, the floors, and (with `vs`) the floors beside a ppo_vs_trl run's
+    medians, as multiples of its TRL median and as shares of the floor."""
+    cores, ranks = result["settings"]["cores"], result["settings"]["policy_ranks"]
+    rows = [[name, f"{sec:.3f}"] for name, sec in result["pieces_s"].items()]
+    zero3_update = result["zero3_policy_update_core_s"]
+    if zero3_update is not None:
+        rows.append([f"policy update, ZeRO-3 on {ranks} ranks (ranks x wall)", f"{zero3_update:.3f}"])
+    rate = result["floors_rollouts_per_s"]
+    tables = [harness.markdown_table(["piece of one iteration (one core)", "seconds"], rows),
+              harness.markdown_table(["", "core-s", f"s/iteration on {cores} cores", "rollouts/s"],
+                                     [[name, f"{core_s:.3f}", f"{core_s / cores:.3f}", f"{rate[name]:.1f}"]
+                                      for name, core_s in result["floors_core_s"].items()])]
+    if result.get("vs"):
+        trl, top = result["vs"]["trl"], max(rate.values())
+        tables.append(harness.markdown_table(
+            ["", "rollouts/s", "vs TRL", "share of the floor"],
+            [[name, f"{r:.1f}", f"{r / trl:.2f}x", f"{r / top:.2f}"] for name, r in {**rate, **result["vs"]}.items()]))
+    return "\n\n".join(tables)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rollout-batch", type=int, default=64)
@@ -232,22 +253,9 @@ def main(argv: Optional[list[str]] = None) -> None:
               "machine": harness.machine_info(1), "code": harness.code_version(),
               "pieces_s": pieces, "zero3_policy_update_core_s": zero3_update,
               "floors_core_s": floors, "floors_rollouts_per_s": rate}
-    rows = [[name, f"{sec:.3f}"] for name, sec in pieces.items()]
-    if zero3_update is not None:
-        rows.append([f"policy update, ZeRO-3 on {args.policy_ranks} ranks (ranks x wall)", f"{zero3_update:.3f}"])
-    print(harness.markdown_table(["piece of one iteration (one core)", "seconds"], rows))
-    table = [[name, f"{core_s:.3f}", f"{core_s / args.cores:.3f}", f"{rate[name]:.1f}"] for name, core_s in floors.items()]
-    print("\n" + harness.markdown_table(["", "core-s", f"s/iteration on {args.cores} cores", "rollouts/s"], table))
     if args.vs:
-        medians = json.loads(args.vs.read_text())["medians"]
-        trl = medians["trl"]["rollouts_per_s"]
-        result["vs"] = {name: m["rollouts_per_s"] for name, m in medians.items()}
-        top = max(rate.values())
-        print("\n" + harness.markdown_table(
-            ["", "rollouts/s", "vs TRL", "share of the floor"],
-            [[name, f"{r:.1f}", f"{r / trl:.2f}x", f"{r / top:.2f}"] for name, r in rate.items()]
-            + [[name, f"{m['rollouts_per_s']:.1f}", f"{m['rollouts_per_s'] / trl:.2f}x", f"{m['rollouts_per_s'] / top:.2f}"]
-               for name, m in medians.items()]))
+        result["vs"] = {name: m["rollouts_per_s"] for name, m in json.loads(args.vs.read_text())["medians"].items()}
+    print(floor_tables(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
