@@ -249,7 +249,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             floors["floor"] - pieces["policy update"] + zero3_update)
     rate = {name: args.rollout_batch * args.cores / core_s for name, core_s in floors.items()}
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "vs", "work")}
-    result = {"settings": settings | {"vs": str(args.vs) if args.vs else None},
+    result = {"command": " ".join(["python -m bench.ppo_floor", *(argv if argv is not None else sys.argv[1:])]),
+              "settings": settings | {"vs": str(args.vs) if args.vs else None},
               "machine": harness.machine_info(1), "code": harness.code_version(),
               "pieces_s": pieces, "zero3_policy_update_core_s": zero3_update,
               "floors_core_s": floors, "floors_rollouts_per_s": rate}

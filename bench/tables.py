@@ -71,7 +71,8 @@ def provenance(name: str, result: dict) -> str:
              f"parameters: {UNRECORDED if parameters is None else format(parameters, ',')}"]
     if runs is not None:
         facts.append(f"runs started on a busy machine: {UNRECORDED if loaded is None else f'{loaded} of {len(runs)}'}")
-    return f"`bench/results/{name}`: " + "; ".join(facts) + f"; `{result.get('command', UNRECORDED)}`"
+    command = f"`{result['command']}`" if result.get("command") else f"command {UNRECORDED}"
+    return f"`bench/results/{name}`: " + "; ".join(facts) + f"; {command}"
 
 
 # ---------------------------------------------------------------------------------------------------- views
@@ -119,8 +120,13 @@ VIEWS: dict[str, Callable[[str, dict], str]] = {"ratios": ratios_view, "medians"
                                                 "pipeline": pipeline_view, "floor": floor_view}
 
 
+def is_comparison(result: dict) -> bool:
+    """Written by bench.harness.compare (a tuneforge-vs-TRL bench)."""
+    return {"runs", "medians", "vs_trl"} <= result.keys()
+
+
 def default_view(result: dict) -> str:
-    if "runs" in result and "medians" in result:
+    if is_comparison(result):
         return "ratios"
     if "stages" in result:
         return "pipeline"
@@ -169,7 +175,7 @@ def unshown(docs: dict[str, str], results: Path = RESULTS) -> list[str]:
     """The vs-TRL result files no table names: a new comparison has to show up in the docs."""
     named = {spec.split()[0] for text in docs.values() for spec in specs(text)}
     return sorted(p.name for p in results.glob("*.json")
-                  if p.name not in named and default_view(json.loads(p.read_text())) == "ratios")
+                  if p.name not in named and is_comparison(json.loads(p.read_text())))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -110,3 +111,50 @@ def test_compare_records_parameters_cleanliness_quietness_and_paired_ratios(tmp_
     paired = result["paired"]["tf"]["trl"]["tokens_per_s"]
     assert paired["per_repeat"] == [2.0, 3.0] and paired["median"] == 2.5
     assert "2.50x (2.00-3.00)" in out  # the printed headline is the paired median with its spread
+
+
+# ---------------------------------------------------------------------------------------------------- bench.tables
+
+
+def fake_result(**extra) -> dict:
+    """A small reward_vs_trl file: two repeats of tuneforge-auto and trl."""
+    runs = [{"system": s, "repeat": r, "pairs_per_s": v, "tokens_per_s": 10 * v, "padded_tokens_per_s": 20 * v}
+            for (s, r), v in {("tuneforge-auto", 0): 200.0, ("trl", 0): 100.0,
+                              ("tuneforge-auto", 1): 330.0, ("trl", 1): 110.0}.items()]
+    return {"command": "python -m bench.reward_vs_trl --steps 40", "code": {"commit": "0123456789abc",
+            "changed_files": []}, "machine": {"cpu": "Fake CPU", "logical_cores": 2, "threads": 2}, "runs": runs,
+            "medians": {"tuneforge-auto": {"pairs_per_s": 265.0}, "trl": {"pairs_per_s": 105.0}},
+            "vs_trl": {"tuneforge-auto": {"trl": {"final_loss_rel_diff": 0.0123}}}, **extra}
+
+
+def test_the_ratios_view_shows_paired_ratios_and_unrecorded_for_what_an_old_file_lacks():
+    from bench.tables import ratios_view
+
+    old = ratios_view("reward_vs_trl.json", fake_result())
+    # Paired from the runs (2.0x and 3.0x), not the ratio of medians (2.52x); nothing guessed for missing fields.
+    row = re.search(r"\| +tuneforge-auto \| +trl \| +2\.50x \(2\.00-3\.00\) \|.*", old)
+    assert row and "265.0" in row[0] and "105.0" in row[0] and "+1.23%" in row[0]
+    assert "commit 0123456 (tree state unrecorded)" in old
+    assert "parameters: unrecorded" in old and "runs started on a busy machine: unrecorded" in old
+    new = ratios_view("reward_vs_trl.json", fake_result(
+        parameters=857344, loaded_runs=1, code={"commit": "0123456789abc", "clean": False, "changed_files": ["x"]}))
+    assert "commit 0123456 (dirty tree)" in new and "parameters: 857,344" in new
+    assert "runs started on a busy machine: 1 of 4" in new
+
+
+def test_a_stale_table_is_named_and_regenerating_fixes_it(tmp_path):
+    from bench.tables import regenerate, stale
+
+    (tmp_path / "reward_vs_trl.json").write_text(json.dumps(fake_result()))
+    doc = "# Doc\n\ntext\n<!-- table: reward_vs_trl.json -->\n| hand | copied |\n<!-- /table -->\nmore\n"
+    assert stale(doc, tmp_path) == ["line 4: reward_vs_trl.json"]
+    fresh = regenerate(doc, tmp_path)
+    assert stale(fresh, tmp_path) == [] and "2.50x (2.00-3.00)" in fresh and fresh.endswith("<!-- /table -->\nmore\n")
+
+
+def test_the_docs_tables_are_what_the_result_files_give():
+    """`python -m bench.tables --check` on the real docs: a hand-edited table, a result file rewritten without
+    regenerating the docs, or a vs-TRL result file no table shows fails here."""
+    from bench.tables import main
+
+    assert main(["--check"]) == 0
