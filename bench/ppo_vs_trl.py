@@ -163,7 +163,9 @@ def check_matchable(cfg) -> None:
 
 def trl_spec(cfg, policy: Path, reward: Path, prompts_path: Path, threads: int) -> dict:
     """What bench/trl_ppo.py needs, taken from tuneforge's resolved config."""
-    r, a, o = cfg.rollout, cfg.algo, cfg.actor.optim
+    from trainer.config import resolve_lr
+
+    r, a, o = cfg.rollout, cfg.algo, resolve_lr(cfg.actor.optim, cfg.actor.peft.method, "actor.optim")
     return {
         "policy_path": str(policy), "reward_path": str(reward), "prompts_path": str(prompts_path),
         "seed": cfg.seed, "iterations": cfg.train.iterations, "rollout_batch": cfg.rollout_batch,

@@ -380,6 +380,11 @@ def validate(cfg: PPOConfig) -> None:
         role = cfg.role(name)
         validate_optim(role.optim, f"{name}.optim")
         validate_peft(role.peft, f"{name}.peft")
+        # The generation replica follows the adapters (trainer.adapters.copy_merged), not trained token rows; and an
+        # RL role's prompts come in the format its SFT model was trained on.
+        _require(not role.peft.trainable_tokens, f"{name}.peft.trainable_tokens",
+                 f"RL roles train no token embeddings; leave it null (none is chosen here), got "
+                 f"{role.peft.trainable_tokens}")
         _require(a.mini_batch_size % role.world_size == 0 and batch % a.mini_batch_size == 0, "algo.mini_batch_size",
                  f"{a.mini_batch_size} must divide the rollout batch ({batch}) and split over {name}'s "
                  f"{role.world_size} ranks")

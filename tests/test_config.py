@@ -350,3 +350,18 @@ def test_a_micro_batch_larger_than_the_data_exits_2_naming_both_numbers(tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == ("error: train.micro_batch_size: 8 is larger than the 3 "
                                                     "training rows")
+
+
+def test_a_tiny_model_takes_a_larger_vocabulary_and_refuses_a_smaller_one():
+    """model.tiny.vocab_size gives the random-init model a realistic vocabulary's embedding and softmax (the
+    benchmarks' compute-bound size) while the data uses the tokenizer's tokens; fewer rows than tokens would index
+    past the embedding."""
+    from trainer.model import load_tokenizer, tiny_llama_config
+
+    cfg = compose("sft", ["model.tiny.vocab_size=32000"]).model
+    tokenizer = load_tokenizer(cfg)
+    assert tiny_llama_config(cfg, tokenizer).vocab_size == 32000
+    assert tiny_llama_config(compose("sft").model, tokenizer).vocab_size == len(tokenizer)
+    with pytest.raises(ConfigError, match=rf"model\.tiny\.vocab_size: 100 is smaller than the tokenizer's "
+                                          rf"{len(tokenizer)} tokens"):
+        tiny_llama_config(compose("sft", ["model.tiny.vocab_size=100"]).model, tokenizer)

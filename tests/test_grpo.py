@@ -175,6 +175,7 @@ def test_grpo_runs_the_policy_and_a_reward_function_only(grpo_run):
     # Ray's own actor table agrees: two policy ranks and the reward actor, no critic or reference process.
     assert (run.parent / "actors.txt").read_text().split() == ["PolicyWorker", "PolicyWorker", "RewardWorker"]
     assert "algo=grpo roles=actor,reward" in proc.stdout
+    assert "actor.optim.lr: auto -> 2e-05 (peft.method=none, from actor.optim.lr_for)" in proc.stdout
     recs = records(run)
     for step in (1, 2, 3, 4):
         for key in ("reward/score_raw_mean", "reward/fn/exact_match_mean", "reward/group_std_mean",

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from runs import REPO, TINY, assert_same_losses, losses, run_env, run_stage, tiny_ppo_model, write_pairs_jsonl, write_sft_jsonl
-from trainer.adapters import add_adapters, parameter_counts
+from runs import (REPO, TINY, assert_same_losses, losses, metric, run_env, run_stage, tiny_ppo_model, write_pairs_jsonl,
+                  write_sft_jsonl)
+from trainer.adapters import add_adapters, describe_tokens, parameter_counts, trainable_token_ids
 from trainer.compose import compose
-from trainer.config import ConfigError, PeftConfig, validate
+from trainer.config import ConfigError, OptimConfig, PeftConfig, lr_note, resolve_lr, validate
+from trainer.model import load_tokenizer
 
 # The tiny model of tests/runs.py: hidden 64, intermediate 128, 2 layers, 4 heads of 16 (k/v as wide as q).
 HIDDEN, INTERMEDIATE, LAYERS = 64, 128, 2
@@ -107,6 +109,73 @@ def test_only_the_adapters_train_and_the_counts_are_theirs(base_dir):
         {"base_model.model.score.modules_to_save.default.weight"}
 
 
+def test_auto_trainable_tokens_are_the_special_tokens_in_the_training_data():
+    """Padding aside; explicit token strings are taken as they are; a token the tokenizer lacks names the key."""
+    tok = load_tokenizer(compose("sft").model)
+    user, end, pad = (tok.convert_tokens_to_ids(t) for t in ("<|user|>", "<|end|>", "<|pad|>"))
+    rows = [{"input_ids": [tok.bos_token_id, user, 40, end], "labels": [-100, -100, 40, end]},
+            {"chosen_input_ids": [tok.bos_token_id, 41, tok.eos_token_id, pad], "rejected_input_ids": [42]}]
+    auto = PeftConfig(method="lora")
+    ids = trainable_token_ids(auto, tok, rows)
+    assert ids == sorted([tok.bos_token_id, tok.eos_token_id, user, end])
+    assert describe_tokens(ids, tok, auto) == ("peft.trainable_tokens: <|bos|>, <|eos|>, <|end|>, <|user|> (auto: "
+                                               "the special tokens in the training data)")
+    assert trainable_token_ids(PeftConfig(method="lora", trainable_tokens=[]), tok, rows) == []
+    assert trainable_token_ids(PeftConfig(method="lora", trainable_tokens=["<|user|>", "a"]), tok, rows) == \
+        sorted([user, tok.convert_tokens_to_ids("a")])
+    assert trainable_token_ids(PeftConfig(method="none"), tok, rows) == []
+    with pytest.raises(ConfigError, match=r"peft\.trainable_tokens: the tokenizer has no token '<\|tool\|>'"):
+        trainable_token_ids(PeftConfig(method="lora", trainable_tokens=["<|tool|>"]), tok, rows)
+
+
+def test_lr_auto_gives_adapters_their_own_rate_and_an_explicit_lr_is_kept():
+    o = compose("instruct").optim
+    assert (o.lr, resolve_lr(o, "none").lr, resolve_lr(o, "lora").lr) == ("auto", 3e-3, 1e-2)
+    assert lr_note(o, "lora") == "optim.lr: auto -> 0.01 (peft.method=lora, from optim.lr_for)"
+    explicit = compose("instruct", ["peft=lora", "optim.lr=5e-3"]).optim
+    assert resolve_lr(explicit, "lora").lr == 5e-3 and lr_note(explicit, "lora") is None
+    with pytest.raises(ConfigError, match=r"optim\.lr: is auto and optim\.lr_for has no rate for peft\.method=lora; "
+                                          r"set optim\.lr or optim\.lr_for\.lora"):
+        resolve_lr(OptimConfig(lr="auto", lr_for={"none": 1e-3}), "lora")
+    for override, key in (("optim.lr=fast", r"optim\.lr: must be > 0 or auto"),
+                          ("optim.lr_for.lora=0", r"optim\.lr_for\.lora: must be > 0"),
+                          ("+optim.lr_for.qlora=1e-3", r"optim\.lr_for: keys must be among none\|lora")):
+        with pytest.raises(ConfigError, match=key):
+            validate(compose("instruct", [override]))
+
+
+@pytest.mark.distributed
+def test_instruct_with_lora_on_its_defaults_trains_the_chat_tokens_at_the_adapters_rate(base_dir, tmp_path):
+    """`trainer.instruct peft=lora` with no lr or token override: the chat template's markers train beside the
+    adapters at optim.lr_for.lora, both printed; the export holds them (merged and adapter agree)."""
+    run_dir = tmp_path / "instruct"
+    out = run_stage(run_dir, *[o for o in TINY if o != "train.export=false"], f"model.name_or_path={base_dir}",
+                    "peft=lora", "train.max_steps=2", "train.micro_batch_size=4", stage="instruct").stdout
+    assert "optim.lr: auto -> 0.01 (peft.method=lora, from optim.lr_for)" in out
+    assert ("peft.trainable_tokens: <|bos|>, <|eos|>, <|end|>, <|system|>, <|user|>, <|assistant|> (auto: the special "
+            "tokens in the training data)") in out
+    assert metric(run_dir, "train/lr")[2] == pytest.approx(1e-2)  # the end of the 2-step warmup
+    _adapter_agrees_with_merged(run_dir, base_dir)
+
+
+def test_trained_token_rows_are_the_only_embedding_change_and_the_tied_head_follows(base_dir):
+    """peft's trainable tokens: one delta row per token, shared by the tied output head; a step moves those rows of
+    the embedding (and so of the head) and no other."""
+    ids = [1, 5]
+    model = add_adapters(_tiny_model(base_dir), PeftConfig(method="lora"), token_ids=ids)
+    lora_only = parameter_counts(add_adapters(_tiny_model(base_dir), PeftConfig(method="lora")))[0]
+    assert parameter_counts(model)[0] == lora_only + len(ids) * HIDDEN
+    before = _tiny_model(base_dir).get_input_embeddings().weight.detach()
+    batch = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()
+    merged = model.merge_and_unload()
+    moved = (merged.get_input_embeddings().weight != before).any(dim=1).nonzero().flatten().tolist()
+    assert moved == ids
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+
+
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(ids).logits
@@ -116,14 +185,17 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_sft_with_lora_learns_and_exports_a_merged_model_and_an_adapter_that_agree(base_dir, small_data, tmp_path):
     """Unpartitioned on one rank (deepspeed.stage=auto): the loss goes down; hf_model/ is a plain causal LM that
-    differs from the base only in the adapted projections; hf_adapter/ on the base gives the same logits."""
+    differs from the base only in the adapted projections and the trained tokens' embedding rows (bos and eos, the
+    special tokens of prompt/completion data; the head is tied to them); hf_adapter/ on the base gives the same
+    logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "sft"
     out = run_stage(run_dir, *[o for o in _lora_run(base_dir, small_data, "train.max_steps=12")
                                if o != "train.export=false"]).stdout
-    assert "parameters: 17,408 trained of 132,416 (13.15%)" in out
+    assert "peft.trainable_tokens: <|bos|>, <|eos|> (auto: the special tokens in the training data)" in out
+    assert "parameters: 17,536 trained of 132,544 (13.23%)" in out  # the adapters and 2 rows of 64
     assert "peft=lora r=8 alpha=16.0 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in out
     curve = losses(run_dir)
     assert curve[12] < curve[1] - 0.1, curve
@@ -134,7 +206,10 @@ def test_sft_with_lora_learns_and_exports_a_merged_model_and_an_adapter_that_agr
     projections = {f"model.layers.{i}.{m}.weight" for i in range(LAYERS) for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-    assert changed == projections
+    assert changed == projections | {"model.embed_tokens.weight", "lm_head.weight"}
+    embedding = merged.get_input_embeddings().weight
+    moved = (embedding != base.get_input_embeddings().weight).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [1, 2] and merged.get_output_embeddings().weight is embedding
 
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run_dir / "hf_adapter")
     ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
@@ -163,7 +238,7 @@ def test_lora_under_zero3_on_two_ranks_equals_one_rank_and_exports(base_dir, sma
     one, two = tmp_path / "one", tmp_path / "two"
     run_stage(one, *common, "train.micro_batch_size=4", "deepspeed=zero3")
     out = run_stage(two, *[o for o in common if o != "train.export=false"], "train.micro_batch_size=2", nproc=2).stdout
-    assert "zero_stage=3 (auto)" in out and "parameters: 17,408 trained of 132,416" in out
+    assert "zero_stage=3 (auto)" in out and "parameters: 17,536 trained of 132,544" in out
     l1, l2 = losses(one), losses(two)
     assert sorted(l1) == sorted(l2) == list(range(1, 7))
     for step in l1:

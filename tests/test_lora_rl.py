@@ -45,9 +45,22 @@ def test_each_trained_role_takes_the_peft_group_and_a_lora_policy_is_its_own_ref
     assert forced.reference.model.name_or_path == "/m/policy"
 
 
+def test_a_lora_policy_trains_at_ten_times_the_full_rate_unless_an_lr_is_given():
+    """At the full-training rate (2e-5) GRPO's adapters barely move on the default (docs/lora.md)."""
+    from trainer.config import resolve_lr
+
+    def lr(*overrides):
+        a = _ppo("algo=grpo", *overrides).actor
+        return resolve_lr(a.optim, a.peft.method, "actor.optim").lr
+
+    assert (lr(), lr("actor.peft=lora"), lr("actor.peft=lora", "actor.optim.lr=5e-5")) == (2e-5, 2e-4, 5e-5)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["actor.peft=lora", "actor.peft.r=0"], r"actor\.peft\.r: must be > 0"),
     (["critic.peft=lora", "critic.peft.dropout=1.0"], r"critic\.peft\.dropout: must be in \[0, 1\)"),
+    (["actor.peft=lora", "actor.peft.trainable_tokens=[a]"],
+     r"actor\.peft\.trainable_tokens: RL roles train no token embeddings"),
     (["reward.peft.method=lora"], r"reward\.peft: only the trained roles"),
     (["reference.peft.method=lora"], r"reference\.peft: only the trained roles"),
     (["reference.from_policy=sometimes"], r"reference\.from_policy: must be one of auto\|false"),

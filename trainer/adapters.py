@@ -65,9 +65,38 @@ def _check_one_of_a_tied_pair(model, names: list[str], key: str) -> None:
                           "train a copy of only one of them")
 
 
-def add_adapters(model, p: PeftConfig, key: str = "peft"):
+def trainable_token_ids(p: PeftConfig, tokenizer, rows: list[dict], key: str = "peft") -> list[int]:
+    """The tokens whose embedding rows train beside the adapters: `p.trainable_tokens`, or with null the tokenizer's
+    special tokens (padding aside) that occur in `rows`' token ids (every `*input_ids` column). Frozen embeddings keep
+    whatever a token's row held: for a chat template's markers that a base model never saw, its random init."""
+    if p.method == "none" or p.init_from is not None:  # an adapter to continue from brings its own
+        return []
+    if p.trainable_tokens is None:
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} - {tokenizer.pad_token_id}
+        seen: set[int] = set()
+        for row in rows:
+            for column, ids in row.items():
+                if column.endswith("input_ids"):
+                    seen.update(ids)
+        return sorted(special & seen)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in p.trainable_tokens if t not in vocab]
+    if missing:
+        raise ConfigError(f"{key}.trainable_tokens: the tokenizer has no token {', '.join(map(repr, missing))}")
+    return sorted({vocab[t] for t in p.trainable_tokens})
+
+
+def describe_tokens(ids: list[int], tokenizer, p: PeftConfig, key: str = "peft") -> str:
+    """The run's line on what `trainable_token_ids` chose: a derived value is printed as what it became."""
+    chosen = ", ".join(tokenizer.convert_ids_to_tokens(ids)) if ids else "none"
+    how = " (auto: the special tokens in the training data)" if p.trainable_tokens is None else ""
+    return f"{key}.trainable_tokens: {chosen}{how}"
+
+
+def add_adapters(model, p: PeftConfig, key: str = "peft", token_ids: list[int] = ()):
     """`model` with LoRA adapters on `p.target_modules` and every other weight frozen (peft's `get_peft_model`), or
     the adapter in `p.init_from` (`PeftModel.from_pretrained`, trainable); `model` itself for `method: none`.
+    The embedding rows of `token_ids` (`trainable_token_ids`) train too, as peft's trainable tokens.
 
     Call it before the DeepSpeed engine is built, whose optimizer then holds only what has requires_grad. Under
     ZeRO-3 the base is already partitioned; the adapters are created whole and DeepSpeed partitions them when it
@@ -98,9 +127,42 @@ def add_adapters(model, p: PeftConfig, key: str = "peft"):
         lora_dropout=p.dropout,
         target_modules=ALL_LINEAR if p.target_modules == [ALL_LINEAR] else list(p.target_modules),
         modules_to_save=modules_to_save,
+        trainable_token_indices=list(token_ids) or None,
         task_type=TaskType.SEQ_CLS if scalar_head else TaskType.CAUSAL_LM,
     )
-    return get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
+    with _trainable_tokens_off_cuda():
+        return get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
+
+
+@contextlib.contextmanager
+def _trainable_tokens_off_cuda():
+    """peft (0.21) gathers the trained tokens' starting rows under ZeRO-3 into a tensor it puts on `cuda` on every
+    rank but the first ("only CUDA is implemented"), so without a GPU `get_peft_model` fails there. Inside, its own
+    steps run with the tensor on DeepSpeed's accelerator device instead; with a GPU nothing changes."""
+    if torch.cuda.is_available():
+        yield
+        return
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.utils.integrations import gather_params_ctx
+
+    def collect(self, weight, rows, embed_dim):  # peft's _collect_token_weights, device aside
+        with gather_params_ctx([weight], modifier_rank=None):
+            if dist.get_rank() == 0:
+                values = weight[rows].clone()
+            else:
+                values = torch.empty((len(rows), embed_dim), dtype=weight.dtype,
+                                     device=get_accelerator().current_device_name())
+        dist.broadcast(values, src=0)
+        return values
+
+    original = TrainableTokensLayer._collect_token_weights
+    TrainableTokensLayer._collect_token_weights = collect
+    try:
+        yield
+    finally:
+        TrainableTokensLayer._collect_token_weights = original
 
 
 def describe_adapters(model) -> str:
@@ -215,13 +277,13 @@ def save_adapter_and_merge(model, state_dict: dict, adapter_dir: Path, tokenizer
     base = model.get_base_model()
     dtype = next(iter(state_dict.values())).dtype
     cpu_base = type(base)._from_config(copy.deepcopy(base.config), dtype=dtype)
+    cpu_base.tie_weights()  # before peft wraps the embeddings (trainable tokens): loading below copies in place
     cpu = get_peft_model(cpu_base, copy.deepcopy(model.peft_config[ADAPTER_NAME]), adapter_name=ADAPTER_NAME)
     missing, unexpected = cpu.load_state_dict(state_dict, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if base.config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"adapter export: state dict does not fit the model (missing {sorted(set(missing) - tied)}, "
                            f"unexpected {sorted(unexpected)})")
-    cpu.get_base_model().tie_weights()
     # The embeddings are frozen and the base's own: the adapter directory holds only what was trained.
     cpu.save_pretrained(str(adapter_dir), safe_serialization=True, save_embedding_layers=False)
     tokenizer.save_pretrained(str(adapter_dir))

@@ -46,6 +46,9 @@ class TinyModelConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
     attention_dropout: float = 0.0  # Llama's one dropout; > 0 makes training draw from the RNG
+    # Embedding rows (and output-head columns); null: the tokenizer's size. Larger gives the model a realistic
+    # vocabulary's cost (bench: a 32k softmax) while the data still uses the tokenizer's tokens only.
+    vocab_size: Optional[int] = None
 
 
 @dataclass
@@ -103,7 +106,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    # A number, or auto: `lr_for[<the model's peft.method>]`, for stages whose adapters want another rate than full
+    # training (`resolve_lr`; the rate it becomes is printed at start).
+    lr: Union[float, int, str] = 3e-3
+    lr_for: dict[str, float] = field(default_factory=dict)  # peft.method -> what lr=auto becomes
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -244,8 +250,13 @@ class PeftConfig:
     # Modules trained in full beside the adapters; null: the scalar head (`score`) of a reward model, nothing for a
     # causal LM.
     modules_to_save: Optional[list[str]] = None
+    # Token embeddings trained beside the adapters (peft's trainable_token_indices; with tied embeddings the output
+    # head's rows are the same rows). null (auto): the tokenizer's special tokens that occur in the stage's training
+    # data, such as a chat template's role markers, which a base model may never have trained and which frozen
+    # embeddings would leave as they are; [] for none; or a list of token strings.
+    trainable_tokens: Optional[list[str]] = None
     # An adapter directory (adapter_config.json, written by peft's save_pretrained here or elsewhere) to start from
-    # instead of a fresh adapter; its own r, alpha and targets then apply.
+    # instead of a fresh adapter; its own r, alpha, targets and trained tokens then apply.
     init_from: Optional[str] = None
 
 
@@ -343,6 +354,23 @@ def validate_dpo(p: DPOConfig, key: str = "dpo") -> None:
              f"must be one of {'|'.join(DPO_REFERENCES)}, got {p.reference!r}")
 
 
+def resolve_lr(o: OptimConfig, peft_method: str, key: str = "optim") -> OptimConfig:
+    """`o` with `lr: auto` turned into `lr_for[peft_method]`: adapters on a frozen model train at a higher rate
+    than the whole model does (docs/lora.md measures both). An explicit lr is kept as it is."""
+    if o.lr != "auto":
+        return o
+    _require(peft_method in o.lr_for, f"{key}.lr", f"is auto and {key}.lr_for has no rate for peft.method="
+             f"{peft_method}; set {key}.lr or {key}.lr_for.{peft_method}")
+    return replace(o, lr=o.lr_for[peft_method])
+
+
+def lr_note(o: OptimConfig, peft_method: str, key: str = "optim") -> Optional[str]:
+    """The start-up line that says what `lr: auto` became (None for an explicit lr)."""
+    if o.lr != "auto":
+        return None
+    return f"{key}.lr: auto -> {resolve_lr(o, peft_method, key).lr:g} (peft.method={peft_method}, from {key}.lr_for)"
+
+
 def resolve_zero_stage(ds: DeepSpeedConfig, world_size: int) -> DeepSpeedConfig:
     """`ds` with `stage: auto` turned into a number for a world of `world_size` ranks: ZeRO-3 over
     several ranks; on one rank, where ZeRO has nothing to partition, the lowest stage that still
@@ -365,7 +393,11 @@ def validate_data_source(d: DataConfig) -> None:
 
 
 def validate_optim(o: OptimConfig, key: str = "optim") -> None:
-    _require(o.lr > 0, f"{key}.lr", f"must be > 0, got {o.lr}")
+    _require(o.lr == "auto" or (isinstance(o.lr, (int, float)) and o.lr > 0), f"{key}.lr",
+             f"must be > 0 or auto, got {o.lr!r}")
+    for method, lr in o.lr_for.items():
+        _require(method in PEFT_METHODS, f"{key}.lr_for", f"keys must be among {'|'.join(PEFT_METHODS)}, got {method!r}")
+        _require(lr > 0, f"{key}.lr_for.{method}", f"must be > 0, got {lr}")
     _require(o.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(o.decay_steps is None or o.decay_steps > 0, f"{key}.decay_steps", f"must be > 0 or null, got {o.decay_steps}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")

@@ -77,8 +77,11 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def tiny_llama_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     t = cfg.tiny
+    if t.vocab_size is not None and t.vocab_size < len(tokenizer):
+        raise ConfigError(f"model.tiny.vocab_size: {t.vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
+                          "tokens; leave it null for the tokenizer's size")
     return LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=t.vocab_size or len(tokenizer),
         hidden_size=t.hidden_size,
         num_hidden_layers=t.num_hidden_layers,
         num_attention_heads=t.num_attention_heads,

@@ -14,7 +14,8 @@ from typing import Optional
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.adapters import add_adapters, check_adapter_source, parameter_summary
+from trainer.adapters import (add_adapters, check_adapter_source, describe_tokens, parameter_summary,
+                              trainable_token_ids)
 from trainer.checkpoint import (
     CheckpointError,
     check_frozen_from,
@@ -24,7 +25,8 @@ from trainer.checkpoint import (
 )
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
-from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, resolve_zero_stage, validate
+from trainer.config import (CONF_DIR, ConfigError, TrainingJobConfig, lr_note, resolve_lr, resolve_zero_stage,
+                            validate)
 from trainer.engine import (
     all_reduce_sum,
     build_deepspeed_config,
@@ -73,6 +75,9 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     info = init_distributed(cfg.train.collective_timeout_s)
     validate(cfg, info.world_size)
     cfg.deepspeed = resolve_zero_stage(cfg.deepspeed, info.world_size)  # everything below sees a number
+    if info.is_main and (note := lr_note(cfg.optim, cfg.peft.method)):
+        print(note, flush=True)
+    cfg.optim = resolve_lr(cfg.optim, cfg.peft.method)
     run_dir = Path(cfg.output_dir)
     seed_everything(cfg.seed)
 
@@ -114,9 +119,12 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
         print(f"model={source} precision={precision} zero_stage={cfg.deepspeed.stage}{requested_stage} "
               f"world_size={info.world_size} run_dir={run_dir}", flush=True)
 
+    token_ids = trainable_token_ids(cfg.peft, tokenizer, parts.train)
     with zero3_init_context(ds_config):
-        model = add_adapters(parts.build_model(torch_dtype(precision)), cfg.peft)
+        model = add_adapters(parts.build_model(torch_dtype(precision)), cfg.peft, token_ids=token_ids)
     if info.is_main:
+        if cfg.peft.method != "none" and cfg.peft.init_from is None:
+            print(describe_tokens(token_ids, tokenizer, cfg.peft), flush=True)
         print(parameter_summary(model, precision), flush=True)
     total_steps = cfg.optim.decay_steps or cfg.train.max_steps
     engine = build_engine(model, cfg.deepspeed, cfg.optim, ds_config, total_steps)
