@@ -11,12 +11,13 @@ with its defaults except what equality needs. The two systems pack differently, 
 tokens: trained tokens (tokens with a loss) per second and all real (non-pad) tokens per second, measured from
 wall-clock step ends after the first `--skip-steps` steps, plus the mean loss of the last `--loss-window` steps.
 
-Systems (`--systems`): tuneforge-auto (the default `deepspeed=auto`: unpartitioned on one process), tuneforge-zero3
-(the default until 2026-11-26), tuneforge-zero0 (the same DeepSpeed config as auto here), trl-packed (TRL with packing=True, the headline
-reference) and trl-unpacked (TRL without packing, padded batches of as many examples as a tuneforge step holds on
-average: the same work per step without TRL's padding-free packed attention, which costs O((batch x length)^2) on
-CPU). Runs alternate, tuneforge and TRL in turn (`SFT.systems`), `--repeats` times; the tables show medians and
-the paired tuneforge/TRL ratios (per repeat; median, min-max).
+Systems (`--systems`): tuneforge-auto (the default `deepspeed=auto`: unpartitioned on one process),
+tuneforge-zero3 (the default until 2026-11-26), tuneforge-zero0 (the same DeepSpeed config as auto here),
+trl-packed (TRL with packing=True) and trl-unpacked (TRL without packing, padded batches of as many examples as a
+tuneforge step holds on average, grouped by length as a careful CPU user sets it: the same work per step without
+TRL's padding-free packed attention, which costs O((batch x length)^2) on CPU). Runs alternate, tuneforge and TRL
+in turn (`SFT.systems`), `--repeats` times; the tables show medians and the paired tuneforge/TRL ratios (per
+repeat; median, min-max).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         step_counts = tuneforge_step_counts(setup.job)
         packed = {**harness.trl_spec(setup.job, setup.data_path, args.threads), "packing": setup.job.data.packing}
         unpacked_batch = args.trl_unpacked_batch or round(statistics.mean(s["examples"] for s in step_counts))
-        specs = {"trl-packed": packed, "trl-unpacked": {**packed, "packing": False, "micro_batch_size": unpacked_batch}}
+        specs = {"trl-packed": packed,
+                 "trl-unpacked": {**packed, "packing": False, "micro_batch_size": unpacked_batch, "group_by_length": True}}
 
         def run_system(system: str, run_dir: Path):
             if system in SFT.trl_systems:

@@ -35,7 +35,10 @@ def main(spec_path: str) -> None:
     # use_cache off: the packed-sequence masking applies.
     model = build_causal_lm(run.model_cfg, run.tokenizer, torch.float32)
     # Packed sequences of max_length tokens (TRL's default "bfd" strategy: padding-free, position_ids).
-    args = trl_config(SFTConfig, run.spec, packing=run.spec["packing"])
+    # Unpacked, a careful CPU user groups examples of similar length into a batch, so that little of it is padding
+    # (Transformers' LengthGroupedSampler); packed rows are all max_length long.
+    grouping = {"train_sampling_strategy": "group_by_length"} if run.spec.get("group_by_length") else {}
+    args = trl_config(SFTConfig, run.spec, packing=run.spec["packing"], **grouping)
     trainer = SFTTrainer(model=model, args=args, train_dataset=run.dataset, processing_class=run.tokenizer)
     train_and_record(trainer, run.spec, count_tokens)
 
