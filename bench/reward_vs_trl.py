@@ -25,9 +25,11 @@ Systems (`--systems`), run in this order `--repeats` times; the tables show medi
   layout's, tested in tests/test_reward.py);
 - trl: TRL's RewardTrainer, one padded batch of chosen then rejected rows;
 - tuneforge-zero3: the same under ZeRO-3 (`deepspeed=zero3`; the default until 2026-11-26);
-- tuneforge-zero3-padded: ZeRO-3 with TRL's batch layout (`data.packing=false preference_loss.share_prompt=false`), the
-  same tensors TRL computes on;
-- tuneforge-zero0: `deepspeed=zero0`, which writes the same DeepSpeed config as auto on one process.
+- tuneforge-auto-padded, tuneforge-zero3-padded: the engine on TRL's batch layout (`data.packing=false
+  preference_loss.share_prompt=false`), the same tensors TRL computes on, unpartitioned and under ZeRO-3: against
+  trl they measure the engine alone, and tuneforge-auto against tuneforge-auto-padded the layout's gain;
+- tuneforge-zero0 (only with `--systems`): `deepspeed=zero0`, which writes the same DeepSpeed config as auto on one
+  process.
 `padded tok` counts the tokens each system's batches really hold, padding included.
 """
 
@@ -52,7 +54,8 @@ REWARD = harness.Comparison(
         "data.overlong=drop",  # TRL drops pairs with a side over max_length
         "train.save_every=0",  # no checkpoint inside the measured steps (the final one comes after them)
     ),
-    systems=("tuneforge-auto", "trl", "tuneforge-zero3", "tuneforge-zero3-padded", "tuneforge-zero0"),
+    systems=("tuneforge-auto", "trl", "tuneforge-auto-padded", "tuneforge-zero3-padded", "tuneforge-zero3"),
+    optional_systems=("tuneforge-zero0",),
     trl_systems=("trl",),
     counts={"pairs": "pairs", "tokens": "tok", "padded_tokens": "padded tok"},
     sizes={"steps": 40, "micro_batch_size": 32, "max_length": 128, "warmup_steps": 0},
