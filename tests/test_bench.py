@@ -140,6 +140,17 @@ def test_the_ratios_view_shows_paired_ratios_and_unrecorded_for_what_an_old_file
         parameters=857344, loaded_runs=1, code={"commit": "0123456789abc", "clean": False, "changed_files": ["x"]}))
     assert "commit 0123456 (dirty tree)" in new and "parameters: 857,344" in new
     assert "runs started on a busy machine: 1 of 4" in new
+    # Another bench's result file, written before this one started, changes no measurement.
+    chained = ratios_view("reward_vs_trl.json", fake_result(code={
+        "commit": "0123456789abc", "clean": False, "changed_files": ["bench/results/sft_vs_trl.json"]}))
+    assert "commit 0123456 (clean tree)" in chained
+
+
+def test_only_result_files_changed_leaves_the_tree_clean():
+    from bench.harness import only_results
+
+    assert only_results([]) and only_results(["bench/results/a.json", "bench/results/b.json"])
+    assert not only_results(["bench/results/a.json", "bench/harness.py"]) and not only_results(["README.md"])
 
 
 def test_a_stale_table_is_named_and_regenerating_fixes_it(tmp_path):

@@ -263,3 +263,34 @@ def test_zero3_gathers_each_transformer_block_as_one_unit():
     gather_per_block(model)
     leaves = [name for name, m in model.named_modules() if z3_leaf_module(m)]
     assert leaves == ["model.layers.0", "model.layers.1"]
+
+
+@pytest.mark.parametrize("tokens", [[], [1, 2]])
+def test_the_loss_from_trained_positions_only_equals_the_full_logits_loss(tokens):
+    """CausalLMTask computes the output head only where a trained token is predicted: the same summed
+    cross-entropy and gradients as from every position's logits (`token_nll_sum`), also with peft's trained tokens
+    wrapping the tied head."""
+    from trainer.adapters import add_adapters
+    from trainer.compose import compose
+    from trainer.config import PeftConfig
+    from trainer.model import build_causal_lm, load_tokenizer
+    from trainer.objectives import IGNORE_INDEX, CausalLMTask, token_nll_sum
+
+    cfg = compose("sft", TINY[:5])
+    torch.manual_seed(0)
+    model = build_causal_lm(cfg.model, load_tokenizer(cfg.model), torch.float32)
+    if tokens:
+        model = add_adapters(model, PeftConfig(method="lora"), token_ids=tokens)
+    ids = torch.randint(3, 500, (2, 12))
+    labels = ids.clone()
+    labels[0, :5] = labels[1, :3] = labels[1, 9:] = IGNORE_INDEX  # prompts and a packed row's untrained tail
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(12).repeat(2, 1)}
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    loss = CausalLMTask().loss(model, batch)
+    grads = torch.autograd.grad(loss, trained)
+    reference = token_nll_sum(model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False).logits, labels)
+    expected = torch.autograd.grad(reference, trained)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    for g, e in zip(grads, expected):
+        assert torch.allclose(g, e, atol=1e-6, rtol=1e-5)

@@ -215,6 +215,10 @@ class AdaptersOff:
     def __init__(self, engine):
         self.engine = engine
 
+    @property
+    def module(self):  # the adapted model, as under an engine (trainer.objectives.head_inputs_at finds its head)
+        return self.engine.module
+
     def __call__(self, **inputs):
         module = self.engine.module
         was_training = module.training

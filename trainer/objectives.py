@@ -7,6 +7,7 @@ accumulation and data parallelism give the gradient of one big batch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Protocol, Union
 
@@ -64,10 +65,31 @@ class CausalLMTask:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`token_nll_sum` of the model's logits, computed only where a trained token is predicted: the output head
+        (hidden x vocabulary per position, the largest matmul of a model with a realistic vocabulary) and the
+        cross-entropy skip prompts, padding and packed rows' untrained tokens."""
+        targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+        trained = targets != IGNORE_INDEX
+        at = F.pad(trained, (0, 1))  # (B, T): the positions whose logits are needed
         # No attention_mask: with use_cache off, restarting position_ids make
         # transformers build a block-diagonal mask, isolating packed examples.
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        return token_nll_sum(logits, batch["labels"])
+        with head_inputs_at(model, at):
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return F.cross_entropy(logits.float(), targets[trained], reduction="sum")  # logits: (N, V), N trained tokens
+
+
+@contextmanager
+def head_inputs_at(model, at: torch.Tensor):
+    """Inside, the output head of `model` (a causal LM, possibly under a DeepSpeed engine or peft) sees only the
+    hidden states where `at` (B, T) is true, so the model's logits come out (N, V), N = at.sum(), in row-major
+    order. The head's input is swapped by a forward pre-hook, so any model whose head is its output embeddings
+    works, under ZeRO-3 (whose own hooks gather the weight) too."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][at], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def bradley_terry_loss_sum(
@@ -144,11 +166,17 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """(summed log-probs, token counts), each (2B,) float32, of the response tokens of the 2B sequences
     (chosen first) of a batch from `collate_pairs(..., response_logps=True)`, in any of its layouts.
 
-    The model's logits are read only where a response token is predicted (`logp_index`, flat into
-    (rows, T)), so a shared-prompt row scores the first rejected token from the prompt's last position."""
+    The model's logits are computed only where a response token is predicted (`logp_index`, flat into
+    (rows, T); `head_inputs_at`), so a shared-prompt row scores the first rejected token from the prompt's last
+    position."""
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    logits = model(**inputs, use_cache=False).logits  # (R, T, V)
-    picked = logits.reshape(-1, logits.size(-1))[batch["logp_index"]]  # (N, V)
+    index = batch["logp_index"]  # (N,) flat positions, in the order of logp_target (a position may repeat)
+    at = torch.zeros(inputs["input_ids"].numel(), dtype=torch.bool, device=index.device)
+    at[index] = True
+    row_of = torch.cumsum(at, 0) - 1  # (R * T,): a kept position's row in the head's (M, V) output
+    with head_inputs_at(model, at.view_as(inputs["input_ids"])):
+        logits = model(**inputs, use_cache=False).logits  # (M, V), M distinct positions
+    picked = logits[row_of[index]]  # (N, V)
     token_logps = logprobs_from_logits(picked[None], batch["logp_target"][None])[0].float()  # (N,)
     sequences = 2 * batch["margin"].numel()
     seq = batch["logp_sequence"]
