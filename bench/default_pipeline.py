@@ -123,11 +123,46 @@ HEADLINE = ("eval/exact_match", "eval/em_split/trained_families_seen_phrasing",
             "eval/reward_score_sampled", "eval/exact_match_sampled", "eval/pass@4", "eval/response_length")
 
 
+def minutes(seconds: float) -> str:
+    return f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def stage_result(stage: dict) -> str:
+    """One line on what a stage reached, from its final evaluation or (RL) its before/after table: exact match on
+    the trained families' seen and held-out phrasings and on all held-out prompts, or the pairwise accuracy."""
+    em = ("eval/em_split/trained_families_seen_phrasing", "eval/em_split/trained_families_heldout_phrasing",
+          "eval/exact_match")
+    words = ("on seen phrasings of the trained families", "on their held-out phrasings", "on all held-out prompts")
+    if "before_after" in stage:
+        ba = stage["before_after"]
+        (end,) = [k for k in next(iter(ba.values())) if k != "start"]
+        moved = [f"{_pct(ba[k]['start'])} -> {_pct(ba[k][end])} {w}" for k, w in zip(em, words) if k in ba]
+        sampled = ba.get("eval/exact_match_sampled")
+        return ("greedy exact match " + ", ".join(moved)
+                + (f"; sampled exact match {_pct(sampled['start'])} -> {_pct(sampled[end])}" if sampled else ""))
+    e = stage.get("final_eval", {})
+    if "eval/accuracy" in e:
+        return (f"pairwise accuracy {_pct(e['eval/accuracy/trained_families_seen_phrasing'])} on new pairs of the "
+                f"trained families, {_pct(e['eval/accuracy'])} on all held-out pairs")
+    return "exact match " + ", ".join(f"{_pct(e[k])} {w}" for k, w in zip(em, words) if k in e)
+
+
+def summary_table(report: dict) -> str:
+    """Markdown: each stage's command, wall time and `stage_result` (the README's table)."""
+    lines = ["| command | wall time | result |", "| --- | ---: | --- |"]
+    lines += [f"| `{s['command']}` | {minutes(s['wall_s'])} | {stage_result(s)} |" for s in report["stages"]]
+    return "\n".join(lines)
+
+
 def tables(report: dict) -> str:
     """Markdown: each stage's wall time and load, then each RL stage's before/after table (from the file)."""
     lines = ["| command | wall time | load average before | processes | peak resident memory, all processes |",
              "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| `{s['command']}` | {s['wall_s'] // 60:.0f} min {s['wall_s'] % 60:02.0f} s | "
+    lines += [f"| `{s['command']}` | {minutes(s['wall_s'])} | "
               f"{s['load_average_before'][0]:.2f} | {s.get('processes', '')} | "
               + (f"{s['peak_resident_gb']:.2f} GiB |" if "peak_resident_gb" in s else " |") for s in report["stages"]]
     if any("process_kinds" in s for s in report["stages"]):

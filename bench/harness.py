@@ -417,7 +417,7 @@ def machine_info(threads: int, trl_python: Optional[Path] = None) -> dict:
 def code_version() -> dict:
     """The tuneforge commit benchmarked, every file that differed from it (untracked ones too: a bench file or a
     doc changes what a number means as much as the code does), and `clean`: whether none did but result files
-    (`only_results`). None where git did not answer."""
+    (`changes_no_measurement`). None where git did not answer."""
     def git(*cmd):
         out = subprocess.run(["git", "-C", str(ROOT), *cmd], capture_output=True, text=True)
         # rstrip only: a porcelain status line starts with a space when the index is unchanged.
@@ -425,14 +425,15 @@ def code_version() -> dict:
 
     status = git("status", "--porcelain")
     changed = None if status is None else [line[3:] for line in status.splitlines()]
-    return {"commit": git("rev-parse", "HEAD"), "clean": None if changed is None else only_results(changed),
-            "changed_files": changed}
+    clean = None if changed is None else changes_no_measurement(changed)
+    return {"commit": git("rev-parse", "HEAD"), "clean": clean, "changed_files": changed}
 
 
-def only_results(changed: list[str]) -> bool:
-    """Whether a tree that differs from its commit in `changed` still measures the commit: result files change no
-    measurement (a chain of benches writes one before the next starts), everything else may."""
-    return all(path.startswith("bench/results/") for path in changed)
+def changes_no_measurement(changed: list[str]) -> bool:
+    """Whether a tree that differs from its commit in `changed` still measures the commit: result files (a chain of
+    benches writes one before the next starts) and Markdown (the docs the tables go into) change no measurement;
+    code, configs and the benches themselves may."""
+    return all(path.startswith("bench/results/") or path.endswith(".md") for path in changed)
 
 
 def warn_if_dirty(code: dict) -> None:

@@ -17,6 +17,8 @@ Views (the default is the file's own: `ratios` for a vs-TRL file, `pipeline` for
   side and the difference of the final values;
 - `medians` (the same files): each system's medians (bench.harness.medians_table);
 - `pipeline` (bench.default_pipeline files): its `--table` rendering (bench.default_pipeline.tables);
+- `summary` (the same files): a line per stage, its wall time and what it reached (the README's table;
+  bench.default_pipeline.summary_table);
 - `floor` (bench.ppo_floor files): its tables (bench.ppo_floor.floor_tables).
 
 What an older file does not hold (the parameter count, whether the tree was clean, how busy the machine was) is
@@ -36,7 +38,7 @@ from typing import Callable, Optional
 if not __package__:  # run as `python bench/tables.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import (ROOT, UNRECORDED, Comparison, medians_table, only_results,  # noqa: E402
+from bench.harness import (ROOT, UNRECORDED, Comparison, changes_no_measurement, medians_table,  # noqa: E402
                            paired_ratios, paired_table)
 
 RESULTS = ROOT / "bench" / "results"
@@ -53,8 +55,8 @@ def tree_state(code: Optional[dict]) -> str:
     docs/benchmarks.md out of `changed_files`, so an empty list there does not prove a clean tree."""
     code = code or {}
     if code.get("clean") is not None:
-        # Files written before `only_results` counted other benches' result files against `clean`.
-        return "clean tree" if code["clean"] or only_results(code["changed_files"]) else "dirty tree"
+        # Files written before `changes_no_measurement` counted result files and docs against `clean`.
+        return "clean tree" if code["clean"] or changes_no_measurement(code["changed_files"]) else "dirty tree"
     return "dirty tree" if code.get("changed_files") else f"tree state {UNRECORDED}"
 
 
@@ -111,6 +113,12 @@ def pipeline_view(name: str, result: dict) -> str:
     return provenance(name, result) + "\n\n" + tables(result)
 
 
+def summary_view(name: str, result: dict) -> str:
+    from bench.default_pipeline import summary_table
+
+    return provenance(name, result) + "\n\n" + summary_table(result)
+
+
 def floor_view(name: str, result: dict) -> str:
     from bench.ppo_floor import floor_tables
 
@@ -118,7 +126,8 @@ def floor_view(name: str, result: dict) -> str:
 
 
 VIEWS: dict[str, Callable[[str, dict], str]] = {"ratios": ratios_view, "medians": medians_view,
-                                                "pipeline": pipeline_view, "floor": floor_view}
+                                                "pipeline": pipeline_view, "summary": summary_view,
+                                                "floor": floor_view}
 
 
 def is_comparison(result: dict) -> bool:

@@ -146,11 +146,12 @@ def test_the_ratios_view_shows_paired_ratios_and_unrecorded_for_what_an_old_file
     assert "commit 0123456 (clean tree)" in chained
 
 
-def test_only_result_files_changed_leaves_the_tree_clean():
-    from bench.harness import only_results
+def test_a_tree_changed_only_in_results_and_docs_measures_its_commit():
+    from bench.harness import changes_no_measurement
 
-    assert only_results([]) and only_results(["bench/results/a.json", "bench/results/b.json"])
-    assert not only_results(["bench/results/a.json", "bench/harness.py"]) and not only_results(["README.md"])
+    assert changes_no_measurement([]) and changes_no_measurement(["bench/results/a.json", "docs/benchmarks.md"])
+    assert not changes_no_measurement(["bench/results/a.json", "bench/harness.py"])
+    assert not changes_no_measurement(["conf/sft.yaml"])
 
 
 def test_a_stale_table_is_named_and_regenerating_fixes_it(tmp_path):
@@ -169,3 +170,18 @@ def test_the_docs_tables_are_what_the_result_files_give():
     from bench.tables import main
 
     assert main(["--check"]) == 0
+
+
+def test_a_pipeline_stage_is_summed_up_from_its_evaluation_or_its_before_after_table():
+    from bench.default_pipeline import stage_result
+
+    sft = {"final_eval": {"eval/exact_match": 0.382, "eval/em_split/trained_families_seen_phrasing": 0.995,
+                          "eval/em_split/trained_families_heldout_phrasing": 0.15}}
+    assert stage_result(sft) == ("exact match 99.5% on seen phrasings of the trained families, 15.0% on their "
+                                 "held-out phrasings, 38.2% on all held-out prompts")
+    reward = {"final_eval": {"eval/accuracy": 0.818, "eval/accuracy/trained_families_seen_phrasing": 0.97}}
+    assert stage_result(reward) == "pairwise accuracy 97.0% on new pairs of the trained families, 81.8% on all held-out pairs"
+    grpo = {"before_after": {"eval/exact_match": {"start": 0.382, "grpo": 0.388},
+                             "eval/exact_match_sampled": {"start": 0.296, "grpo": 0.351}}}
+    assert stage_result(grpo) == ("greedy exact match 38.2% -> 38.8% on all held-out prompts; sampled exact match "
+                                  "29.6% -> 35.1%")
