@@ -31,7 +31,7 @@ from rlhf.scoring import before_after
 from trainer.adapters import check_adapter_source
 from trainer.checkpoint import CheckpointError, check_frozen_from
 from trainer.compose import hydra_overrides, register_all, to_typed
-from trainer.config import CONF_DIR, ConfigError, lr_note, resolve_lr
+from trainer.config import CONF_DIR, ConfigError, lr_note
 from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES, scrub_secrets
 from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
@@ -77,11 +77,10 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
 
     cfg: PPOConfig = to_typed(dcfg, hydra_overrides())
     validate(cfg)
-    for role in cfg.trained_roles:  # lr=auto becomes a number, printed, before any worker sees it
+    for role in cfg.trained_roles:  # what lr=auto becomes (each worker resolves it: rlhf.worker), or exit 2 here
         rc = cfg.role(role)
         if note := lr_note(rc.optim, rc.peft.method, f"{role}.optim"):
             print(note, flush=True)
-        rc.optim = resolve_lr(rc.optim, rc.peft.method, f"{role}.optim")
     run_dir = Path(cfg.output_dir)
     # Before any model is checked or loaded: what the run resumes from, and the inputs its first start pinned.
     point = find_resume_point(cfg.resume, run_dir, cfg.trained_roles)

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf.config import PPOConfig, RoleConfig
-from trainer.config import resolve_zero_stage
+from trainer.config import resolve_lr, resolve_zero_stage
 from rlhf.experience import Experience, gather_response, last_token_positions, response_positions
 from trainer.adapters import add_adapters, parameter_summary
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -67,8 +67,10 @@ class RoleWorker:
         prepare_process()
         self.cfg, self.role, self.rank, self.world_size = cfg, role, rank, world_size
         role_cfg = cfg.role(role)
-        # deepspeed.stage=auto becomes a number for this role's world size.
-        self.role_cfg: RoleConfig = replace(role_cfg, deepspeed=resolve_zero_stage(role_cfg.deepspeed, world_size))
+        # deepspeed.stage=auto becomes a number for this role's world size, optim.lr=auto the rate for its peft
+        # method (the driver has printed it).
+        self.role_cfg: RoleConfig = replace(role_cfg, deepspeed=resolve_zero_stage(role_cfg.deepspeed, world_size),
+                                            optim=resolve_lr(role_cfg.optim, role_cfg.peft.method, f"{role}.optim"))
         if not has_gpu():
             torch.set_num_threads(cfg.cluster.torch_threads)
         seed_everything(cfg.seed)  # random-init roles (tests) start from the same weights in every process

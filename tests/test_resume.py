@@ -149,10 +149,10 @@ def test_a_matching_run_that_is_still_running_is_never_continued(tmp_path):
 def test_a_config_that_does_not_compose_says_it_resumes_only_in_its_own_directory():
     from trainer.resume import decide
 
-    decision = decide("sft", ["resume=auto", "optim.lr=not-a-number"])
+    decision = decide("sft", ["resume=auto", "train.max_steps=not-a-number"])
     assert decision.run_dir is None and decision.exit_code is None and "\n" not in decision.message
     assert decision.message.startswith("resume=auto: not looking for a run to continue, this launch's config does "
-                                       "not compose (") and "optim.lr" in decision.message
+                                       "not compose (") and "train.max_steps" in decision.message
 
 
 def test_discovery_only_without_an_explicit_run_directory():
