@@ -44,7 +44,8 @@ def split_loss(out: Union[torch.Tensor, LossWithMetrics]) -> tuple[torch.Tensor,
 
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy.
+    """Summed next-token cross-entropy from every position's logits: what `CausalLMTask.loss` computes from the
+    trained positions' only (the definition its test compares against).
 
     logits: (B, T, V) — position t scores token t+1; labels: (B, T) with IGNORE_INDEX
     on tokens that are not trained. Returns a scalar (sum over trained tokens)."""
