@@ -185,3 +185,14 @@ def test_a_pipeline_stage_is_summed_up_from_its_evaluation_or_its_before_after_t
                              "eval/exact_match_sampled": {"start": 0.296, "grpo": 0.351}}}
     assert stage_result(grpo) == ("greedy exact match 38.2% -> 38.8% on all held-out prompts; sampled exact match "
                                   "29.6% -> 35.1%")
+
+
+def test_a_table_naming_a_missing_result_file_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import bench.tables as tables
+
+    (tmp_path / "README.md").write_text("<!-- table: nowhere.json -->\n<!-- /table -->\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text("")
+    monkeypatch.setattr(tables, "ROOT", tmp_path)
+    assert tables.main([]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: README.md: no result file ")
