@@ -1,13 +1,16 @@
-"""The compute floor of one PPO iteration of `bench.ppo_vs_trl` on this machine: each piece of the iteration's
-work timed alone, in one process on one thread, as plain PyTorch with the bench's Hugging Face models (no
-DeepSpeed, no Ray, no collectives), so what remains is the work itself.
+"""The compute floor of one PPO iteration of `bench.ppo_vs_trl` (or, with --algo grpo, one GRPO iteration of
+`bench.grpo_vs_trl`) on this machine: each piece of the iteration's work timed alone, in one process on one
+thread, as plain PyTorch with the bench's Hugging Face models (no DeepSpeed, no Ray, no collectives), so what
+remains is the work itself.
 
-    python -m bench.ppo_floor [--rollout-batch 64] [--mini-batch-size 32] [--response-length 16]
-                              [--policy-ranks 2] [--model-size tiny] [--repeats 7] [--cores N]
-                              [--zero3-option KEY=VALUE ...]
+    python -m bench.ppo_floor [--algo ppo|grpo] [--rollout-batch 64] [--mini-batch-size 32]
+                              [--response-length 16] [--policy-ranks 2] [--model-size tiny] [--repeats 7]
+                              [--cores N] [--zero3-option KEY=VALUE ...]
                               [--vs bench/results/ppo_vs_trl.json] [--out bench/results/ppo_floor.json]
 
-The pieces, each the median of --repeats timings after two warm-up rounds:
+The pieces, each the median of --repeats timings after two warm-up rounds (GRPO's iteration, as both benches
+run it, has only the first and the policy update: no KL term, so no reference; a reward function, no reward
+model; no critic; and the old log-probs are the sampler's, which tuneforge keeps and TRL recomputes):
 - generate: one policy rank's share of the prompts (rollout batch / --policy-ranks), sampled at temperature 1
   with the KV cache, counted once per rank; every response runs to --response-length (no stop token), so every
   pass below reads full-length rollouts;
@@ -121,15 +124,22 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
             generate(slice(0, share))
 
     torch.save({"sequences": sequences, "attention": attention}, work / "rollouts.pt")
-    pieces = {
-        "generate": median_s(generate_share, args.repeats) * args.policy_ranks,
-        "reference log-probs": median_s(frozen(lm_forward), args.repeats),
-        "reward scores": median_s(frozen(scalar_forward), args.repeats),
-        "critic values": median_s(frozen(scalar_forward), args.repeats),
-        "policy update": median_s(update(policy, lm_forward), args.repeats),
-        "critic update": median_s(update(reward, scalar_forward), args.repeats),
-    }
+    pieces = {"generate": median_s(generate_share, args.repeats) * args.policy_ranks}
+    if args.algo == "ppo":
+        pieces["reference log-probs"] = median_s(frozen(lm_forward), args.repeats)
+        pieces["reward scores"] = median_s(frozen(scalar_forward), args.repeats)
+        pieces["critic values"] = median_s(frozen(scalar_forward), args.repeats)
+    pieces["policy update"] = median_s(update(policy, lm_forward), args.repeats)
+    if args.algo == "ppo":
+        pieces["critic update"] = median_s(update(reward, scalar_forward), args.repeats)
     return pieces
+
+
+def parameters(args: argparse.Namespace) -> int:
+    """The policy's parameter count (what the vs-TRL benches record as `parameters`)."""
+    from bench.ppo_vs_trl import model_config
+
+    return harness.model_parameters(model_config(args.model_size))
 
 
 def zero3_options(pairs: list[str]) -> list[tuple[str, int]]:
@@ -221,6 +231,9 @@ def floor_tables(result: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algo", choices=("ppo", "grpo"), default="ppo",
+                   help="whose iteration: bench.ppo_vs_trl's (policy, reference, reward model, critic) or "
+                        "bench.grpo_vs_trl's (policy alone)")
     p.add_argument("--rollout-batch", type=int, default=64)
     p.add_argument("--mini-batch-size", type=int, default=32)
     p.add_argument("--response-length", type=int, default=16)
@@ -240,6 +253,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.set_num_threads(1)
     if args.work is not None:
         return zero3_child(args)
+    code = harness.code_version()
+    harness.warn_if_dirty(code)
+    busy = harness.measure_busy_cores()  # before any of this bench's own work
     with tempfile.TemporaryDirectory(prefix="ppo_floor_") as tmp:
         pieces = measure(args, Path(tmp))
         zero3_update = zero3_policy_update(args, Path(tmp)) if args.policy_ranks > 1 else None
@@ -251,7 +267,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "vs", "work")}
     result = {"command": " ".join(["python -m bench.ppo_floor", *(argv if argv is not None else sys.argv[1:])]),
               "settings": settings | {"vs": str(args.vs) if args.vs else None},
-              "machine": harness.machine_info(1), "code": harness.code_version(),
+              "machine": harness.machine_info(1), "code": code, "parameters": parameters(args),
+              "busy_cores_before": busy, "loaded": busy is not None and busy > harness.BUSY_CORES_LIMIT,
               "pieces_s": pieces, "zero3_policy_update_core_s": zero3_update,
               "floors_core_s": floors, "floors_rollouts_per_s": rate}
     if args.vs:

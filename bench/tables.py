@@ -74,6 +74,9 @@ def provenance(name: str, result: dict) -> str:
              f"parameters: {UNRECORDED if parameters is None else format(parameters, ',')}"]
     if runs is not None:
         facts.append(f"runs started on a busy machine: {UNRECORDED if loaded is None else f'{loaded} of {len(runs)}'}")
+    elif result.get("busy_cores_before") is not None:  # one measurement (bench.ppo_floor)
+        facts.append(f"{'busy' if result['loaded'] else 'quiet'} machine at the start "
+                     f"({result['busy_cores_before']:.2f} cores used by others)")
     command = f"`{result['command']}`" if result.get("command") else f"command {UNRECORDED}"
     return f"`bench/results/{name}`: " + "; ".join(facts) + f"; {command}"
 

@@ -1,18 +1,25 @@
-"""The RL run's checkpoint (rlhf.checkpoint) under faults, with real GRPO runs on a local Ray instance: a crash
-between the policy's checkpoint and the driver's state, resume from another run's directory, and the inputs a
-run's first start resolved staying pinned on resume (a newer export never slips in; a changed path is refused)."""
+"""The RL run's checkpoint (rlhf.checkpoint) under faults, with real GRPO runs on a local Ray instance: a failed
+write and a SIGKILL of the driver between the policy's checkpoint and the driver's state, resume from another run's
+directory, and the inputs a run's first start resolved staying pinned on resume (a newer export never slips in; a
+changed path is refused)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from rlhf.checkpoint import INPUTS, STATE_DIR, pin_inputs, resolved_inputs
-from runs import tiny_ppo_model
+from runs import PPO_SMALL, REPO, marked, processes_of, run_env, tiny_ppo_model
 from test_ppo import iterations_done, records, run_ppo
-from trainer.checkpoint import LATEST, torn
+from trainer.checkpoint import COMPLETE, LATEST, torn
 from trainer.compose import compose, to_typed
 
 # One policy rank (each rank is a process to start): what is tested here is the driver's commit, not the ranks'
@@ -60,6 +67,48 @@ def test_a_crash_between_the_policy_checkpoint_and_the_driver_state_still_resume
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
     assert sorted(p.name for p in (ckpts / "actor").glob("step_*")) == ["step_00000003"]  # pruned after commit
     assert sorted(p.name for p in (ckpts / STATE_DIR).glob("step_*.json")) == ["step_00000003.json"]
+
+
+@pytest.mark.distributed
+def test_a_driver_killed_between_the_policy_checkpoint_and_its_state_resumes(straight, tiny_model, tmp_path):
+    """A literal SIGKILL of the driver at that point: a FIFO where the temporary file of its iteration-2 state goes
+    holds it in open() once the policy has saved iteration 2, so the kill lands after the policy's save and before
+    the driver's commit, however fast the run."""
+    run = tmp_path / "killed"
+    ckpts = run / "checkpoints"
+    blocker = ckpts / STATE_DIR / "step_00000002.json.tmp"
+    blocker.parent.mkdir(parents=True)
+    os.mkfifo(blocker)
+    common = [*GRPO, "train.iterations=3", "train.save_every=1", "train.keep_last=1"]
+    env = {**run_env(), **marked()}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # as run_ppo runs it
+    cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, *common, f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        saved = ckpts / "actor" / "step_00000002" / COMPLETE
+        while time.time() < deadline and proc.poll() is None and not saved.exists():
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in processes_of(env):  # a killed driver cannot stop what it started: Ray's servers and actors
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert (ckpts / STATE_DIR / LATEST).read_text() == "step_00000001"
+    assert torn(ckpts / "actor" / "step_00000001") is None  # the only committed iteration, kept whole
+    blocker.unlink()
+
+    proc = run_ppo(run, tiny_model, *common, "resume=auto")
+    assert "resumed from" in proc.stdout and "after iteration 1" in proc.stdout
+    a, b = records(straight), records(run)
+    for step in (2, 3):
+        for key in COMPARED:
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
 
 
 @pytest.mark.distributed

@@ -10,6 +10,7 @@ import yaml
 
 from runs import REPO, TINY, run_env, write_sft_jsonl
 from trainer.contracts import REDACTED, SECRET_KEY, redact_text, scrub_secrets
+from trainer.engine import free_port
 from wandb_records import read_offline_run
 
 HF_SECRET = "hf_" + "Q" * 34
@@ -73,8 +74,13 @@ def test_a_run_writes_no_secret_given_as_an_override(tmp_path):
 
 LISTEN_PROBE = r"""
 import os
+import torch
+import torch.distributed as dist
 from trainer.engine import init_distributed
 init_distributed()
+total = torch.ones(1)
+dist.all_reduce(total)  # every rank's pairs are up
+print("WORLD", int(total))
 inodes = set()
 for fd in os.listdir("/proc/self/fd"):
     try:
@@ -91,10 +97,30 @@ for table in ("/proc/net/tcp", "/proc/net/tcp6"):
 """
 
 
+LOOPBACK = ("0100007F", "00000000000000000000000001000000")  # 127.0.0.1 and ::1 as /proc/net/tcp{,6} write them
+
+
 def test_a_single_process_run_listens_on_no_interface_but_loopback():
     """torch's TCPStore binds every interface whatever MASTER_ADDR says; a world of one uses none."""
     proc = subprocess.run([sys.executable, "-c", LISTEN_PROBE], cwd=REPO, env=run_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     addresses = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("LISTEN")]
-    assert all(a in ("0100007F", "00000000000000000000000001000000") for a in addresses), addresses
+    assert all(a in LOOPBACK for a in addresses), addresses
+
+
+def test_ranks_on_one_node_listen_on_no_interface_but_loopback():
+    """Two ranks started without torchrun (as a PPO role's are on Ray's local cluster, MASTER_ADDR 127.0.0.1):
+    rank 0's rendezvous store, which torch binds to every interface, and both ranks' gloo pairs listen on
+    loopback alone."""
+    env = {**run_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    procs = [subprocess.Popen([sys.executable, "-c", LISTEN_PROBE], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-2000:]
+        assert "WORLD 2" in out
+    addresses = [line.split()[1] for out, _ in outputs for line in out.splitlines() if line.startswith("LISTEN")]
+    assert addresses and all(a in LOOPBACK for a in addresses), addresses

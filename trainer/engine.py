@@ -10,8 +10,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import ipaddress
 import math
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -69,10 +71,13 @@ def init_distributed(collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S)
         os.environ.setdefault("WORLD_SIZE", "1")
     if has_gpu():
         torch.cuda.set_device(local_rank)
-    if world_size == 1 and not dist.is_initialized():
-        # torch's TCPStore listens on every interface whatever MASTER_ADDR says; a world of one needs no
-        # rendezvous, so its store lives in memory and nothing listens (DeepSpeed joins the initialised group).
-        dist.init_process_group(dist_backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    if not dist.is_initialized():
+        # torch's TCPStore listens on every interface whatever MASTER_ADDR says. A world of one needs no
+        # rendezvous, so its store lives in memory and nothing listens; a world on one node (a loopback
+        # MASTER_ADDR) gets a store that listens on that address alone. DeepSpeed joins the initialised group.
+        store = dist.HashStore() if world_size == 1 else loopback_store(rank, world_size, timeout)
+        if store is not None:
+            dist.init_process_group(dist_backend(), store=store, rank=rank, world_size=world_size, timeout=timeout)
     if not dist.is_initialized() or not deepspeed.comm.is_initialized():
         _leave_the_inference_all_reduce_unbuilt()
         deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False, timeout=timeout)
@@ -120,6 +125,33 @@ def set_collective_timeout(seconds: float) -> None:
 
     for group in list(c10d._world.pg_map):
         c10d._set_pg_timeout(_collective_timeout, group)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError):
+        return False
+
+
+def loopback_store(rank: int, world_size: int, timeout: timedelta) -> Optional[dist.TCPStore]:
+    """The rendezvous store of a world whose MASTER_ADDR is a loopback address (its ranks share one node: a PPO
+    role on Ray's local cluster, ranks started by hand), rank 0's listening on that address alone; the world's
+    gloo pairs bind the loopback interface too (GLOO_SOCKET_IFNAME, unless set). None where torchrun's agent
+    holds the store (its ranks only connect to it) or the address is another (other nodes must reach it, and
+    torch's store then listens on every interface)."""
+    host = os.environ.get("MASTER_ADDR", "")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or not is_loopback(host):
+        return None
+    port = int(os.environ["MASTER_PORT"])
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    listen_fd = None
+    if rank == 0:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listen_fd = socket.create_server((host, port), family=family).detach()  # the store owns it from here
+    return dist.TCPStore(host, port, world_size, rank == 0, timeout, master_listen_fd=listen_fd)
 
 
 def free_port() -> int:
