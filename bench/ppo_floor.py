@@ -74,7 +74,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
     from trainer.objectives import per_token_scores
 
     policy_dir, reward_dir = save_models(work, args.model_size, args.seed)
-    cfg = compose_ppo([f"actor.model.name_or_path={policy_dir}", f"seed={args.seed}"])
+    cfg = compose_ppo([*(f"{role}.model.name_or_path={policy_dir}" for role in ("actor", "reference")),
+                       *(f"{role}.model.name_or_path={reward_dir}" for role in ("critic", "reward")),
+                       f"seed={args.seed}"])
     tokenizer = load_tokenizer(cfg.actor.model)
     d = cfg.data
     prompts = sample_prompts(build_prompts(d, tokenizer, d.path, d.split, d.format, d.name), 0,
@@ -253,6 +255,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.set_num_threads(1)
     if args.work is not None:
         return zero3_child(args)
+    vs = json.loads(args.vs.read_text()) if args.vs else None
+    if vs and vs.get("parameters") not in (None, parameters(args)):
+        raise SystemExit(f"error: --vs {args.vs} ran a {vs['parameters']:,}-parameter policy, --model-size "
+                         f"{args.model_size} is {parameters(args):,}: give the size it ran")
     code = harness.code_version()
     harness.warn_if_dirty(code)
     busy = harness.measure_busy_cores()  # before any of this bench's own work
@@ -271,8 +277,8 @@ def main(argv: Optional[list[str]] = None) -> None:
               "busy_cores_before": busy, "loaded": busy is not None and busy > harness.BUSY_CORES_LIMIT,
               "pieces_s": pieces, "zero3_policy_update_core_s": zero3_update,
               "floors_core_s": floors, "floors_rollouts_per_s": rate}
-    if args.vs:
-        result["vs"] = {name: m["rollouts_per_s"] for name, m in json.loads(args.vs.read_text())["medians"].items()}
+    if vs:
+        result["vs"] = {name: m["rollouts_per_s"] for name, m in vs["medians"].items()}
     print(floor_tables(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
