@@ -66,6 +66,15 @@ def commit(root: Path, iteration: int, state: dict, roles: tuple[str, ...], keep
         old.unlink()
 
 
+def failure_note(run_dir: Path) -> str:
+    """What a failed run leaves to resume from, for the end of its error line: the iteration `latest` names, or
+    that there is none (the same command then starts over)."""
+    pointer = run_dir / "checkpoints" / STATE_DIR / "latest"
+    if pointer.exists():
+        return f"the last committed iteration, {pointer.read_text().strip()}, is intact; to continue"
+    return "no iteration was committed before it; to start again"
+
+
 def find_resume_point(resume: Optional[str], run_dir: Path, roles: tuple[str, ...]) -> Optional[ResumePoint]:
     """The iteration `resume` names (None: start fresh). auto: this run's newest committed iteration, if any;
     a path: another run directory or its checkpoints directory, which must hold one. An iteration counts when

@@ -23,7 +23,7 @@ if __name__ == "__main__":  # before anything below imports Ray
     keep_local_ray_on_loopback(sys.argv[1:])
 
 from rlhf.config import PPOConfig, validate
-from rlhf.checkpoint import check_layout, find_resume_point, pin_inputs, resolved_inputs
+from rlhf.checkpoint import check_layout, failure_note, find_resume_point, pin_inputs, resolved_inputs
 from rlhf.driver import Driver, check_tokenizers, load_reward_stats
 from rlhf.group import PreemptedInCall, RoleFailure
 from rlhf.placement import PlacementError
@@ -182,8 +182,7 @@ def main() -> None:
         except user_errors() + (PlacementError,) as err:
             exit_with_user_error(err)
         except (RoleFailure, CheckpointError) as err:
-            print(f"error: {err} (the last complete checkpoint is intact; to continue: {resume_command()})",
-                  file=sys.stderr)
+            print(f"error: {err} ({failure_note(Path(dcfg.output_dir))}: {resume_command()})", file=sys.stderr)
             raise SystemExit(1)
         if code:
             raise SystemExit(code)

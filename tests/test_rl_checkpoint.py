@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.checkpoint import INPUTS, STATE_DIR, pin_inputs, resolved_inputs
+from rlhf.checkpoint import INPUTS, STATE_DIR, failure_note, pin_inputs, resolved_inputs
 from runs import PPO_SMALL, REPO, marked, processes_of, run_env, tiny_ppo_model
 from test_ppo import iterations_done, records, run_ppo
 from trainer.checkpoint import COMPLETE, LATEST, torn
@@ -54,6 +54,7 @@ def test_a_crash_between_the_policy_checkpoint_and_the_driver_state_still_resume
     proc = run_ppo(run, tiny_model, *common, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "iteration 2 was not committed" in proc.stderr and "still names step_00000001" in proc.stderr
+    assert "(the last committed iteration, step_00000001, is intact; to continue: " in proc.stderr
     assert (ckpts / STATE_DIR / LATEST).read_text() == "step_00000001"
     assert torn(ckpts / "actor" / "step_00000001") is None
     assert torn(ckpts / "actor" / "step_00000002") is None  # saved, never committed
@@ -133,6 +134,13 @@ def test_a_policy_path_changed_on_resume_is_refused_before_anything_starts(strai
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: actor.model.name_or_path={tmp_path / 'other_model'}: this run started from ")
     assert "refused" in last
+
+
+def test_a_failure_says_what_is_left_to_resume_from(tmp_path):
+    assert failure_note(tmp_path) == "no iteration was committed before it; to start again"
+    (tmp_path / "checkpoints" / STATE_DIR).mkdir(parents=True)
+    (tmp_path / "checkpoints" / STATE_DIR / LATEST).write_text("step_00000004")
+    assert failure_note(tmp_path) == "the last committed iteration, step_00000004, is intact; to continue"
 
 
 def test_a_newer_export_does_not_slip_into_a_resumed_run(tmp_path, monkeypatch):

@@ -155,8 +155,6 @@ def loopback_store(rank: int, world_size: int, timeout: timedelta) -> Optional[d
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
