@@ -152,16 +152,10 @@ def prepared(args: argparse.Namespace, c: Comparison) -> Iterator[Setup]:
 
 
 def model_parameters(model, scalar_head: bool = False) -> int:
-    """The parameter count of the model a `trainer.config.ModelConfig` builds, exactly as tuneforge builds it (tied
-    weights counted once), on the meta device: no memory, no init, well under a second for the tiny sizes."""
-    import torch
+    """The parameter count of the model a `trainer.config.ModelConfig` builds (tied weights counted once)."""
+    from trainer.model import count_parameters, load_tokenizer
 
-    from trainer.model import build_causal_lm, build_reward_model, load_tokenizer
-
-    build = build_reward_model if scalar_head else build_causal_lm
-    with torch.device("meta"):
-        built = build(model, load_tokenizer(model), torch.float32)
-    return sum(p.numel() for p in built.parameters())
+    return count_parameters(model, load_tokenizer(model), scalar_head)
 
 
 def tuneforge_overrides(args: argparse.Namespace, data_path: Path) -> list[str]:
@@ -197,7 +191,11 @@ def replay_steps(rows: list[dict], job) -> list[list[dict]]:
 
 
 def trl_spec(job, data_path: Path, threads: int) -> dict:
-    """What a TRL runner (bench/trl_*.py) needs, taken from tuneforge's resolved config."""
+    """What a TRL runner (bench/trl_*.py) needs, taken from tuneforge's resolved config (`optim.lr: auto` made the
+    rate the run prints, as `trainer.run` does)."""
+    from trainer.config import resolve_lr
+
+    lr = resolve_lr(job.optim, job.peft.method).lr
     return {
         "data_path": str(data_path),
         "seed": job.seed,
@@ -205,7 +203,7 @@ def trl_spec(job, data_path: Path, threads: int) -> dict:
         "micro_batch_size": job.train.micro_batch_size,
         "grad_accum": job.train.grad_accum,
         "max_length": job.data.max_length,
-        "lr": job.optim.lr,
+        "lr": lr,
         "betas": list(job.optim.betas),
         "eps": job.optim.eps,
         "weight_decay": job.optim.weight_decay,

@@ -18,7 +18,8 @@ model; no critic; and the old log-probs are the sampler's, which tuneforge keeps
   of 32 (the reference with logits only where responses are, as `RoleWorker.response_logprobs` asks);
 - policy update, critic update: forward + backward + AdamW step per mini-batch over every rollout (no gradient
   clipping: about a millisecond here, which the ZeRO-3 piece below does pay);
-- the policy update again as tuneforge runs it by default: a ZeRO-3 engine (`trainer.engine`) over --policy-ranks
+- the policy update again as tuneforge runs it under ZeRO-3 (its default until 2026-12-06, and now for models whose
+  training state is over `deepspeed.auto_partition_above_gb`): a ZeRO-3 engine (`trainer.engine`) over --policy-ranks
   processes started by torchrun, each mini-batch split over them, counted as ranks x its median wall time;
   --zero3-option sets a `DeepSpeedConfig` field for it.
 
@@ -162,7 +163,7 @@ def zero3_options(pairs: list[str]) -> list[tuple[str, int]]:
 
 
 def zero3_child(args: argparse.Namespace) -> None:
-    """One rank of the policy's update as tuneforge runs it by default: a DeepSpeed ZeRO-3 engine built by
+    """One rank of the policy's update as tuneforge runs it under ZeRO-3: a DeepSpeed ZeRO-3 engine built by
     `trainer.engine` over the ranks torchrun started, each mini-batch split over them, one step per mini-batch.
     Rank 0 writes the median seconds of one iteration's update."""
     from transformers import AutoModelForCausalLM

@@ -31,15 +31,18 @@ measured iterations. As a check that both sides sample from the same policy, eve
 entropy of the policy over its last `--loss-window` iterations (`final entropy`).
 
 Systems (`--systems`), run in this order `--repeats` times; the tables show medians and paired tuneforge/TRL ratios:
-- tuneforge: the PPO defaults (the policy's 2 ranks under ZeRO-3, the critic's 1 rank unpartitioned, both by
-  `deepspeed.stage=auto`; old log-probs recorded while sampling, `rollout.old_logprobs=auto` in fp32; the next
+- tuneforge: the PPO defaults (the policy's 2 ranks and the critic's 1 rank unpartitioned, both by
+  `deepspeed.stage=auto`: every bench size's training state is under `auto_partition_above_gb`, where until
+  2026-12-06 the policy's 2 ranks were under ZeRO-3; old log-probs recorded while sampling, `rollout.old_logprobs=auto` in fp32; the next
   rollouts sampled while the critic's update finishes, `rollout.overlap_critic_update`);
 - trl: TRL 1.12.0's PPOTrainer;
-- tuneforge-zero0: the defaults with the policy unpartitioned too (`actor.deepspeed.stage=0`);
+- tuneforge-zero0: the policy and critic unpartitioned, asked for (`actor.deepspeed.stage=0 critic.deepspeed.stage=0`:
+  the defaults' choice at these sizes);
 - tuneforge-zero3-recompute: the defaults before 2026-11-26's second change: policy and critic under ZeRO-3 and old
   log-probs from a second policy forward (`actor.deepspeed.stage=3 critic.deepspeed.stage=3
   rollout.old_logprobs=recompute`).
-Optional systems (run only when --systems names them): tuneforge-noclip (no gradient clipping, as TRL),
+Optional systems (run only when --systems names them): tuneforge-zero3 (the policy's 2 ranks under ZeRO-3, the
+default until 2026-12-06 and for models past the threshold: `actor.deepspeed.stage=3`), tuneforge-noclip (no gradient clipping, as TRL),
 tuneforge-plain-linear (ZeRO-3's Linear wrapper off for training too), tuneforge-no-overlap (each iteration waits for
 both updates before sampling: `rollout.overlap_critic_update=false`), tuneforge-persist (the policy's ZeRO-3 keeps
 DeepSpeed's 100k parameter persistence threshold, the default before 2026-11-27).
@@ -73,7 +76,7 @@ PPO = harness.Comparison(
     ),
     systems=("tuneforge", "trl", "tuneforge-zero0", "tuneforge-zero3-recompute"),
     # Gradient clipping off on both tuneforge models, as TRL's PPO loop never clips: isolates that difference.
-    optional_systems=("tuneforge-noclip", "tuneforge-plain-linear", "tuneforge-no-overlap", "tuneforge-persist"),
+    optional_systems=("tuneforge-zero3", "tuneforge-noclip", "tuneforge-plain-linear", "tuneforge-no-overlap", "tuneforge-persist"),
     trl_systems=("trl",),
     counts={"rollouts": "rollouts", "response_tokens": "resp tok", "prompt_tokens": "prompt tok"},
     sizes={"steps": 30, "rollout_batch": 64, "mini_batch_size": 32, "ppo_epochs": 1, "response_length": 16},
@@ -92,6 +95,7 @@ PPO = harness.Comparison(
 SYSTEM_OVERRIDES = {
     "tuneforge": (),
     "tuneforge-zero0": ("actor.deepspeed.stage=0", "critic.deepspeed.stage=0"),
+    "tuneforge-zero3": ("actor.deepspeed.stage=3",),
     "tuneforge-plain-linear": ("actor.deepspeed.memory_efficient_linear=false",),
     "tuneforge-noclip": ("actor.optim.max_grad_norm=0", "critic.optim.max_grad_norm=0"),
     "tuneforge-no-overlap": ("rollout.overlap_critic_update=false",),
@@ -177,15 +181,13 @@ def trl_spec(cfg, policy: Path, reward: Path, prompts_path: Path, threads: int) 
 
 
 def tuneforge_layout(cfg) -> dict:
-    """Where tuneforge's work runs: ranks, micro-batch and ZeRO stage per role (tuneforge-zero0: stage 0 for the
-    actor and critic), and the torch threads of each Ray actor."""
-    from trainer.config import resolve_zero_stage
+    """Where tuneforge's work runs: ranks, micro-batch and ZeRO stage per role (as its actors resolve
+    `deepspeed.stage=auto`), and the torch threads of each Ray actor."""
     from trainer.contracts import ROLES
 
     return {"torch_threads_per_actor": cfg.cluster.torch_threads,
             **{role: {"ranks": cfg.role(role).world_size, "micro_batch_size": cfg.role(role).micro_batch_size,
-                      "zero_stage": resolve_zero_stage(cfg.role(role).deepspeed, cfg.role(role).world_size).stage}
-                for role in ROLES}}
+                      "zero_stage": cfg.zero_stage(role)[0].stage} for role in ROLES}}
 
 
 def tuneforge_records(run_dir: Path, prompt_tokens: list[int], rollout_batch: int) -> list[dict]:

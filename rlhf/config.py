@@ -22,6 +22,7 @@ from trainer.config import (
     PeftConfig,
     _require,
     resolve_zero_stage,
+    training_state_bytes,
     validate_data_source,
     validate_deepspeed,
     validate_model,
@@ -266,6 +267,22 @@ class PPOConfig:
     @property
     def rollout_batch(self) -> int:
         return self.rollout.prompts_per_iteration * self.rollout.samples_per_prompt
+
+    def zero_stage(self, role: str) -> tuple[DeepSpeedConfig, Optional[int]]:
+        """The role's deepspeed config with `stage: auto` made a number for its world size and model, and the
+        training state that decided it (bytes; None where the size did not count). Builds the model's shape on
+        the meta device (no weights): called by each role's actors, and by the benches to record the layout."""
+        from trainer.engine import resolve_precision
+        from trainer.model import count_parameters, load_tokenizer
+
+        rc = self.role(role)
+        asked, state_bytes = rc.deepspeed, None
+        # A policy generating through its ZeRO-3 engine asks for ZeRO-3 whatever its size (checked in validate).
+        if asked.stage == "auto" and not (role == "actor" and self.rollout.generation == "zero3"):
+            parameters = count_parameters(rc.model, load_tokenizer(rc.model), scalar_head=role in ("critic", "reward"))
+            state_bytes = training_state_bytes(parameters, role in TRAINED_ROLES and rc.peft.method == "none",
+                                               resolve_precision(asked.precision))
+        return resolve_zero_stage(asked, rc.world_size, state_bytes), state_bytes
 
 
 def leave_out_unused_roles(dcfg) -> None:

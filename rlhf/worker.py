@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf.config import PPOConfig, RoleConfig
-from trainer.config import resolve_lr, resolve_zero_stage
+from trainer.config import resolve_lr, zero_stage_note
 from rlhf.experience import Experience, gather_response, last_token_positions, response_positions
 from trainer.adapters import add_adapters, parameter_summary
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -67,9 +67,9 @@ class RoleWorker:
         prepare_process()
         self.cfg, self.role, self.rank, self.world_size = cfg, role, rank, world_size
         role_cfg = cfg.role(role)
-        # deepspeed.stage=auto becomes a number for this role's world size, optim.lr=auto the rate for its peft
-        # method (the driver has printed it).
-        self.role_cfg: RoleConfig = replace(role_cfg, deepspeed=resolve_zero_stage(role_cfg.deepspeed, world_size),
+        # deepspeed.stage=auto becomes a number for this role's world size and model (said by rank 0), optim.lr=auto
+        # the rate for its peft method (the driver has printed it).
+        self.role_cfg: RoleConfig = replace(role_cfg, deepspeed=self._zero_stage(role_cfg),
                                             optim=resolve_lr(role_cfg.optim, role_cfg.peft.method, f"{role}.optim"))
         if not has_gpu():
             torch.set_num_threads(cfg.cluster.torch_threads)
@@ -78,6 +78,13 @@ class RoleWorker:
         self.model: Optional[torch.nn.Module] = None  # what forward passes run through
         self.info: Optional[DistInfo] = None
         self.nonfinite_skips = 0  # mini-batches skipped for a non-finite loss, over the whole run
+
+    def _zero_stage(self, rc: RoleConfig):
+        resolved, state_bytes = self.cfg.zero_stage(self.role)
+        if self.rank == 0 and (note := zero_stage_note(rc.deepspeed, resolved, self.world_size, state_bytes,
+                                                       f"{self.role}.deepspeed")):
+            print(note, flush=True)
+        return resolved
 
     # ------------------------------------------------------------------ process group
 

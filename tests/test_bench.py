@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from bench.default_pipeline import logged_peak_memory, process_kind, watch
 
 
@@ -73,6 +75,18 @@ def test_model_parameters_count_the_built_model_with_tied_weights_once():
     assert model_parameters(model) == 857_216  # the embedded default's 0.86M (README)
     # The LM head is tied to the embedding (counted once); the score head adds hidden (128) x 1 label.
     assert model_parameters(model, scalar_head=True) == 857_216 + 128
+
+
+@pytest.mark.parametrize("stage,lr", [("sft", 3e-3), ("reward", 1e-3), ("dpo", 1e-4)])
+def test_the_trl_side_gets_the_rate_tuneforge_trains_at(tmp_path, stage, lr):
+    """`optim.lr: auto` (DPO's default) reaches TRL as the number it becomes, not the string."""
+    from bench.harness import trl_spec
+    from trainer.compose import compose
+    from trainer.config import resolve_lr
+
+    job = compose(stage, [])
+    assert resolve_lr(job.optim, job.peft.method).lr == lr
+    assert trl_spec(job, tmp_path / "data.jsonl", 2)["lr"] == lr
 
 
 def test_compare_records_parameters_cleanliness_quietness_and_paired_ratios(tmp_path, monkeypatch, capsys):

@@ -32,7 +32,7 @@ def test_a_full_disk_mid_save_fails_every_rank_with_one_message_and_keeps_latest
     try:
         start = time.monotonic()
         proc = run_stage(run_dir, *tiny_sft(data), "train.max_steps=6", "train.save_every=2", "train.keep_last=3",
-                         "train.micro_batch_size=2", nproc=2, check=False, timeout=300)
+                         "train.micro_batch_size=2", "deepspeed=zero3", nproc=2, check=False, timeout=300)
         elapsed = time.monotonic() - start
         assert proc.returncode == 1, proc.stderr[-3000:]
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

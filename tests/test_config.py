@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 from trainer.compose import compose
 from trainer.contracts import STAGE_MODULES
-from trainer.config import CONF_DIR, ConfigError, DeepSpeedConfig, TrainingJobConfig, resolve_zero_stage, validate
+from trainer.config import (CONF_DIR, ConfigError, DeepSpeedConfig, TrainingJobConfig, resolve_zero_stage,
+                            training_state_bytes, validate, zero_stage_note)
 from trainer.engine import build_deepspeed_config, lr_multiplier
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,19 +39,48 @@ def test_every_deepspeed_preset_composes_and_validates(name, preset):
     assert "auto" not in str(ds)
 
 
-@pytest.mark.parametrize("fields,world_size,stage", [
-    ({}, 1, 0),  # one rank: nothing to partition
-    ({}, 2, 3),
-    ({}, 16, 3),
-    ({"offload_optimizer": True}, 1, 2),  # ZeRO-Offload needs a ZeRO optimizer
-    ({"offload_param": True, "offload_optimizer": True}, 1, 3),  # parameter offload is ZeRO-3 only
-    ({"stage": 3}, 1, 3),  # an explicit stage is kept
-    ({"stage": 0}, 8, 0),
+@pytest.mark.parametrize("fields,world_size,state_gb,stage", [
+    ({}, 1, None, 0),  # one rank: nothing to partition
+    ({}, 1, 50.0, 0),
+    ({}, 2, None, 3),  # several ranks, the model's size unknown: partitioned
+    ({}, 16, 2.5, 3),  # several ranks, a state over auto_partition_above_gb (2)
+    ({}, 16, 1.9, 0),  # under it: every rank holds it whole
+    ({"auto_partition_above_gb": 0.5}, 2, 1.0, 3),
+    ({"auto_partition_above_gb": 0}, 2, 0.001, 3),
+    ({"offload_optimizer": True}, 1, None, 2),  # ZeRO-Offload needs a ZeRO optimizer
+    ({"offload_optimizer": True}, 4, 0.1, 2),
+    ({"offload_param": True, "offload_optimizer": True}, 1, 0.1, 3),  # parameter offload is ZeRO-3 only
+    ({"stage": 3}, 1, None, 3),  # an explicit stage is kept
+    ({"stage": 0}, 8, 100.0, 0),
 ])
-def test_auto_zero_stage_partitions_only_what_there_is_to_partition(fields, world_size, stage):
-    ds = resolve_zero_stage(DeepSpeedConfig(**fields), world_size)
+def test_auto_zero_stage_partitions_only_what_there_is_and_is_worth_partitioning(fields, world_size, state_gb, stage):
+    state_bytes = None if state_gb is None else int(state_gb * 1e9)
+    ds = resolve_zero_stage(DeepSpeedConfig(**fields), world_size, state_bytes)
     assert ds.stage == stage
-    assert build_deepspeed_config(DeepSpeedConfig(**fields), 4, 1, world_size, 1.0)["zero_optimization"]["stage"] == stage
+    note = zero_stage_note(DeepSpeedConfig(**fields), ds, world_size, state_bytes)
+    assert (note is None) == ("stage" in fields)
+    assert note is None or note.startswith(f"deepspeed.stage: auto -> {stage} (")
+    if state_bytes is None:  # the DeepSpeed JSON of a stage still auto knows no size: the rule by world size
+        assert build_deepspeed_config(DeepSpeedConfig(**fields), 4, 1, world_size, 1.0)["zero_optimization"]["stage"] == stage
+
+
+def test_training_state_counts_16_bytes_per_trained_parameter_and_the_weights_of_frozen_ones():
+    assert training_state_bytes(1000, trained=True, precision="fp32") == 16000
+    assert training_state_bytes(1000, trained=True, precision="bf16") == 16000
+    assert training_state_bytes(1000, trained=False, precision="bf16") == 2000
+    assert training_state_bytes(1000, trained=False, precision="fp32") == 4000
+
+
+@pytest.mark.parametrize("scalar_head", [False, True])
+def test_parameters_are_counted_from_the_config_as_the_built_model_has_them(scalar_head):
+    import torch
+
+    from trainer.model import build_causal_lm, build_reward_model, count_parameters, load_tokenizer
+
+    cfg = _typed(_compose("sft")).model
+    tokenizer = load_tokenizer(cfg)
+    built = (build_reward_model if scalar_head else build_causal_lm)(cfg, tokenizer, torch.float32)
+    assert count_parameters(cfg, tokenizer, scalar_head) == sum(p.numel() for p in built.parameters())
 
 
 def test_trained_stages_default_to_auto_and_frozen_ppo_roles_to_plain_replicas():

@@ -296,12 +296,15 @@ def _dpo_args(pairs, *extra: str) -> list[str]:
 
 
 @pytest.mark.distributed
-def test_dpo_one_and_two_process_zero3_runs_agree_and_learn(tmp_path, pairs):
+def test_dpo_one_and_two_process_runs_agree_and_learn(tmp_path, pairs):
+    """The default stage (auto) on both: this model's training state is far under
+    deepspeed.auto_partition_above_gb, so the two ranks train it unpartitioned, gradients all-reduced (the
+    supervised stages' one- and two-rank ZeRO-3 runs agree in tests/test_training.py and tests/test_reward.py)."""
     one, two = tmp_path / "one", tmp_path / "two"
     common = _dpo_args(pairs, "train.max_steps=8", "train.eval_every=8", "logger.report=true")
-    # ZeRO-3 on one rank asked for (auto would not partition it), so both start from the same random init.
-    run_stage(one, *common, "train.micro_batch_size=8", "deepspeed=zero3", stage="dpo")
-    run_stage(two, *common, "train.micro_batch_size=4", nproc=2, stage="dpo")
+    run_stage(one, *common, "train.micro_batch_size=8", stage="dpo")
+    out = run_stage(two, *common, "train.micro_batch_size=4", nproc=2, stage="dpo").stdout
+    assert "deepspeed.stage: auto -> 0 (training state 0.0" in out and " GB, 2 ranks;" in out and "zero_stage=0 (auto)" in out
     l1, l2 = losses(one), losses(two)
     assert sorted(l1) == list(range(1, 9)) == sorted(l2)
     for step in l1:

@@ -170,8 +170,12 @@ def grpo_run(tmp_path_factory, tiny_model):
 @pytest.mark.distributed
 def test_grpo_runs_the_policy_and_a_reward_function_only(grpo_run):
     run, proc = grpo_run
-    roles = [row.split()[0] for row in (run / "placement.txt").read_text().splitlines()[1:]]
-    assert roles == ["actor", "actor", "reward"]  # no critic and, without a KL term, no reference
+    rows = [row.split() for row in (run / "placement.txt").read_text().splitlines()[1:]]
+    assert [row[0] for row in rows] == ["actor", "actor", "reward"]  # no critic and, without a KL term, no reference
+    # deepspeed.stage=auto: this policy's training state is far under actor.deepspeed.auto_partition_above_gb, so its
+    # 2 ranks hold it whole (tests/test_ppo.py runs the policy under ZeRO-3).
+    assert [row[-1] for row in rows] == ["0", "0", "0"]
+    assert "actor.deepspeed.stage: auto -> 0 (training state 0.0" in proc.stdout
     # Ray's own actor table agrees: two policy ranks and the reward actor, no critic or reference process.
     assert (run.parent / "actors.txt").read_text().split() == ["PolicyWorker", "PolicyWorker", "RewardWorker"]
     assert "algo=grpo roles=actor,reward" in proc.stdout

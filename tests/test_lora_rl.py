@@ -106,13 +106,13 @@ def tiny_model(tmp_path_factory) -> list[str]:
     return tiny_ppo_model(tmp_path_factory.mktemp("tiny_model"))
 
 
-# GRPO with a KL term in the loss; the actor's 2 ranks are under ZeRO-3 (deepspeed=auto), so it generates with a
-# replica; a learning rate at which the adapters move visibly in two iterations. The random-init policy never answers
+# GRPO with a KL term in the loss; the actor's 2 ranks are under ZeRO-3 (asked for: auto would not partition this tiny
+# model), so it generates with a replica; a learning rate at which the adapters move visibly in two iterations. The random-init policy never answers
 # exactly, so a format reward that its samples sometimes meet gives the groups a spread: without one, the first update
 # follows Adam's normalised noise (the KL's gradient at zero), and two runs part ways for nothing.
 LORA_GRPO = ["algo=grpo", "rollout.prompts_per_iteration=4", "algo.mini_batch_size=8", "actor.micro_batch_size=4",
-             "actor.peft=lora", "algo.kl_coef=0.05", "actor.optim.lr=5e-3", "train.iterations=2", "train.save_every=1",
-             "reward.functions=[{_target_: rlhf.reward_functions.regex_match, pattern: '^[a-m]', full: false}]"]
+             "actor.peft=lora", "actor.deepspeed.stage=3", "algo.kl_coef=0.05", "actor.optim.lr=5e-3",
+             "train.iterations=2", "train.save_every=1", "reward.functions=[{_target_: rlhf.reward_functions.regex_match, pattern: '^[a-m]', full: false}]"]
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,7 @@ def test_a_lora_critic_on_two_zero3_ranks_and_a_policy_generating_through_zero3(
     critic values them and updates on them as 1 ZeRO-3 rank does (the same construction path: the same random adapter
     init). In the second iteration the samples come from the updated adapters (their log-probs part from the
     adapters-off reference); each critic rank's checkpoint holds only the adapters and the head."""
-    common = ["actor.peft=lora", "critic.peft=lora", "critic.deepspeed.stage=3", "algo.kl_coef=0.05",
+    common = ["actor.peft=lora", "actor.deepspeed.stage=3", "critic.peft=lora", "critic.deepspeed.stage=3", "algo.kl_coef=0.05",
               "algo.mini_batch_size=8", "actor.micro_batch_size=4", "train.iterations=2"]
     run_ppo(tmp_path / "one", tiny_model, *common)
     run_ppo(tmp_path / "two", tiny_model, *common, "critic.devices_per_node=2", "rollout.generation=zero3")

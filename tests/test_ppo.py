@@ -31,6 +31,11 @@ def tiny_model(tmp_path_factory) -> list[str]:
     return tiny_ppo_model(tmp_path_factory.mktemp("tiny_model"))
 
 
+# The policy's 2 ranks under ZeRO-3, the path models past deepspeed.auto_partition_above_gb take; auto would train
+# this tiny one unpartitioned, as tests/test_grpo.py's runs do.
+ZERO3_POLICY = "actor.deepspeed.stage=3"
+
+
 def run_ppo(run_dir: Path, model: list[str], *overrides: str, check: bool = True, timeout: int = 600,
             pythonpath: str = ""):
     cmd = [sys.executable, "-m", "rlhf.ppo", *model, *PPO_SMALL, *overrides, f"hydra.run.dir={run_dir}"]
@@ -216,7 +221,7 @@ def test_the_next_generation_starts_before_the_wait_on_the_critic_and_never_when
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tiny_model):
     run = tmp_path_factory.mktemp("ppo") / "straight"
-    proc = run_ppo(run, tiny_model, "train.iterations=4", "train.save_every=2")
+    proc = run_ppo(run, tiny_model, ZERO3_POLICY, "train.iterations=4", "train.save_every=2")
     return run, proc
 
 
@@ -229,8 +234,8 @@ def test_ppo_runs_all_four_roles_and_learns_signals(straight_run):
     assert placement.count("actor") == 2  # the policy group has 2 ranks by default
     # The local instance is on loopback even though the CLI ran without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER.
     assert [row.split()[2] for row in placement.splitlines()[1:]] == ["127.0.0.1"] * 5
-    # deepspeed.stage=auto: ZeRO-3 over the policy's 2 ranks, unpartitioned on the critic's one; the frozen
-    # roles are plain replicas (stage 0).
+    # ZeRO-3 over the policy's 2 ranks (asked for); the critic's one rank unpartitioned (auto); the frozen roles are
+    # plain replicas (stage 0).
     assert [row.split()[-1] for row in placement.splitlines()[1:]] == ["3", "3", "0", "0", "0"]
     recs = records(run)
     assert sorted(k for k in recs if k > 0) == [1, 2, 3, 4]
@@ -260,8 +265,8 @@ def test_sigusr1_saves_the_iteration_and_resume_reproduces_the_straight_run(stra
     part waits for both updates, and all must agree: the overlap changes only when work runs."""
     run, _ = straight_run
     resumed = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, "train.iterations=4", "train.save_every=100",
-           f"hydra.run.dir={resumed}"]
+    cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, ZERO3_POLICY, "train.iterations=4",
+           "train.save_every=100", f"hydra.run.dir={resumed}"]
     proc = signal_when(cmd, lambda: bool(iterations_done(resumed)), signal.SIGUSR1)
     assert proc.returncode == 75, proc.stderr[-3000:]
     assert "preempted: saved iteration" in proc.stdout
@@ -270,7 +275,7 @@ def test_sigusr1_saves_the_iteration_and_resume_reproduces_the_straight_run(stra
     for role in ("actor", "critic"):
         assert (resumed / "checkpoints" / role / f"step_{stopped_at:08d}" / "COMPLETE").exists()
 
-    proc = run_ppo(resumed, tiny_model, "train.iterations=4", "train.save_every=100",
+    proc = run_ppo(resumed, tiny_model, ZERO3_POLICY, "train.iterations=4", "train.save_every=100",
                    "rollout.overlap_critic_update=false", "resume=auto")
     assert "resumed from" in proc.stdout
     a, b = records(run), records(resumed)

@@ -23,7 +23,7 @@ from trainer.checkpoint import COMPLETE, LATEST, torn
 from trainer.compose import compose, to_typed
 
 # One policy rank (each rank is a process to start): what is tested here is the driver's commit, not the ranks'
-# (a 2-rank ZeRO-3 policy's checkpoints resume in tests/test_grpo.py and tests/test_ppo.py).
+# (a 2-rank policy's checkpoints resume in tests/test_grpo.py, unpartitioned, and tests/test_ppo.py, under ZeRO-3).
 GRPO = ["algo=grpo", "rollout.prompts_per_iteration=4", "algo.mini_batch_size=8", "actor.micro_batch_size=4",
         "actor.devices_per_node=1"]
 COMPARED = ("reward/score_raw_mean", "policy/loss", "policy/approx_kl", "response/length_mean")

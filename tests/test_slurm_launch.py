@@ -49,7 +49,7 @@ def test_sft_job_trains_on_two_ranks_is_preempted_requeues_itself_and_resumes(sl
     run_dir, final = tmp_path / "run", 30
     job = launch("sft", "--procs-per-node", "2", "--cpus-per-task", "2", "--grace", "60",
                  "--log-dir", str(tmp_path / "logs"), *TINY, f"data.path={data}", "data.eval_path=null",
-                 "train.micro_batch_size=2", f"train.max_steps={final}", f"hydra.run.dir={run_dir}")
+                 "train.micro_batch_size=2", "deepspeed=zero3", f"train.max_steps={final}", f"hydra.run.dir={run_dir}")
     wait_until(lambda: len(train_steps(run_dir)) >= 3, 300, "3 steps", job)
     send_signal(job, "USR1", batch=True)  # what --signal=B:USR1@grace does before the time limit
     wait_for(job, "PENDING", timeout=120)  # the script saw the run save, and requeued the job

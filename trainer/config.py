@@ -123,11 +123,16 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    # 0-3, or auto: ZeRO-3 when there is more than one rank to partition over, and on one rank
-    # stage 0 (or 2 with optimizer offload, 3 with parameter offload). ZeRO on one rank partitions
-    # nothing, and its bookkeeping is a sizeable share of a small model's step (docs/benchmarks.md).
-    # `resolve_zero_stage` (below) turns auto into a number once the world size is known.
+    # 0-3, or auto: ZeRO-3 when there is more than one rank to partition over and the model's training state
+    # is larger than auto_partition_above_gb; otherwise stage 0 (2 with optimizer offload, 3 with parameter
+    # offload). ZeRO on one rank partitions nothing, and below the threshold partitioning saves memory nobody
+    # lacks while its gathers cost a sizeable share of the step (docs/benchmarks.md). `resolve_zero_stage`
+    # (below) turns auto into a number once the world size and the model are known.
     stage: Union[int, str] = "auto"
+    # The training state is 16 bytes per trained parameter (weights, gradients and Adam's two moments: fp32, or
+    # bf16 weights and gradients beside fp32 master weights and moments) and 2-4 per frozen one. 2 GB is a
+    # ~125M-parameter model trained in full: a few percent of a GPU's memory, and of this project's CPU machines.
+    auto_partition_above_gb: float = 2.0
     offload_optimizer: bool = False
     offload_param: bool = False
     overlap_comm: bool = False
@@ -371,18 +376,40 @@ def lr_note(o: OptimConfig, peft_method: str, key: str = "optim") -> Optional[st
     return f"{key}.lr: auto -> {resolve_lr(o, peft_method, key).lr:g} (peft.method={peft_method}, from {key}.lr_for)"
 
 
-def resolve_zero_stage(ds: DeepSpeedConfig, world_size: int) -> DeepSpeedConfig:
-    """`ds` with `stage: auto` turned into a number for a world of `world_size` ranks: ZeRO-3 over
-    several ranks; on one rank, where ZeRO has nothing to partition, the lowest stage that still
-    does what was asked (3 for parameter offload, 2 for optimizer offload, else 0). An explicit
-    stage is kept as it is."""
+def resolve_zero_stage(ds: DeepSpeedConfig, world_size: int, state_bytes: Optional[int] = None) -> DeepSpeedConfig:
+    """`ds` with `stage: auto` turned into a number for a world of `world_size` ranks training a model whose
+    unpartitioned training state is `state_bytes` (`training_state_bytes`; None: unknown): ZeRO-3 over several
+    ranks when the state is larger than `auto_partition_above_gb` or unknown; otherwise, and always on one rank
+    where ZeRO has nothing to partition, the lowest stage that still does what was asked (3 for parameter
+    offload, 2 for optimizer offload, else 0). An explicit stage is kept as it is. The result depends only on
+    the config, the world size and the model, so a resumed run (same config and world size) gets the stage
+    its checkpoint was written with."""
     if ds.stage != "auto":
         return ds
-    if world_size > 1 or ds.offload_param:
+    large = state_bytes is None or state_bytes > ds.auto_partition_above_gb * 1e9
+    if (world_size > 1 and large) or ds.offload_param:
         stage = 3
     else:
         stage = 2 if ds.offload_optimizer else 0
     return replace(ds, stage=stage)
+
+
+def training_state_bytes(parameters: int, trained: bool, precision: str) -> int:
+    """Bytes of a model's unpartitioned training state: 16 per parameter trained in full (fp32 weights and
+    gradients and Adam's two moments, or bf16 weights and gradients with fp32 master weights and moments); for a
+    frozen model, or one training adapters (whose own parameters are a small share), its weights alone."""
+    return parameters * (16 if trained else 2 if precision in ("bf16", "fp16") else 4)
+
+
+def zero_stage_note(ds: DeepSpeedConfig, resolved: DeepSpeedConfig, world_size: int, state_bytes: Optional[int],
+                    key: str = "deepspeed") -> Optional[str]:
+    """The line that says what `stage: auto` became and why (None for an explicit stage)."""
+    if ds.stage != "auto":
+        return None
+    size = "" if state_bytes is None else f"training state {state_bytes / 1e9:.2f} GB, "
+    return (f"{key}.stage: auto -> {resolved.stage} ({size}{world_size} rank{'s' if world_size > 1 else ''}; "
+            f"ZeRO-3 when several ranks train a state over {ds.auto_partition_above_gb:g} GB, "
+            f"{key}.auto_partition_above_gb)")
 
 
 def validate_data_source(d: DataConfig) -> None:
@@ -408,6 +435,8 @@ def validate_optim(o: OptimConfig, key: str = "optim") -> None:
 
 def validate_deepspeed(ds: DeepSpeedConfig, key: str = "deepspeed") -> None:
     _require(ds.stage in (0, 1, 2, 3, "auto"), f"{key}.stage", f"must be 0, 1, 2, 3 or auto, got {ds.stage}")
+    _require(ds.auto_partition_above_gb >= 0, f"{key}.auto_partition_above_gb",
+             f"must be >= 0 (0: ZeRO-3 on every world of several ranks), got {ds.auto_partition_above_gb}")
     _require(ds.precision in ("auto", "bf16", "fp16", "fp32"), f"{key}.precision",
              f"must be auto|bf16|fp16|fp32, got {ds.precision!r}")
     _require(not ds.offload_param or ds.stage in (3, "auto"), f"{key}.offload_param",

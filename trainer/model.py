@@ -152,6 +152,20 @@ def _build(auto_class, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dty
     return model
 
 
+def count_parameters(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, scalar_head: bool = False) -> int:
+    """The model's parameter count, from its architecture config alone (built on the meta device: no weights are
+    loaded or allocated). `scalar_head`: a reward model or critic, whose one-output head replaces the LM head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = model_config_for(cfg, tokenizer)
+    if scalar_head:
+        config.num_labels = 1
+    auto_class = AutoModelForSequenceClassification if scalar_head else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
 def model_config_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
     """The architecture config without loading weights (for FLOP counts and checks)."""
     if cfg.name_or_path is None:

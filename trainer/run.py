@@ -26,7 +26,7 @@ from trainer.checkpoint import (
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import (CONF_DIR, ConfigError, TrainingJobConfig, lr_note, resolve_lr, resolve_zero_stage,
-                            validate)
+                            training_state_bytes, validate, zero_stage_note)
 from trainer.engine import (
     all_reduce_sum,
     build_deepspeed_config,
@@ -40,7 +40,7 @@ from trainer.contracts import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, scrub_se
 from trainer.loop import FitContext, TrainState, fit
 from trainer.step import NonFiniteError
 from trainer.metrics import MetricsLogger
-from trainer.model import check_model_source, load_tokenizer
+from trainer.model import check_model_source, count_parameters, load_tokenizer
 from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
 from trainer.resume import hold_run_lock, resume_command
@@ -74,7 +74,6 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     cfg: TrainingJobConfig = to_typed(dcfg, hydra_overrides())
     info = init_distributed(cfg.train.collective_timeout_s)
     validate(cfg, info.world_size)
-    cfg.deepspeed = resolve_zero_stage(cfg.deepspeed, info.world_size)  # everything below sees a number
     if info.is_main and (note := lr_note(cfg.optim, cfg.peft.method)):
         print(note, flush=True)
     cfg.optim = resolve_lr(cfg.optim, cfg.peft.method)
@@ -84,6 +83,13 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     check_model_source(cfg.model, "model")
     check_adapter_source(cfg.peft)
     tokenizer = load_tokenizer(cfg.model)
+    asked = cfg.deepspeed
+    state_bytes = None if asked.stage != "auto" else training_state_bytes(
+        count_parameters(cfg.model, tokenizer, scalar_head=cfg.stage == "reward"), cfg.peft.method == "none",
+        resolve_precision(asked.precision))
+    cfg.deepspeed = resolve_zero_stage(asked, info.world_size, state_bytes)  # everything below sees a number
+    if info.is_main and (note := zero_stage_note(asked, cfg.deepspeed, info.world_size, state_bytes)):
+        print(note, flush=True)
     parts = build_stage(cfg, tokenizer, info)
     if len(parts.train) < cfg.train.micro_batch_size:
         raise ConfigError(
