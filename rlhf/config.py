@@ -271,14 +271,15 @@ class PPOConfig:
     def zero_stage(self, role: str) -> tuple[DeepSpeedConfig, Optional[int]]:
         """The role's deepspeed config with `stage: auto` made a number for its world size and model, and the
         training state that decided it (bytes; None where the size did not count). Builds the model's shape on
-        the meta device (no weights): called by each role's actors, and by the benches to record the layout."""
+        the meta device (no weights) where it matters, several ranks: called by each role's actors, and by the benches
+        to record the layout."""
         from trainer.engine import resolve_precision
         from trainer.model import count_parameters, load_tokenizer
 
         rc = self.role(role)
         asked, state_bytes = rc.deepspeed, None
         # A policy generating through its ZeRO-3 engine asks for ZeRO-3 whatever its size (checked in validate).
-        if asked.stage == "auto" and not (role == "actor" and self.rollout.generation == "zero3"):
+        if asked.stage == "auto" and rc.world_size > 1 and not (role == "actor" and self.rollout.generation == "zero3"):
             parameters = count_parameters(rc.model, load_tokenizer(rc.model), scalar_head=role in ("critic", "reward"))
             state_bytes = training_state_bytes(parameters, role in TRAINED_ROLES and rc.peft.method == "none",
                                                resolve_precision(asked.precision))

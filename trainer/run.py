@@ -84,7 +84,7 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     check_adapter_source(cfg.peft)
     tokenizer = load_tokenizer(cfg.model)
     asked = cfg.deepspeed
-    state_bytes = None if asked.stage != "auto" else training_state_bytes(
+    state_bytes = None if asked.stage != "auto" or info.world_size == 1 else training_state_bytes(
         count_parameters(cfg.model, tokenizer, scalar_head=cfg.stage == "reward"), cfg.peft.method == "none",
         resolve_precision(asked.precision))
     cfg.deepspeed = resolve_zero_stage(asked, info.world_size, state_bytes)  # everything below sees a number
