@@ -276,7 +276,7 @@ class RoleWorker:
         return str(save_checkpoint(self.engine, Path(ckpt_root) / self.role, iteration, client_state, None))
 
     def load(self, ckpt_root: str, tag: str) -> int:
-        state = load_checkpoint(self.engine, Path(ckpt_root) / self.role, tag)
+        state = load_checkpoint(self.engine, Path(ckpt_root) / self.role, tag, f"{self.role}.deepspeed.stage")
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.after_load()
         return int(state.get("iteration", -1))

@@ -126,3 +126,18 @@ def test_resume_inputs_that_cannot_work_exit_2_naming_them(tmp_path, data):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: resume: checkpoint {other / 'step_00000004'} was written by 2 ranks, this run has 1")
     assert "rerun with 2 ranks (torchrun --nproc_per_node=2 -m trainer.sft" in last
+
+
+def test_a_checkpoint_resumes_only_at_the_zero_stage_it_was_written_with(tmp_path, data):
+    """ZeRO lays a checkpoint's files out by stage; the manifest records it, and a run that would train under
+    another stage (here ZeRO-3 asked for on a checkpoint `auto` wrote unpartitioned) exits 2 naming the stage."""
+    run_dir = tmp_path / "run"
+    run_stage(run_dir, *tiny_sft(data), "train.max_steps=2", "train.save_every=2")
+    tag = run_dir / "checkpoints" / "step_00000002"
+    assert json.loads((tag / MANIFEST).read_text())["zero_stage"] == 0
+    proc = run_stage(tmp_path / "again", *tiny_sft(data), "train.max_steps=4", "deepspeed=zero3", f"resume={run_dir}",
+                     check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: resume: checkpoint {tag} was written under ZeRO stage 0, this run trains under stage 3; a checkpoint "
+        f"resumes at its own stage: rerun with deepspeed.stage=0")

@@ -110,7 +110,8 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, keep
     failures = _vote(error)
     if not failures and rank == 0:
         try:
-            _commit(ckpt_root, tag, dist.get_world_size(), keep_last, client_state.get("frozen_from", ""))
+            _commit(ckpt_root, tag, dist.get_world_size(), engine.zero_optimization_stage(), keep_last,
+                    client_state.get("frozen_from", ""))
         except OSError as e:
             error = "commit: " + _describe(e, ckpt_root)
     failures = failures or _vote(error)
@@ -159,14 +160,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _commit(ckpt_root: Path, tag: str, world_size: int, keep_last: Optional[int], frozen_from: str) -> None:
+def _commit(ckpt_root: Path, tag: str, world_size: int, zero_stage: int, keep_last: Optional[int],
+            frozen_from: str) -> None:
     """Rank 0, once every rank's part is whole and flushed: FROZEN_FROM (adapters), manifest, COMPLETE, then
     `latest`."""
     tag_dir = ckpt_root / tag
     if frozen_from:
         atomic_write(tag_dir / FROZEN_FROM, frozen_from)
     files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-    atomic_write(tag_dir / MANIFEST, json.dumps({"world_size": world_size, "files": files}, indent=1))
+    atomic_write(tag_dir / MANIFEST, json.dumps({"world_size": world_size, "zero_stage": zero_stage, "files": files},
+                                                indent=1))
     atomic_write(tag_dir / COMPLETE, tag)
     _fsync_dir(tag_dir)
     atomic_write(ckpt_root / LATEST, tag)
@@ -297,9 +300,16 @@ def check_frozen_from(ckpt_root: Path, tag: str, source: str) -> None:
                           f"resume with the checkpoint's model.name_or_path and peft")
 
 
-def load_checkpoint(engine, ckpt_root: Path, tag: str) -> dict:
-    """Restore engine state and this rank's RNG; return the client_state."""
+def load_checkpoint(engine, ckpt_root: Path, tag: str, stage_key: str = "deepspeed.stage") -> dict:
+    """Restore engine state and this rank's RNG; return the client_state. A checkpoint written under another ZeRO
+    stage (its files are laid out by stage) is a ConfigError naming the stage to resume with (`stage_key`)."""
     rank = dist.get_rank()
+    manifest = ckpt_root / tag / MANIFEST
+    saved = json.loads(manifest.read_text()).get("zero_stage") if manifest.exists() else None
+    if saved is not None and saved != engine.zero_optimization_stage():
+        raise ConfigError(f"resume: checkpoint {ckpt_root / tag} was written under ZeRO stage {saved}, this run trains "
+                          f"under stage {engine.zero_optimization_stage()}; a checkpoint resumes at its own stage: "
+                          f"rerun with {stage_key}={saved}")
     # A checkpoint without the frozen weights (adapters) misses their keys by design.
     load_path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag,
                                                      load_module_strict=not has_frozen_parameters(engine))
