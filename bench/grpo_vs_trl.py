@@ -82,7 +82,7 @@ GRPO = harness.Comparison(
 # What each tuneforge system adds to the shared overrides.
 SYSTEM_OVERRIDES = {
     "tuneforge": (),
-    "tuneforge-zero0": ("actor.deepspeed.stage=0",),  # the policy's 2 ranks unpartitioned (auto's choice here), asked for
+    "tuneforge-zero0": ("actor.deepspeed.stage=0",),  # the policy's 2 ranks unpartitioned (auto picks it here)
     "tuneforge-zero3": ("actor.deepspeed.stage=3",),  # under ZeRO-3: the default until 2026-12-06
     "tuneforge-1rank": ("actor.devices_per_node=1", "cluster.torch_threads=2"),  # one policy rank (unpartitioned by `auto`) on 2 threads, as TRL
 }

@@ -33,8 +33,9 @@ entropy of the policy over its last `--loss-window` iterations (`final entropy`)
 Systems (`--systems`), run in this order `--repeats` times; the tables show medians and paired tuneforge/TRL ratios:
 - tuneforge: the PPO defaults (the policy's 2 ranks and the critic's 1 rank unpartitioned, both by
   `deepspeed.stage=auto`: every bench size's training state is under `auto_partition_above_gb`, where until
-  2026-12-06 the policy's 2 ranks were under ZeRO-3; old log-probs recorded while sampling, `rollout.old_logprobs=auto` in fp32; the next
-  rollouts sampled while the critic's update finishes, `rollout.overlap_critic_update`);
+  2026-12-06 the policy's 2 ranks were under ZeRO-3; old log-probs recorded while sampling,
+  `rollout.old_logprobs=auto` in fp32; the next rollouts sampled while the critic's update finishes,
+  `rollout.overlap_critic_update`);
 - trl: TRL 1.12.0's PPOTrainer;
 - tuneforge-zero0: the policy and critic unpartitioned, asked for (`actor.deepspeed.stage=0 critic.deepspeed.stage=0`:
   the defaults' choice at these sizes);
@@ -42,7 +43,8 @@ Systems (`--systems`), run in this order `--repeats` times; the tables show medi
   log-probs from a second policy forward (`actor.deepspeed.stage=3 critic.deepspeed.stage=3
   rollout.old_logprobs=recompute`).
 Optional systems (run only when --systems names them): tuneforge-zero3 (the policy's 2 ranks under ZeRO-3, the
-default until 2026-12-06 and for models past the threshold: `actor.deepspeed.stage=3`), tuneforge-noclip (no gradient clipping, as TRL),
+default until 2026-12-06 and for models past the threshold: `actor.deepspeed.stage=3`), tuneforge-noclip (no
+gradient clipping, as TRL),
 tuneforge-plain-linear (ZeRO-3's Linear wrapper off for training too), tuneforge-no-overlap (each iteration waits for
 both updates before sampling: `rollout.overlap_critic_update=false`), tuneforge-persist (the policy's ZeRO-3 keeps
 DeepSpeed's 100k parameter persistence threshold, the default before 2026-11-27).
@@ -76,7 +78,8 @@ PPO = harness.Comparison(
     ),
     systems=("tuneforge", "trl", "tuneforge-zero0", "tuneforge-zero3-recompute"),
     # Gradient clipping off on both tuneforge models, as TRL's PPO loop never clips: isolates that difference.
-    optional_systems=("tuneforge-zero3", "tuneforge-noclip", "tuneforge-plain-linear", "tuneforge-no-overlap", "tuneforge-persist"),
+    optional_systems=("tuneforge-zero3", "tuneforge-noclip", "tuneforge-plain-linear", "tuneforge-no-overlap",
+                      "tuneforge-persist"),
     trl_systems=("trl",),
     counts={"rollouts": "rollouts", "response_tokens": "resp tok", "prompt_tokens": "prompt tok"},
     sizes={"steps": 30, "rollout_batch": 64, "mini_batch_size": 32, "ppo_epochs": 1, "response_length": 16},

@@ -22,7 +22,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf, open_dict
 
-from trainer.checkpoint import CheckpointError, atomic_write, prune, tag_for, torn
+from trainer.checkpoint import CheckpointError, atomic_write, check_zero_stage, prune, tag_for, torn
 from trainer.config import ConfigError
 
 STATE_DIR = "driver"
@@ -118,6 +118,13 @@ def check_layout(point: ResumePoint, cfg) -> None:
         raise ConfigError(f"resume: checkpoint {point.root / point.tag} was written with ranks "
                           f"{point.state['world_sizes']}, this run has {sizes}; ZeRO checkpoints resume on the "
                           f"same layout: set each role's num_nodes/devices_per_node as they were")
+
+
+def check_stages(point: ResumePoint, cfg) -> None:
+    """Each trained role's checkpoint resumes at the ZeRO stage it was written with: checked once the models' sources
+    are (`deepspeed.stage=auto` reads their configs), before any model loads."""
+    for role in cfg.trained_roles:
+        check_zero_stage(point.root / role / point.tag, cfg.zero_stage(role)[0].stage, f"{role}.deepspeed.stage")
 
 
 def _not_resumable(root: Path, tag: str, roles: tuple[str, ...]) -> Optional[str]:

@@ -23,7 +23,7 @@ if __name__ == "__main__":  # before anything below imports Ray
     keep_local_ray_on_loopback(sys.argv[1:])
 
 from rlhf.config import PPOConfig, validate
-from rlhf.checkpoint import check_layout, failure_note, find_resume_point, pin_inputs, resolved_inputs
+from rlhf.checkpoint import check_layout, check_stages, failure_note, find_resume_point, pin_inputs, resolved_inputs
 from rlhf.driver import Driver, check_tokenizers, load_reward_stats
 from rlhf.group import PreemptedInCall, RoleFailure
 from rlhf.placement import PlacementError
@@ -96,6 +96,8 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
     for role in cfg.active_roles:
         if not (role == "reward" and cfg.reward.functions):  # reward functions load no model
             check_model_source(cfg.role(role).model, f"{role}.model")
+    if point is not None:
+        check_stages(point, cfg)
     for role in cfg.trained_roles:
         check_adapter_source(cfg.role(role).peft, f"{role}.peft")
     check_tokenizers(cfg)

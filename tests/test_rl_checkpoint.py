@@ -169,3 +169,23 @@ def test_another_layout_on_resume_is_refused_before_any_model_loads(tmp_path):
     with pytest.raises(ConfigError, match=r"written with ranks \{'actor': 2, 'reward': 1\}, this run has "
                                           r"\{'actor': 4, 'reward': 1\}.*devices_per_node as they were"):
         check_layout(point, cfg)
+
+
+def test_another_zero_stage_on_resume_is_refused_before_any_model_loads(tmp_path):
+    """The policy's checkpoint was written under ZeRO-3; with deepspeed.stage=auto this small policy would train
+    unpartitioned on its 2 ranks, which cannot read it: one line naming the stage to rerun with."""
+    from rlhf.checkpoint import ResumePoint, check_stages
+    from trainer.checkpoint import MANIFEST
+    from trainer.config import ConfigError
+
+    cfg = compose("ppo", ["algo=grpo", "actor.model.name_or_path=null"])
+    assert cfg.zero_stage("actor")[0].stage == 0
+    tag_dir = tmp_path / "actor" / "step_00000003"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / MANIFEST).write_text(json.dumps({"world_size": 2, "zero_stage": 3, "files": {}}))
+    point = ResumePoint(tmp_path, "step_00000003", {"world_sizes": {"actor": 2, "reward": 1}}, None)
+    with pytest.raises(ConfigError, match=r"written under ZeRO stage 3, this run trains under stage 0; a checkpoint "
+                                          r"resumes at its own stage: rerun with actor\.deepspeed\.stage=3"):
+        check_stages(point, cfg)
+    (tag_dir / MANIFEST).write_text(json.dumps({"world_size": 2, "zero_stage": 0, "files": {}}))
+    check_stages(point, cfg)  # the stage it was written with

@@ -300,16 +300,22 @@ def check_frozen_from(ckpt_root: Path, tag: str, source: str) -> None:
                           f"resume with the checkpoint's model.name_or_path and peft")
 
 
+def check_zero_stage(tag_dir: Path, stage: int, stage_key: str) -> None:
+    """A ConfigError naming the stage to rerun with (`stage_key`) when the checkpoint in `tag_dir` was written under
+    another ZeRO stage than `stage` (its files are laid out by stage). Checkpoints older than the stage's record
+    pass."""
+    manifest = tag_dir / MANIFEST
+    saved = json.loads(manifest.read_text()).get("zero_stage") if manifest.exists() else None
+    if saved is not None and saved != stage:
+        raise ConfigError(f"resume: checkpoint {tag_dir} was written under ZeRO stage {saved}, this run trains under "
+                          f"stage {stage}; a checkpoint resumes at its own stage: rerun with {stage_key}={saved}")
+
+
 def load_checkpoint(engine, ckpt_root: Path, tag: str, stage_key: str = "deepspeed.stage") -> dict:
     """Restore engine state and this rank's RNG; return the client_state. A checkpoint written under another ZeRO
     stage (its files are laid out by stage) is a ConfigError naming the stage to resume with (`stage_key`)."""
     rank = dist.get_rank()
-    manifest = ckpt_root / tag / MANIFEST
-    saved = json.loads(manifest.read_text()).get("zero_stage") if manifest.exists() else None
-    if saved is not None and saved != engine.zero_optimization_stage():
-        raise ConfigError(f"resume: checkpoint {ckpt_root / tag} was written under ZeRO stage {saved}, this run trains "
-                          f"under stage {engine.zero_optimization_stage()}; a checkpoint resumes at its own stage: "
-                          f"rerun with {stage_key}={saved}")
+    check_zero_stage(ckpt_root / tag, engine.zero_optimization_stage(), stage_key)
     # A checkpoint without the frozen weights (adapters) misses their keys by design.
     load_path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag,
                                                      load_module_strict=not has_frozen_parameters(engine))
