@@ -22,7 +22,6 @@ from trainer.config import (
     PeftConfig,
     _require,
     resolve_zero_stage,
-    training_state_bytes,
     validate_data_source,
     validate_deepspeed,
     validate_model,
@@ -268,22 +267,22 @@ class PPOConfig:
     def rollout_batch(self) -> int:
         return self.rollout.prompts_per_iteration * self.rollout.samples_per_prompt
 
-    def zero_stage(self, role: str) -> tuple[DeepSpeedConfig, Optional[int]]:
-        """The role's deepspeed config with `stage: auto` made a number for its world size and model, and the
-        training state that decided it (bytes; None where the size did not count). Builds the model's shape on
-        the meta device (no weights) where it matters, several ranks: called by each role's actors, and by the benches
-        to record the layout."""
-        from trainer.engine import resolve_precision
-        from trainer.model import count_parameters, load_tokenizer
+    def zero_stage(self, role: str) -> tuple[DeepSpeedConfig, Optional[str]]:
+        """The role's deepspeed config with `stage: auto` made a number for its world size and model, and the line
+        that says what it became and why (None for an explicit stage): `trainer.engine.resolve_stage_for_model`,
+        called by each role's actors, by the driver before a resume and by the benches to record the layout."""
+        from trainer.engine import resolve_stage_for_model
+        from trainer.model import load_tokenizer
 
-        rc = self.role(role)
-        asked, state_bytes = rc.deepspeed, None
-        # A policy generating through its ZeRO-3 engine asks for ZeRO-3 whatever its size (checked in validate).
-        if asked.stage == "auto" and rc.world_size > 1 and not (role == "actor" and self.rollout.generation == "zero3"):
-            parameters = count_parameters(rc.model, load_tokenizer(rc.model), scalar_head=role in ("critic", "reward"))
-            state_bytes = training_state_bytes(parameters, role in TRAINED_ROLES and rc.peft.method == "none",
-                                               resolve_precision(asked.precision))
-        return resolve_zero_stage(asked, rc.world_size, state_bytes), state_bytes
+        rc, key = self.role(role), f"{role}.deepspeed"
+        zero3_generation = role == "actor" and self.rollout.generation == "zero3"
+        if zero3_generation and rc.deepspeed.stage == "auto" and rc.world_size > 1:
+            # Generating through its ZeRO-3 engine asks for ZeRO-3 whatever the policy's size (checked in validate).
+            return (resolve_zero_stage(rc.deepspeed, rc.world_size),
+                    f"{key}.stage: auto -> 3 (rollout.generation=zero3 generates through the ZeRO-3 engine)")
+        return resolve_stage_for_model(rc.deepspeed, rc.world_size, rc.model, load_tokenizer(rc.model),
+                                       scalar_head=role in ("critic", "reward"),
+                                       trained=role in TRAINED_ROLES and rc.peft.method == "none", key=key)
 
 
 def leave_out_unused_roles(dcfg) -> None:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf.config import PPOConfig, RoleConfig
-from trainer.config import resolve_lr, zero_stage_note
+from trainer.config import resolve_lr
 from rlhf.experience import Experience, gather_response, last_token_positions, response_positions
 from trainer.adapters import add_adapters, parameter_summary
 from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -69,7 +69,7 @@ class RoleWorker:
         role_cfg = cfg.role(role)
         # deepspeed.stage=auto becomes a number for this role's world size and model (said by rank 0), optim.lr=auto
         # the rate for its peft method (the driver has printed it).
-        self.role_cfg: RoleConfig = replace(role_cfg, deepspeed=self._zero_stage(role_cfg),
+        self.role_cfg: RoleConfig = replace(role_cfg, deepspeed=self._zero_stage(),
                                             optim=resolve_lr(role_cfg.optim, role_cfg.peft.method, f"{role}.optim"))
         if not has_gpu():
             torch.set_num_threads(cfg.cluster.torch_threads)
@@ -79,10 +79,9 @@ class RoleWorker:
         self.info: Optional[DistInfo] = None
         self.nonfinite_skips = 0  # mini-batches skipped for a non-finite loss, over the whole run
 
-    def _zero_stage(self, rc: RoleConfig):
-        resolved, state_bytes = self.cfg.zero_stage(self.role)
-        if self.rank == 0 and (note := zero_stage_note(rc.deepspeed, resolved, self.world_size, state_bytes,
-                                                       f"{self.role}.deepspeed")):
+    def _zero_stage(self):
+        resolved, note = self.cfg.zero_stage(self.role)
+        if self.rank == 0 and note:
             print(note, flush=True)
         return resolved
 

@@ -189,3 +189,9 @@ def test_another_zero_stage_on_resume_is_refused_before_any_model_loads(tmp_path
         check_stages(point, cfg)
     (tag_dir / MANIFEST).write_text(json.dumps({"world_size": 2, "zero_stage": 0, "files": {}}))
     check_stages(point, cfg)  # the stage it was written with
+    # A checkpoint from before the manifest recorded the stage: ZeRO-3's per-rank model states say it.
+    (tag_dir / MANIFEST).write_text(json.dumps({"world_size": 2, "files": {}}))
+    check_stages(point, cfg)  # nothing says which stage wrote it: DeepSpeed's load is the judge
+    (tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"written under ZeRO stage 3, this run trains under stage 0"):
+        check_stages(point, cfg)

@@ -302,10 +302,13 @@ def check_frozen_from(ckpt_root: Path, tag: str, source: str) -> None:
 
 def check_zero_stage(tag_dir: Path, stage: int, stage_key: str) -> None:
     """A ConfigError naming the stage to rerun with (`stage_key`) when the checkpoint in `tag_dir` was written under
-    another ZeRO stage than `stage` (its files are laid out by stage). Checkpoints older than the stage's record
-    pass."""
+    another ZeRO stage than `stage` (its files are laid out by stage). A checkpoint from before the manifest recorded
+    the stage is known by its files when it is ZeRO-3's (each rank's model states, `zero_pp_rank_*_model_states.pt`:
+    what `deepspeed.stage=auto` wrote on several ranks until it chose by model size); other old ones pass."""
     manifest = tag_dir / MANIFEST
     saved = json.loads(manifest.read_text()).get("zero_stage") if manifest.exists() else None
+    if saved is None and any(tag_dir.glob("zero_pp_rank_*_model_states.pt")):
+        saved = 3
     if saved is not None and saved != stage:
         raise ConfigError(f"resume: checkpoint {tag_dir} was written under ZeRO stage {saved}, this run trains under "
                           f"stage {stage}; a checkpoint resumes at its own stage: rerun with {stage_key}={saved}")

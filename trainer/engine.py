@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from trainer.config import DeepSpeedConfig, OptimConfig, resolve_zero_stage
+from trainer.config import (DeepSpeedConfig, ModelConfig, OptimConfig, resolve_zero_stage, training_state_bytes,
+                            zero_stage_note)
 from trainer.contracts import scrub_secrets
 
 
@@ -187,6 +188,21 @@ def resolve_precision(requested: str) -> str:
     if requested != "auto":
         return requested
     return "bf16" if has_gpu() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_stage_for_model(ds: DeepSpeedConfig, world_size: int, model: ModelConfig, tokenizer, scalar_head: bool,
+                            trained: bool, key: str = "deepspeed") -> tuple[DeepSpeedConfig, Optional[str]]:
+    """`ds` with `stage: auto` made a number for this world and model (`resolve_zero_stage`), and the line that says
+    what it became and why (None for an explicit stage). The model is counted, on the meta device, only where the
+    stage depends on it: several ranks. `trained`: trained in full (not frozen, not adapters)."""
+    from trainer.model import count_parameters
+
+    state_bytes = None
+    if ds.stage == "auto" and world_size > 1:
+        state_bytes = training_state_bytes(count_parameters(model, tokenizer, scalar_head), trained,
+                                           resolve_precision(ds.precision))
+    resolved = resolve_zero_stage(ds, world_size, state_bytes)
+    return resolved, zero_stage_note(ds, resolved, world_size, state_bytes, key)
 
 
 def torch_dtype(precision: str) -> torch.dtype:

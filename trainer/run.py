@@ -25,14 +25,14 @@ from trainer.checkpoint import (
 )
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
-from trainer.config import (CONF_DIR, ConfigError, TrainingJobConfig, lr_note, resolve_lr, resolve_zero_stage,
-                            training_state_bytes, validate, zero_stage_note)
+from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, lr_note, resolve_lr, validate
 from trainer.engine import (
     all_reduce_sum,
     build_deepspeed_config,
     build_engine,
     init_distributed,
     resolve_precision,
+    resolve_stage_for_model,
     torch_dtype,
     zero3_init_context,
 )
@@ -40,7 +40,7 @@ from trainer.contracts import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, scrub_se
 from trainer.loop import FitContext, TrainState, fit
 from trainer.step import NonFiniteError
 from trainer.metrics import MetricsLogger
-from trainer.model import check_model_source, count_parameters, load_tokenizer
+from trainer.model import check_model_source, load_tokenizer
 from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
 from trainer.resume import hold_run_lock, resume_command
@@ -83,12 +83,10 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     check_model_source(cfg.model, "model")
     check_adapter_source(cfg.peft)
     tokenizer = load_tokenizer(cfg.model)
-    asked = cfg.deepspeed
-    state_bytes = None if asked.stage != "auto" or info.world_size == 1 else training_state_bytes(
-        count_parameters(cfg.model, tokenizer, scalar_head=cfg.stage == "reward"), cfg.peft.method == "none",
-        resolve_precision(asked.precision))
-    cfg.deepspeed = resolve_zero_stage(asked, info.world_size, state_bytes)  # everything below sees a number
-    if info.is_main and (note := zero_stage_note(asked, cfg.deepspeed, info.world_size, state_bytes)):
+    # Everything below sees a number.
+    cfg.deepspeed, note = resolve_stage_for_model(cfg.deepspeed, info.world_size, cfg.model, tokenizer,
+                                                  scalar_head=cfg.stage == "reward", trained=cfg.peft.method == "none")
+    if info.is_main and note:
         print(note, flush=True)
     parts = build_stage(cfg, tokenizer, info)
     if len(parts.train) < cfg.train.micro_batch_size:
