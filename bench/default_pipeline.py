@@ -58,6 +58,9 @@ def run_stage(stage: str, work: Path) -> dict:
     for file, key in (("eval_metrics.json", "final_eval"), ("before_after.json", "before_after")):
         if (run_dir / file).exists():
             result[key] = json.loads((run_dir / file).read_text())
+    fit = value_fit(run_dir)
+    if fit:
+        result["value_fit"] = fit
     print(f"{stage}: {seconds:.0f} s", flush=True)
     return result
 
@@ -105,6 +108,23 @@ def process_kind(cmdline: bytes) -> str:
         return "python -c"
     script = next((a for a in argv[1:] if not a.startswith("-")), None)
     return f"python {Path(script).name}" if script else "python"
+
+
+VALUE_FIT_KEYS = ("value/explained_variance", "critic/loss")
+
+
+def value_fit(run_dir: Path, window: int = 5) -> dict[str, dict[str, float]]:
+    """How well a critic follows the returns: the mean of each of VALUE_FIT_KEYS over the first and the last
+    `window` iterations that logged it (none without a critic)."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    fit = {}
+    for key in VALUE_FIT_KEYS:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if values:
+            fit[key] = {"first": sum(values[:window]) / len(values[:window]),
+                        "last": sum(values[-window:]) / len(values[-window:]), "window": min(window, len(values))}
+    return fit
 
 
 def logged_peak_memory(run_dir: Path) -> dict[str, float]:
@@ -170,6 +190,14 @@ def tables(report: dict) -> str:
         lines += [f"| `{s['command']}` | " + ", ".join(f"{k} x{n}" for k, n in s["process_kinds"].items()) + " | "
                   + ", ".join(f"{k} {v:.2f} GiB" for k, v in s["logged_peak_memory_gb"].items()) + " |"
                   for s in report["stages"] if "process_kinds" in s]
+    fits = [s for s in report["stages"] if "value_fit" in s]
+    if fits:
+        keys = [k for k in VALUE_FIT_KEYS if any(k in s["value_fit"] for s in fits)]
+        lines += ["", "| command | " + " | ".join(f"{k}, first -> last iterations" for k in keys) + " |",
+                  "| --- |" + " ---: |" * len(keys)]
+        lines += [f"| `{s['command']}` | " + " | ".join(
+            f"{f['first']:.3f} -> {f['last']:.3f} ({f['window']} each)" if (f := s["value_fit"].get(k)) else ""
+            for k in keys) + " |" for s in fits]
     for s in report["stages"]:
         if "before_after" in s:
             (end,) = [k for k in next(iter(s["before_after"].values())) if k != "start"]

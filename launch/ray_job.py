@@ -7,7 +7,7 @@ The job's runtime environment carries this working directory and the run variabl
 this shell (`launch.job.forwarded_env`: W&B project/entity, HF cache, NCCL settings),
 never a secret: `WANDB_API_KEY` and tokens must already be in the cluster's environment
 (a Kubernetes Secret, or exported before `ray start`). PPO joins the cluster it runs on
-(`cluster=existing`); a supervised stage runs torchrun on the node that gets `--gpus`.
+(`cluster=existing`); a supervised stage runs torchrun (`launch.torchrun`) on the node that gets `--gpus`.
 The working directory is a copy on the cluster, so point outputs at shared storage
 (`hydra.run.dir=/shared/...`) to keep them.
 """
@@ -50,7 +50,7 @@ def entrypoint(job: RayJob) -> str:
     overrides = [shlex.quote(o) for o in job.overrides]
     if job.stage == "ppo":
         return shlex.join(["python", "-m", module, "cluster=existing"]) + "".join(f" {o}" for o in overrides)
-    launcher = ["python", "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.ranks}"]
+    launcher = ["python", "-m", "launch.torchrun", "--standalone", f"--nproc_per_node={job.ranks}"]
     return shlex.join([*launcher, "-m", module]) + "".join(f" {o}" for o in overrides)
 
 

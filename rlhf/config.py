@@ -195,7 +195,8 @@ class ClusterConfig:
     # After a preemption signal the driver still finishes the iteration and saves it, but gives the calls in
     # flight at most this many seconds from the signal: a role that is hung (or too slow for the scheduler's
     # grace period) ends the run with exit 75 and the iteration unsaved, the last checkpoint intact. Keep it
-    # below the grace period the scheduler gives (launch.slurm --grace, a pod's terminationGracePeriodSeconds).
+    # below the time the scheduler leaves to save (launch.slurm sets half its --save-timeout; a pod's
+    # terminationGracePeriodSeconds).
     preemption_wait_s: float = 240.0
 
 

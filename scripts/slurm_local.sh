@@ -103,8 +103,15 @@ AuthInfo=cred_expire=10
 ReturnToService=2
 SlurmdTimeout=60
 InactiveLimit=0
+# Preemption as a shared cluster sets it up: a job in \`urgent\` requeues the \`debug\` jobs whose CPUs it
+# needs, GraceTime seconds after sending them their own --signal (preempt_send_user_signal; Slurm 23.02
+# and later also take PreemptParameters=send_user_signal). Without a job in \`urgent\`, nothing changes.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
 NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$node CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=120
+PartitionName=urgent Nodes=$node MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 }
 

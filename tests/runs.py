@@ -140,7 +140,7 @@ def committed(run_dir: Path) -> int:
 def run_stage(run_dir: Path, *overrides: str, nproc: int = 1, stage: str = "sft", check: bool = True, timeout: int = 600):
     cmd = [sys.executable]
     if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd += ["-m", "launch.torchrun", "--standalone", f"--nproc_per_node={nproc}"]
     cmd += ["-m", f"trainer.{stage}", *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from bench.default_pipeline import logged_peak_memory, process_kind, watch
+from bench.default_pipeline import logged_peak_memory, process_kind, tables, value_fit, watch
 
 
 def test_process_kinds_name_actors_modules_and_programs():
@@ -32,6 +32,20 @@ def test_the_logged_peaks_are_each_memory_metrics_largest_value(tmp_path):
         {"step": 2, "policy/memory_gb": 0.75, "critic/memory_gb": 0.125}]))
     assert logged_peak_memory(tmp_path) == {"policy/memory_gb": 0.75, "critic/memory_gb": 0.25}
     assert logged_peak_memory(tmp_path / "missing") == {}
+
+
+def test_the_critics_fit_is_the_mean_of_its_first_and_last_iterations_and_gets_a_table(tmp_path):
+    rows = [{"step": 0, "eval/exact_match": 0.1}]  # the evaluation before training: no critic metrics
+    rows += [{"step": i, "value/explained_variance": i / 10, "critic/loss": 1 / i} for i in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fit = value_fit(tmp_path, window=2)
+    assert fit["value/explained_variance"] == {"first": pytest.approx(0.15), "last": pytest.approx(0.65), "window": 2}
+    assert fit["critic/loss"]["first"] == 0.75 and abs(fit["critic/loss"]["last"] - (1 / 6 + 1 / 7) / 2) < 1e-12
+    (tmp_path / "grpo").mkdir()
+    (tmp_path / "grpo" / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/score_mean": 0.5}) + "\n")
+    assert value_fit(tmp_path / "grpo") == {}  # no critic
+    stage = {"command": "python -m rlhf.ppo", "wall_s": 60.0, "load_average_before": [0.1, 0, 0], "value_fit": fit}
+    assert "| `python -m rlhf.ppo` | 0.150 -> 0.650 (2 each) | 0.750 -> 0.155 (2 each) |" in tables({"stages": [stage]})
 
 
 def test_watch_counts_the_marked_processes_and_their_peak_memory():

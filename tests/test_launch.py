@@ -18,7 +18,7 @@ import pytest
 
 from launch.deepspeed_env import write_deepspeed_env
 from launch.ray_job import RayJob, submission
-from launch.slurm import SlurmJob, main as slurm_main, render
+from launch.slurm import SlurmJob, main as slurm_main, preemption_notes, render
 from launch.job import LaunchError, check_overrides, forwarded_env
 from runs import REPO, TINY, run_env, write_sft_jsonl
 from trainer.engine import free_port
@@ -47,7 +47,7 @@ def test_supervised_script_runs_torchrun_per_node_with_a_rendezvous_on_the_first
     launch = script[script.index("srun "):script.index("RUN_PID=$!")]
     for part in ("--ntasks-per-node=1", "/opt/venv/bin/python -m torch.distributed.run", '--nnodes="$SLURM_NNODES"',
                  "--nproc_per_node=8", "--rdzv_backend=c10d", '--rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"',
-                 "SIGUSR1", "--shutdown_timeout=240", "-m trainer.sft optim.lr=1e-5 'data.path=my data.jsonl' resume=auto"):
+                 "SIGUSR1", "--shutdown_timeout=210", "-m trainer.sft optim.lr=1e-5 'data.path=my data.jsonl' resume=auto"):
         assert part in launch, part
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "trap 'forward USR1' USR1" in script
 
@@ -73,7 +73,8 @@ def test_a_secret_in_an_override_or_sbatch_arg_is_refused_and_never_rendered(cap
 def test_every_user_override_is_quoted_and_only_the_launchers_ray_address_expands():
     script = render(SlurmJob("ppo", ["rollout.temperature=0.7", "cluster.address=$RAY_ADDRESS", "x=$(id)"], python="py"))
     bash_syntax_ok(script)
-    assert ('py -m rlhf.ppo cluster=existing cluster.address="$RAY_ADDRESS" rollout.temperature=0.7 '
+    assert ('py -m rlhf.ppo cluster=existing cluster.address="$RAY_ADDRESS" cluster.preemption_wait_s=135 '
+            'rollout.temperature=0.7 '
             "'cluster.address=$RAY_ADDRESS' 'x=$(id)' resume=auto &") in script
 
 
@@ -89,7 +90,7 @@ def test_ppo_script_forms_an_authenticated_ray_cluster_and_runs_the_driver_on_it
     # The driver starts only once every node has joined, and joins that cluster.
     wait_all = script.index('launch.ray_cluster wait --address "$RAY_ADDRESS" --nodes "$SLURM_NNODES"')
     driver = script.index("py -m rlhf.ppo cluster=existing cluster.address=\"$RAY_ADDRESS\" "
-                          "actor.devices_per_node=8 resume=auto &")
+                          "cluster.preemption_wait_s=135 actor.devices_per_node=8 resume=auto &")
     assert wait_all < driver
     assert "trap stop_ray EXIT" in script
 
@@ -99,11 +100,48 @@ def test_ppo_script_forms_an_authenticated_ray_cluster_and_runs_the_driver_on_it
     (SlurmJob("sft", nodes=0), "--nodes must be at least 1"),
     (SlurmJob("sft", gpus_per_node=8, procs_per_node=4), "every rank owns one"),
     (SlurmJob("ppo", nodes=2, ray_head_ip="127.0.0.1"), "only works on one node"),
-    (SlurmJob("sft", grace_s=0), "--grace"),
+    (SlurmJob("sft", grace_s=0), "--grace 0 must hold the save"),
+    (SlurmJob("sft", grace_s=39), "raise --grace to at least 40"),
+    (SlurmJob("sft", grace_s=300, save_timeout_s=280), "--grace 300 must hold --save-timeout 280 .* at least 310"),
+    (SlurmJob("sft", save_timeout_s=5), "--save-timeout 5 leaves the run no time to save"),
+    (SlurmJob("ppo", ["cluster.preemption_wait_s=240"], grace_s=120),
+     "cluster.preemption_wait_s=240 is not below --save-timeout 90"),
 ])
 def test_impossible_requests_name_what_is_wrong(job, message):
     with pytest.raises(LaunchError, match=message):
         render(job)
+
+
+def test_the_save_gets_what_the_warning_leaves_before_the_requeue_and_ppo_waits_half_of_it():
+    """--grace is the warning's lead, --save-timeout what the run may spend saving (default: 30 s less, for the
+    requeue); PPO's driver waits on calls in flight for half of it unless told otherwise. Derived values print."""
+    ppo = SlurmJob("ppo", ["train.iterations=3"], grace_s=100)
+    script = render(ppo)
+    assert "--signal=B:USR1@100" in sbatch_lines(script) and "SAVE_TIMEOUT_S=70\n" in script
+    assert "cluster.preemption_wait_s=35 train.iterations=3 resume=auto" in script
+    assert ppo.derived() == ["--save-timeout: 70 s (--grace 100 s less 30 s for the requeue)",
+                             "cluster.preemption_wait_s: 35 (half of --save-timeout; the other half holds the save)"]
+    own = SlurmJob("ppo", ["cluster.preemption_wait_s=20"], grace_s=100, save_timeout_s=50)
+    command = next(x for x in render(own).splitlines() if " -m rlhf.ppo " in x and not x.startswith("#"))
+    assert own.derived() == [] and command.count("cluster.preemption_wait_s=") == 1
+    sft = render(SlurmJob("sft", grace_s=100, save_timeout_s=60))
+    assert "--shutdown_timeout=60" in sft and "preemption_wait" not in sft
+
+
+def test_a_partition_that_would_undo_the_save_is_named_at_submission():
+    """Preemption is the partition's: a GraceTime shorter than the save, or no --signal at preemption (SIGTERM to
+    every process, which also stops a PPO job's Ray cluster), gets one line each; a partition that does not
+    preempt, or does so as planned, none."""
+    job = SlurmJob("ppo", grace_s=300)  # saves for 270 s
+    signals = "SlurmctldParameters     = preempt_send_user_signal"
+    assert preemption_notes(job, "PartitionName=gpu GraceTime=600 PreemptMode=REQUEUE", signals) == []
+    assert preemption_notes(job, "PartitionName=gpu GraceTime=0 PreemptMode=OFF", "") == []
+    short = preemption_notes(job, "PartitionName=gpu GraceTime=120 PreemptMode=REQUEUE", signals)
+    assert short == ["note: partition gpu gives a preempted job GraceTime=120 s, less than --save-timeout 270 s: "
+                     "a preempted run is killed before that; pass --save-timeout 120 or less to stop it in time"]
+    none = preemption_notes(job, "PartitionName=gpu GraceTime=0 PreemptMode=CANCEL", "PreemptType = preempt/qos")
+    assert len(none) == 2 and "GraceTime=0 s, no time to save" in none[0]
+    assert "without sending the job its --signal" in none[1] and "PPO resumes from its last committed" in none[1]
 
 
 def test_bad_overrides_fail_at_submission_with_one_message(capsys):
@@ -208,6 +246,52 @@ def test_rendered_script_trains_one_world_across_two_nodes(tmp_path, fake_nodes)
     assert not log.exists(), "a finished run is not requeued"
 
 
+# srun whose task does not act on a signal: `exec sleep 120` is a run hung in its save, `sleep 2` one that
+# finishes its last steps before it could save.
+IGNORING_SRUN = r"""#!/bin/bash
+trap '' USR1 TERM
+echo started > "$FAKE_SLURM_LOG.run"
+{task}
+"""
+
+
+def _warn_a_fake_run(tmp_path: Path, fake_nodes, task: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the rendered script (--grace 40, so 10 s to save) over an srun running `task`, SIGTERM it once the
+    task started (as a preemption without a user signal does); its result and the seconds from the signal."""
+    env, log = fake_nodes
+    (tmp_path / "bin" / "srun").write_text(IGNORING_SRUN.format(task=task))
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(SlurmJob("sft", [f"hydra.run.dir={tmp_path / 'run'}"], grace_s=40,
+                                      log_dir=str(tmp_path / "logs"))))
+    job = subprocess.Popen(["bash", str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"{log}.run").exists():
+            assert time.monotonic() < deadline and job.poll() is None, "the run never started"
+            time.sleep(0.1)
+        warned = time.monotonic()
+        job.send_signal(15)
+        out, _ = job.communicate(timeout=40)
+    finally:
+        job.kill()
+    return subprocess.CompletedProcess(job.args, job.returncode, out), time.monotonic() - warned
+
+
+def test_a_run_that_does_not_stop_within_the_save_timeout_is_stopped_and_the_job_requeues(tmp_path, fake_nodes):
+    """The job must requeue before SLURM's own SIGKILL at the time limit: a run still busy --save-timeout seconds
+    after the warning is killed (its last complete checkpoint stays) and the script requeues the job."""
+    env, log = fake_nodes
+    done, took = _warn_a_fake_run(tmp_path, fake_nodes, "exec sleep 120")
+    out = done.stdout
+    assert done.returncode == 0, out
+    assert "TERM received, asking the run to save and stop within 10 s (--save-timeout)" in out
+    assert "the run did not stop within 10 s of the warning (--save-timeout); stopping it" in out
+    assert "run stopped after the warning (exit 137); requeueing job" in out
+    assert log.read_text().split() == ["requeue", env["SLURM_JOB_ID"]]
+    assert 10 <= took < 20, took
+
+
 def test_cli_dry_run_prints_the_script(capsys):
     assert slurm_main(["reward", "--nodes", "2", "--gpus-per-node", "4", "--dry-run", "optim.lr=1e-5"]) == 0
     out = capsys.readouterr().out
@@ -220,7 +304,7 @@ def test_cli_dry_run_prints_the_script(capsys):
 def test_ray_job_spec_carries_the_code_and_run_variables_but_no_secret():
     env = {"WANDB_PROJECT": "p", "WANDB_API_KEY": "sk-123", "HF_TOKEN": "hf_x", "HF_HOME": "/h"}
     spec = submission(RayJob("sft", ["optim.lr=1e-5"], gpus=8), environ=env)
-    assert spec["entrypoint"] == ("python -m torch.distributed.run --standalone --nproc_per_node=8 "
+    assert spec["entrypoint"] == ("python -m launch.torchrun --standalone --nproc_per_node=8 "
                                   "-m trainer.sft optim.lr=1e-5")
     assert spec["entrypoint_num_gpus"] == 8
     assert spec["runtime_env"]["env_vars"] == {"HF_HOME": "/h", "WANDB_PROJECT": "p"}
@@ -270,7 +354,7 @@ def test_ray_job_runs_a_stage_on_a_running_cluster(tmp_path):
         (job,) = JobSubmissionClient(address, headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}).list_jobs()
         spec = json.dumps([job.runtime_env, job.metadata, job.entrypoint])
         assert "sk-never" not in spec and env["RAY_AUTH_TOKEN"] not in spec
-        assert job.entrypoint.startswith("python -m torch.distributed.run")
+        assert job.entrypoint.startswith("python -m launch.torchrun")
     finally:
         head.terminate()
         head.wait(timeout=60)
@@ -284,3 +368,10 @@ def test_deepspeed_env_file_holds_run_variables_and_no_secret(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o600
     with pytest.raises(ValueError, match="newline"):
         write_deepspeed_env(path, {"WANDB_NOTES": "two\nlines"})
+
+
+def test_a_run_that_finishes_after_the_warning_is_not_requeued(tmp_path, fake_nodes):
+    env, log = fake_nodes
+    done, took = _warn_a_fake_run(tmp_path, fake_nodes, "sleep 2; exit 0")
+    assert done.returncode == 0 and took < 10, done.stdout
+    assert "TERM received" in done.stdout and "requeue" not in done.stdout and not log.exists()

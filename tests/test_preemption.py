@@ -52,7 +52,7 @@ def test_one_rank_warned_is_enough_and_the_two_rank_resume_equals_the_straight_r
     # warning always lands mid-run however fast the machine, and the straight run trains as many as the resume.
     common = [*tiny_sft(data), "train.micro_batch_size=2", "train.save_every=1000"]
     straight, run_dir = tmp_path / "straight", tmp_path / "preempted"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.sft",
+    cmd = [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=2", "-m", "trainer.sft",
            *common, "train.max_steps=100000", f"hydra.run.dir={run_dir}"]
     launcher = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -97,6 +97,25 @@ for table in ("/proc/net/tcp", "/proc/net/tcp6"):
 """
 
 
+AGENT_PROBE = r"""
+print("GLOO", os.environ.get("GLOO_SOCKET_IFNAME"))
+agent = os.getppid()  # torchrun's agent, which started this rank
+agent_inodes = set()
+for fd in os.listdir(f"/proc/{agent}/fd"):
+    try:
+        target = os.readlink(f"/proc/{agent}/fd/{fd}")
+    except FileNotFoundError:
+        continue
+    if target.startswith("socket:["):
+        agent_inodes.add(target[8:-1])
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in open(table).read().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "0A" and f[9] in agent_inodes:
+            print("AGENT", f[1].split(":")[0])
+dist.barrier()  # neither rank leaves (and its agent with it) before both have looked
+"""
+
 LOOPBACK = ("0100007F", "00000000000000000000000001000000")  # 127.0.0.1 and ::1 as /proc/net/tcp{,6} write them
 
 
@@ -124,3 +143,32 @@ def test_ranks_on_one_node_listen_on_no_interface_but_loopback():
         assert "WORLD 2" in out
     addresses = [line.split()[1] for out, _ in outputs for line in out.splitlines() if line.startswith("LISTEN")]
     assert addresses and all(a in LOOPBACK for a in addresses), addresses
+
+
+@pytest.mark.distributed
+def test_launch_torchrun_keeps_the_agents_stores_on_loopback_where_torchrun_listens_on_every_interface(tmp_path):
+    """torchrun's agent holds the store its ranks meet at, which torch binds to every interface; `launch.torchrun`
+    (torchrun's arguments and code) binds each of the agent's stores to the loopback address the ranks connect
+    to, and sets GLOO_SOCKET_IFNAME=lo for them. Plain torchrun is run too: were its agent already on loopback,
+    this test would say nothing (and the wrapper would be needless)."""
+    def sockets(launcher: str) -> tuple[list[str], list[str]]:
+        probe = tmp_path / "probe.py"
+        probe.write_text(LISTEN_PROBE + AGENT_PROBE)
+        logs = tmp_path / launcher  # one stdout file per rank: the two would interleave on one pipe
+        proc = subprocess.run([sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2",
+                               f"--log-dir={logs}", "--redirects=1", str(probe)],
+                              cwd=REPO, env={k: v for k, v in run_env().items() if k != "GLOO_SOCKET_IFNAME"},
+                              capture_output=True, text=True, timeout=300)
+        out = "".join(f.read_text() for f in sorted(logs.rglob("stdout.log")))
+        assert proc.returncode == 0 and out.count("WORLD 2") == 2, out + proc.stderr[-3000:]
+        lines = out.splitlines()
+        ranks = [x.split()[1] for x in lines if x.startswith("LISTEN")]
+        agent = [x.split()[1] for x in lines if x.startswith("AGENT")]
+        assert ranks and agent, out
+        return ranks + agent, [x for x in lines if x.startswith("GLOO")]
+
+    ours, gloo = sockets("launch.torchrun")
+    assert all(a in LOOPBACK for a in ours), ours
+    assert gloo == ["GLOO lo", "GLOO lo"]
+    theirs, _ = sockets("torch.distributed.run")
+    assert any(a not in LOOPBACK for a in theirs), theirs

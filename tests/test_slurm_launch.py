@@ -1,7 +1,8 @@
 """launch.slurm against the real one-node SLURM cluster (scripts/slurm_local.sh): a 2-rank ZeRO-3
 SFT job preempted (SIGUSR1, as before a time limit), requeued by its own script and resumed, and a
-PPO job on a Ray cluster formed inside the allocation, preempted (SIGTERM to every process), requeued and
-resumed. Several nodes cannot be had here;
+PPO job on a Ray cluster formed inside the allocation, preempted by SLURM itself for a job of a
+higher partition (its --signal at once, so the iteration in flight is saved) and by SIGTERM to every
+process, requeued and resumed each time. Several nodes cannot be had here;
 tests/test_launch.py runs the same scripts on two simulated nodes."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from runs import PPO_SMALL, REPO, TINY, committed, run_env, tiny_ppo_model, write_sft_jsonl
-from slurm import job_info, send_signal, slurm_cluster, slurm_node, wait_for  # noqa: F401 (fixtures)
+from slurm import job_info, send_signal, slurm_cluster, slurm_node, submit, wait_for  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slurm
 
@@ -33,6 +34,13 @@ def train_steps(run_dir: Path) -> list[int]:
     if not metrics.exists():
         return []
     return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "train/loss" in line]
+
+
+def iterations(run_dir: Path) -> list[int]:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    return [json.loads(x)["step"] for x in metrics.read_text().splitlines() if "time/iteration_s" in x]
 
 
 def wait_until(cond, timeout: float, what: str, job: str) -> None:
@@ -85,12 +93,13 @@ def test_ppo_job_forms_a_ray_cluster_is_preempted_requeues_itself_resumes_and_st
     wait_for(job, "COMPLETED", timeout=400)
     log = Path(job_info(job)["StdOut"]).read_text(errors="replace")  # tqdm bars cut mid-character
     assert "TERM received" in log and "restart 1" in log
-    assert "run stopped after the warning (exit 1); requeueing job" in log  # the Ray steps stopped too
+    # The Ray steps stopped too, so the driver cannot end cleanly: Ray's 60 s wait for its GCS (exit 1), or the
+    # script's --save-timeout (30 s here) first (killed, 137).
+    assert re.search(r"run stopped after the warning \(exit (1|137)\); requeueing job", log)
     assert "resumed from" in log and f"after iteration {kept}" in log
-    iterations = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-                  if "time/iteration_s" in x]
-    assert iterations[-(final - kept):] == list(range(kept + 1, final + 1))  # the resumed attempt's
-    assert sorted(set(iterations)) == list(range(1, final + 1))
+    done = iterations(run_dir)
+    assert done[-(final - kept):] == list(range(kept + 1, final + 1))  # the resumed attempt's
+    assert sorted(set(done)) == list(range(1, final + 1))
     assert (run_dir / "before_after.json").exists() and (run_dir / "placement.txt").exists()
     assert committed(run_dir) == final
     # Each attempt's Ray cluster is gone with it: no GCS server on its port (the job id's, both times) survives.
@@ -101,3 +110,34 @@ def test_ppo_job_forms_a_ray_cluster_is_preempted_requeues_itself_resumes_and_st
               for port in ports):
         assert time.monotonic() < deadline, "a Ray cluster of the job outlived it"
         time.sleep(1)
+
+
+def test_ppo_job_preempted_by_slurm_saves_the_iteration_in_flight_requeues_and_resumes(slurm_cluster, tmp_path):
+    """SLURM's own preemption, configured as a shared cluster would (scripts/slurm_local.sh: a job in `urgent`
+    requeues the `debug` jobs it needs, GraceTime=120, preempt_send_user_signal): the job's own --signal, SIGUSR1
+    to the batch script alone, comes when it is chosen, so the Ray steps keep running and the driver saves the
+    iteration in flight (no periodic save would: train.save_every is 30); the job requeues itself, the urgent job
+    runs, and the run resumes from the saved iteration and finishes."""
+    model = tiny_ppo_model(tmp_path / "model")
+    run_dir, final = tmp_path / "ppo", 60  # a few seconds of iterations: enough for SLURM to choose it mid-run
+    job = launch("ppo", "--cpus-per-task", "2", "--ray-head-ip", "127.0.0.1", "--ray-cpus-per-node", "6",
+                 "--grace", "60", "--log-dir", str(tmp_path / "logs"), *model, *PPO_SMALL,
+                 f"train.iterations={final}", f"hydra.run.dir={run_dir}")
+    wait_until(lambda: len(iterations(run_dir)) >= 2, 400, "2 iterations", job)
+    urgent = submit("true", cwd=tmp_path, partition="urgent", cpus_per_task=2, output=str(tmp_path / "urgent.out"))
+    wait_for(job, "PENDING", timeout=120)  # the run saved and the script requeued the job, well within GraceTime
+    saved = committed(run_dir)
+    assert 2 <= saved < final
+    wait_for(urgent, "COMPLETED", timeout=120)
+    wait_for(job, "COMPLETED", timeout=400)
+    info = job_info(job)
+    assert info["Restarts"] == "1"
+    assert job_info(urgent)["StartTime"] <= info["StartTime"]  # it ran in the time the preempted job gave up
+    log = Path(info["StdOut"]).read_text(errors="replace")
+    assert "USR1 received" in log and "TERM received" not in log  # SLURM's warning (the test sends none), no kill
+    assert "cluster.preemption_wait_s=15" in log  # half of the 30 s the --grace of 60 s leaves to save
+    assert f"preempted: saved iteration {saved}" in log and "run saved (exit 75); requeueing job" in log
+    assert f"after iteration {saved}" in log
+    done = iterations(run_dir)
+    assert done[-(final - saved):] == list(range(saved + 1, final + 1)) and sorted(set(done)) == list(range(1, final + 1))
+    assert committed(run_dir) == final

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
-import ipaddress
 import math
 import os
 import socket
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from trainer.config import (DeepSpeedConfig, ModelConfig, OptimConfig, resolve_zero_stage, training_state_bytes,
                             zero_stage_note)
 from trainer.contracts import scrub_secrets
+from trainer.loopback import gloo_on_loopback, is_loopback, listening_socket
 
 
 @dataclass(frozen=True)
@@ -128,14 +128,6 @@ def set_collective_timeout(seconds: float) -> None:
         c10d._set_pg_timeout(_collective_timeout, group)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether every address `host` names is a loopback address (127.0.0.0/8, ::1)."""
-    try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-    except (socket.gaierror, ValueError):
-        return False
-
-
 def loopback_store(rank: int, world_size: int, timeout: timedelta) -> Optional[dist.TCPStore]:
     """The rendezvous store of a world whose MASTER_ADDR is a loopback address (its ranks share one node: a PPO
     role on Ray's local cluster, ranks started by hand), rank 0's listening on that address alone; the world's
@@ -146,12 +138,8 @@ def loopback_store(rank: int, world_size: int, timeout: timedelta) -> Optional[d
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or not is_loopback(host):
         return None
     port = int(os.environ["MASTER_PORT"])
-    if "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    listen_fd = None
-    if rank == 0:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        listen_fd = socket.create_server((host, port), family=family).detach()  # the store owns it from here
+    gloo_on_loopback()
+    listen_fd = listening_socket(host, port)[0] if rank == 0 else None  # the store owns it from here
     return dist.TCPStore(host, port, world_size, rank == 0, timeout, master_listen_fd=listen_fd)
 
 

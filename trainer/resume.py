@@ -320,12 +320,12 @@ def _short(program: str) -> str:
 
 
 LAUNCHERS = ("torchrun", "deepspeed")
-LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch")
+LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "launch.torchrun")
 
 
 def launcher_words(cmdline: Sequence[str]) -> Optional[list[str]]:
     """A process's command line as typed, if it is a multi-rank launcher (`torchrun ...`, `deepspeed ...`,
-    `python -m torch.distributed.run ...`), else None."""
+    `python -m torch.distributed.run ...`, `python -m launch.torchrun ...`), else None."""
     for i, word in enumerate(cmdline[:2]):  # a console script runs as `python /path/torchrun ...`
         if os.path.basename(word) in LAUNCHERS:
             return [_short(word), *cmdline[i + 1:]]
