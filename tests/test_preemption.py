@@ -71,6 +71,9 @@ def test_one_rank_warned_is_enough_and_the_two_rank_resume_equals_the_straight_r
             launcher.kill()
     # (torchrun itself exits 1: its agent reports any rank's non-zero exit, 75 included, as a failure)
     assert "preempted: checkpoint saved at step " in stdout, stderr[-3000:]
+    resume = stdout.split("to continue: ", 1)[1].splitlines()[0]  # the launch as typed
+    assert " -m launch.torchrun --standalone --nproc_per_node=2 -m trainer.sft " in resume, resume
+    assert resume.endswith("resume=auto"), resume
     tag = (run_dir / "checkpoints" / "latest").read_text()
     stopped_at = int(tag.split("_")[1])
     assert stopped_at >= 3

@@ -174,6 +174,8 @@ def test_the_resume_command_is_the_typed_command_with_resume_auto():
                            "a=1"]) == ["/elsewhere/bin/torchrun", "--nproc_per_node=2", "-m", "trainer.sft", "a=1"]
     assert launcher_words(["/opt/py", "-m", "torch.distributed.run", "--standalone", "-m", "trainer.sft"])[1:] == [
         "-m", "torch.distributed.run", "--standalone", "-m", "trainer.sft"]
+    assert launcher_words(["/opt/py", "-m", "launch.torchrun", "--standalone", "-m", "trainer.sft"])[1:] == [
+        "-m", "launch.torchrun", "--standalone", "-m", "trainer.sft"]
     assert launcher_words(["/opt/py", "-u", "-m", "trainer.sft"]) is None  # a rank, not a launcher
 
 
