@@ -134,6 +134,10 @@ def test_lr_auto_gives_adapters_their_own_rate_and_an_explicit_lr_is_kept():
     assert lr_note(o, "lora") == "optim.lr: auto -> 0.01 (peft.method=lora, from optim.lr_for)"
     dpo = compose("dpo").optim
     assert (dpo.lr, resolve_lr(dpo, "none").lr, resolve_lr(dpo, "lora").lr) == ("auto", 1e-4, 1e-3)
+    sft = compose("sft").optim  # instruction tuning's rates (docs/lora.md)
+    assert (sft.lr, resolve_lr(sft, "none").lr, resolve_lr(sft, "lora").lr) == ("auto", 3e-3, 1e-2)
+    critic = compose("ppo", typed=False).critic.optim  # typed=False: no SFT export to resolve the roles' models
+    assert (critic.lr, critic.lr_for["none"], critic.lr_for["lora"]) == ("auto", 5e-4, 2e-3)
     explicit = compose("instruct", ["peft=lora", "optim.lr=5e-3"]).optim
     assert resolve_lr(explicit, "lora").lr == 5e-3 and lr_note(explicit, "lora") is None
     with pytest.raises(ConfigError, match=r"optim\.lr: is auto and optim\.lr_for has no rate for peft\.method=lora; "

@@ -77,42 +77,35 @@ import os
 import torch
 import torch.distributed as dist
 from trainer.engine import init_distributed
+
+
+def listening(pid):  # the addresses process `pid` listens on, as /proc/net/tcp{,6} write them
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # the listing's own descriptor, closed by now
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return [f[1].split(":")[0] for table in ("/proc/net/tcp", "/proc/net/tcp6")
+            for f in (line.split() for line in open(table).read().splitlines()[1:])
+            if f[3] == "0A" and f[9] in inodes]  # LISTEN, and one of the process's sockets
+
+
 init_distributed()
 total = torch.ones(1)
 dist.all_reduce(total)  # every rank's pairs are up
 print("WORLD", int(total))
-inodes = set()
-for fd in os.listdir("/proc/self/fd"):
-    try:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-    except FileNotFoundError:  # the listing's own descriptor, closed by now
-        continue
-    if target.startswith("socket:["):
-        inodes.add(target[8:-1])
-for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-    for line in open(table).read().splitlines()[1:]:
-        f = line.split()
-        if f[3] == "0A" and f[9] in inodes:  # LISTEN, and one of this process's sockets
-            print("LISTEN", f[1].split(":")[0])
+for address in listening(os.getpid()):
+    print("LISTEN", address)
 """
 
 
 AGENT_PROBE = r"""
 print("GLOO", os.environ.get("GLOO_SOCKET_IFNAME"))
-agent = os.getppid()  # torchrun's agent, which started this rank
-agent_inodes = set()
-for fd in os.listdir(f"/proc/{agent}/fd"):
-    try:
-        target = os.readlink(f"/proc/{agent}/fd/{fd}")
-    except FileNotFoundError:
-        continue
-    if target.startswith("socket:["):
-        agent_inodes.add(target[8:-1])
-for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-    for line in open(table).read().splitlines()[1:]:
-        f = line.split()
-        if f[3] == "0A" and f[9] in agent_inodes:
-            print("AGENT", f[1].split(":")[0])
+for address in listening(os.getppid()):  # torchrun's agent, which started this rank
+    print("AGENT", address)
 dist.barrier()  # neither rank leaves (and its agent with it) before both have looked
 """
 
