@@ -28,7 +28,7 @@ from rlhf.experience import Experience, Generation, build_rollout, pad_right, pa
 from rlhf.group import ActorGroup, PendingCall, limits_of, wait_all
 from rlhf.placement import RoleLayout, check_resources, create_placements, placement_table, remove_placements
 from rlhf.reward_functions import function_names
-from rlhf.scoring import pad_to_multiple, sample_prompts, score_rollout, split_evenly
+from rlhf.scoring import pad_to_multiple, prompt_reuse_note, sample_prompts, score_rollout, split_evenly
 from trainer.config import ConfigError
 from trainer.metrics import MetricsLogger
 from trainer.sampling import derive_seed
@@ -161,6 +161,8 @@ class Driver:
               f"algo={cfg.algo.name} roles={','.join(cfg.active_roles)} "
               f"prompts={len(train_prompts)} eval_prompts={len(eval_prompts)} "
               f"rollout_batch={cfg.rollout_batch} iterations={cfg.train.iterations} run_dir={run_dir}", flush=True)
+        if note := prompt_reuse_note(len(train_prompts), cfg.rollout.prompts_per_iteration):
+            print(note, flush=True)
         logger_cfg, logged_config = tag_logger(cfg.logger, resolved, current_member())
         logger = MetricsLogger(run_dir, logger_cfg, logged_config, job_type="ppo", enabled=True)
         try:

@@ -39,6 +39,15 @@ def sample_prompts(prompts: list, iteration: int, n: int, seed: int) -> list:
     return [prompts[i] for i in SeededOrder(len(prompts), seed, "prompts").take(iteration * n, n)]
 
 
+def prompt_reuse_note(prompts: int, per_iteration: int) -> Optional[str]:
+    """The line that says an iteration asks for more prompts than the data holds, so that `sample_prompts` repeats
+    some within it; None where every prompt of an iteration is distinct."""
+    if per_iteration <= prompts:
+        return None
+    return (f"note: rollout.prompts_per_iteration={per_iteration} is more than the {prompts} training prompts: each "
+            f"iteration samples some of them more than once")
+
+
 def split_evenly(items: list, n: int) -> list[list]:
     size = len(items) // n
     return [items[r * size:(r + 1) * size] for r in range(n)]

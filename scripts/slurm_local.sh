@@ -103,9 +103,9 @@ AuthInfo=cred_expire=10
 ReturnToService=2
 SlurmdTimeout=60
 InactiveLimit=0
-# Preemption as a shared cluster sets it up: a job in \`urgent\` requeues the \`debug\` jobs whose CPUs it
-# needs, GraceTime seconds after sending them their own --signal (preempt_send_user_signal; Slurm 23.02
-# and later also take PreemptParameters=send_user_signal). Without a job in \`urgent\`, nothing changes.
+# Preemption as a shared cluster sets it up: a job in partition urgent requeues the debug jobs whose CPUs
+# it needs, GraceTime seconds after sending them their own --signal (preempt_send_user_signal; Slurm 23.02
+# and later also take PreemptParameters=send_user_signal). Without a job in urgent, nothing changes.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal

@@ -21,7 +21,7 @@ from fake_groups import scheduling_driver
 from runs import PPO_SMALL, REPO, committed, left_behind, marked, processes_of, run_env, signal_when, tiny_ppo_model
 from rlhf.config import PPOConfig
 from rlhf.experience import build_rollout, cut_at_stop, pad_right, response_positions
-from rlhf.scoring import sample_prompts, score_rollout
+from rlhf.scoring import prompt_reuse_note, sample_prompts, score_rollout
 from rlhf.worker import RoleWorker, takes_logits_to_keep
 
 
@@ -167,6 +167,15 @@ def test_sample_prompts_is_a_function_of_the_iteration():
     assert again == first[3:]
     epoch0 = first[0] + first[1] + first[2][:2]
     assert sorted(epoch0) == prompts  # one pass over the data sees every prompt once
+
+
+def test_an_iteration_larger_than_the_prompts_repeats_some_and_says_so():
+    prompts = list(range(3))
+    batch = sample_prompts(prompts, 0, 5, seed=1)
+    assert len(batch) == 5 and sorted(set(batch)) == prompts  # every prompt, two of them twice
+    assert prompt_reuse_note(3, 5) == ("note: rollout.prompts_per_iteration=5 is more than the 3 training prompts: "
+                                       "each iteration samples some of them more than once")
+    assert prompt_reuse_note(3, 3) is None
 
 
 def test_score_rollout_puts_the_score_on_the_last_token_minus_kl():
