@@ -113,11 +113,18 @@ def process_kind(cmdline: bytes) -> str:
 VALUE_FIT_KEYS = ("value/explained_variance", "critic/loss")
 
 
+def logged_metrics(run_dir: Path) -> list[dict]:
+    """The rows of the run's metrics.jsonl (`trainer.report.read_metrics`, which names a cut or foreign line);
+    none where the run has no such file."""
+    from trainer.report import read_metrics
+
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+
+
 def value_fit(run_dir: Path, window: int = 5) -> dict[str, dict[str, float]]:
     """How well a critic follows the returns: the mean of each of VALUE_FIT_KEYS over the first and the last
     `window` iterations that logged it (none without a critic)."""
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = logged_metrics(run_dir)
     fit = {}
     for key in VALUE_FIT_KEYS:
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
@@ -130,9 +137,8 @@ def value_fit(run_dir: Path, window: int = 5) -> dict[str, dict[str, float]]:
 def logged_peak_memory(run_dir: Path) -> dict[str, float]:
     """The largest value of each `*memory_gb` metric the run logged (a rank's peak resident memory on the CPU)."""
     peaks: dict[str, float] = {}
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        for key, value in json.loads(line).items():
+    for row in logged_metrics(run_dir):
+        for key, value in row.items():
             if key.endswith("memory_gb") and isinstance(value, (int, float)):
                 peaks[key] = max(peaks.get(key, 0.0), value)
     return peaks

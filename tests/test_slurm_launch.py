@@ -141,3 +141,23 @@ def test_ppo_job_preempted_by_slurm_saves_the_iteration_in_flight_requeues_and_r
     done = iterations(run_dir)
     assert done[-(final - saved):] == list(range(saved + 1, final + 1)) and sorted(set(done)) == list(range(1, final + 1))
     assert committed(run_dir) == final
+
+
+def test_submission_prints_what_it_derived_and_what_the_partition_would_undo(slurm_cluster, tmp_path):
+    """Against this cluster's own `scontrol` (debug preempts with GraceTime=120 and sends the job its signal): the
+    default --save-timeout, 270 s, is longer than a preempted job gets, and the launcher says so; 90 s is not. The
+    jobs are submitted held and cancelled: nothing runs."""
+    def submit_held(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "launch.slurm", "sft", "--sbatch-arg=--hold", "--log-dir",
+                               str(tmp_path / "logs"), *args], cwd=REPO, env=run_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        subprocess.run(["scancel", re.search(r"submitted job (\d+)", proc.stdout).group(1)], check=True)
+        return proc.stdout
+
+    default = submit_held()
+    assert "--save-timeout: 270 s (--grace 300 s less 30 s for the requeue)" in default
+    assert ("note: partition debug gives a preempted job GraceTime=120 s, less than --save-timeout 270 s: a preempted "
+            "run is killed before that; pass --save-timeout 120 or less to stop it in time") in default
+    assert "without sending the job its --signal" not in default  # preempt_send_user_signal is set
+    assert "note:" not in submit_held("--save-timeout", "90")
