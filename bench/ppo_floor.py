@@ -225,10 +225,11 @@ def floor_tables(result: dict) -> str:
                                      [[name, f"{core_s:.3f}", f"{core_s / cores:.3f}", f"{rate[name]:.1f}"]
                                       for name, core_s in result["floors_core_s"].items()])]
     if result.get("vs"):
-        trl, top = result["vs"]["trl"], max(rate.values())
+        trl, top = result["vs"].get("trl"), max(rate.values())  # a run of tuneforge's systems alone has no TRL
         tables.append(harness.markdown_table(
             ["", "rollouts/s", "vs TRL", "share of the floor"],
-            [[name, f"{r:.1f}", f"{r / trl:.2f}x", f"{r / top:.2f}"] for name, r in {**rate, **result["vs"]}.items()]))
+            [[name, f"{r:.1f}", f"{r / trl:.2f}x" if trl else "-", f"{r / top:.2f}"]
+             for name, r in {**rate, **result["vs"]}.items()]))
     return "\n\n".join(tables)
 
 
@@ -280,10 +281,11 @@ def main(argv: Optional[list[str]] = None) -> None:
               "floors_core_s": floors, "floors_rollouts_per_s": rate}
     if vs:
         result["vs"] = {name: m["rollouts_per_s"] for name, m in vs["medians"].items()}
-    print(floor_tables(result))
-    if args.out:
+    if args.out:  # before the tables, so that minutes of measuring are kept whatever printing them does
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(floor_tables(result))
+    if args.out:
         print(f"wrote {args.out}")
 
 if __name__ == "__main__":

@@ -74,14 +74,21 @@ class SampledLogprobs(LogitsProcessor):
 
 class SeededRowSampler(LogitsProcessor):
     """Draws each row's next token from softmax(scores) with that row's own generator and leaves only that
-    token possible, so `generate`'s greedy pick takes it: a sequence's sample depends on its seed alone."""
+    token possible, so `generate`'s greedy pick takes it: a sequence's sample depends on its seed alone.
+
+    Inverse-CDF sampling: one uniform number per row from its generator, then one batched search of the rows'
+    cumulative probabilities. (A `multinomial` per row, the obvious way to use a generator per row, was 6% of a
+    policy rank's time at the compute-bound bench size: docs/benchmarks.md.)"""
 
     def __init__(self, seeds: list[int], device: torch.device):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float(), dim=-1)  # (B, V)
-        tokens = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])  # (B, 1)
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum_(-1)  # (B, V)
+        u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in self.generators])  # (B,)
+        # The first token whose cumulative probability exceeds u (scaled to the row's total, which rounding
+        # leaves a little off 1); a token of probability 0 never does.
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=cdf.shape[1] - 1)  # (B, 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 

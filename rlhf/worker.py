@@ -8,8 +8,6 @@ Each Ray actor is one process holding one rank. A role's ranks form their own pr
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import time
 from dataclasses import replace
@@ -38,21 +36,9 @@ from trainer.engine import (
     zero3_init_context,
 )
 from trainer.model import load_tokenizer
-from trainer.objectives import per_token_scores
+from trainer.objectives import head_inputs_at, per_token_scores
 from trainer.sampling import derive_seed, seed_everything
 from trainer.step import count_skip, optimizer_step_over
-
-
-def takes_logits_to_keep(model) -> bool:
-    """Whether a causal LM's forward computes logits for the last N positions only (`logits_to_keep`, which
-    Hugging Face's causal LMs take); a DeepSpeed engine hands keyword arguments to the model it wraps."""
-    return _forward_takes_logits_to_keep(type(getattr(model, "module", model)))
-
-
-@functools.cache
-def _forward_takes_logits_to_keep(cls: type) -> bool:
-    # Once per model class: it is asked on every micro-batch.
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 class RoleWorker:
@@ -159,16 +145,13 @@ class RoleWorker:
         carries a gradient only with `entropy_grad` (an entropy bonus); as a metric it builds no graph."""
         from trainer.logprobs import entropy_from_logits, logprobs_from_logits
 
-        width = micro.sequences.shape[1]
-        # Only positions from the shortest prompt's last token on score a response token: the LM head and
-        # its (b, L, V) logits skip the rest, gigabytes with long prompts and a large vocabulary.
-        # (Reading the minimum waits for the device, which copying this micro-batch there has just done.)
-        start = int(micro.prompt_lengths.min()) - 1 if takes_logits_to_keep(self.model) else 0
-        keep = {"logits_to_keep": width - start} if start > 0 else {}
-        logits = self.model(input_ids=micro.sequences, attention_mask=micro.attention_mask, use_cache=False,
-                            **keep).logits  # (b, L - start, V): positions start .. L-1
-        pos = response_positions(micro.prompt_lengths, micro.responses.shape[1], width) - start
-        logits = gather_response(logits, pos).float() / temperature  # (b, t, V)
+        # The output head (hidden x vocabulary per position: with a realistic vocabulary the largest matmul) runs
+        # only at the positions that score a response token, t per row, not over prompts and padding.
+        pos = response_positions(micro.prompt_lengths, micro.responses.shape[1], micro.sequences.shape[1])  # (b, t)
+        with head_inputs_at(self.model, pos):
+            logits = self.model(input_ids=micro.sequences, attention_mask=micro.attention_mask,
+                                use_cache=False).logits  # (b, t, V)
+        logits = logits.float() / temperature
         logp = logprobs_from_logits(logits, micro.responses)
         if not with_entropy:
             return logp

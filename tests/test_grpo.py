@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fake_groups import scheduling_driver
 from rlhf.config import PPOConfig
@@ -47,6 +48,21 @@ def test_each_sample_depends_on_its_own_seed_alone():
     assert len(draws) > 1, "other seeds, other samples"
     greedy, logps = sample_responses(model, [a, b], None, **kw)
     assert logps is None and greedy == sample_responses(model, [b, a], None, **kw)[0][::-1]
+
+
+def test_the_seeded_sampler_draws_from_the_softmax_and_never_a_token_of_probability_zero():
+    """`SeededRowSampler`'s inverse-CDF draw: over many seeds each token comes up about as often as its
+    probability says (4 standard errors), and a token masked to -inf (top-k, top-p) never does."""
+    from rlhf.actor import SeededRowSampler
+
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])
+    scores = probs.log().expand(4000, -1)  # the masked token's score is -inf
+    kept = SeededRowSampler(list(range(4000)), torch.device("cpu"))(None, scores)  # (N, V): 0 at the draw
+    drawn = kept.argmax(1)
+    assert bool((kept == 0).sum(1).eq(1).all()), "one token left possible per row"
+    freq = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    assert freq[2] == 0
+    assert torch.all((freq - probs).abs() <= 4 * (probs * (1 - probs) / len(drawn)).sqrt() + 1e-9), freq
 
 
 # ------------------------------------------------------------------------------------------ reward functions

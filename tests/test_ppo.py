@@ -22,7 +22,7 @@ from runs import PPO_SMALL, REPO, committed, left_behind, marked, processes_of, 
 from rlhf.config import PPOConfig
 from rlhf.experience import build_rollout, cut_at_stop, pad_right, response_positions
 from rlhf.scoring import prompt_reuse_note, sample_prompts, score_rollout
-from rlhf.worker import RoleWorker, takes_logits_to_keep
+from rlhf.worker import RoleWorker
 
 
 
@@ -111,10 +111,9 @@ def toy_policy():
 
 
 def test_response_logprobs_are_aligned_and_padding_invariant():
-    """Log-probs of a batched, right-padded rollout equal each sequence scored alone, with logits computed
-    only from the shortest prompt's last position on (`logits_to_keep`, taken through a DeepSpeed engine too)."""
+    """Log-probs of a batched, right-padded rollout equal each sequence scored alone, with the output head run
+    only at the positions that score a response token (`head_inputs_at` with positions)."""
     model = toy_policy()
-    assert takes_logits_to_keep(model) and takes_logits_to_keep(SimpleNamespace(module=model))
     prompts, responses = [[1, 5, 6, 7], [1, 8, 3]], [[9, 10, 2], [11, 2]]
     exp = build_rollout(prompts, responses, pad_id=0)
     worker = SimpleNamespace(model=model)

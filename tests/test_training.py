@@ -97,6 +97,22 @@ def test_forming_the_cpu_process_group_compiles_nothing(tmp_path):
 
 
 @pytest.mark.distributed
+def test_two_unpartitioned_ranks_average_gradients_in_one_buffer_exactly_as_deepspeed_does(tmp_path):
+    """`trainer.engine.gradients_in_one_buffer`: two steps on 2 ranks at stage 0 (different data per rank, two
+    micro-batches per step, a parameter with no gradient) leave every weight bit for bit where DeepSpeed's own
+    stage-0 averaging leaves it, with every gradient a view of the one buffer throughout."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=2",
+                           "tests/gradient_buffer_ranks.py", str(out)], cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["buffered"] and result["bound"]
+    assert result["equal"], result["max_diff"]
+    assert result["moved"] >= 4, "the trained weights moved"
+
+
+@pytest.mark.distributed
 def test_gradient_accumulation_matches_a_bigger_micro_batch(tmp_path, small_data):
     common = [*TINY, f"data.path={small_data}", "data.eval_path=null", "train.max_steps=4"]
     big, accum = tmp_path / "big", tmp_path / "accum"

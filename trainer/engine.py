@@ -358,7 +358,53 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: Optional[Op
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     set_collective_timeout(_collective_timeout.total_seconds())  # the groups DeepSpeed has just made
+    if (engine.zero_optimization_stage() == 0 and engine.dp_world_size > 1 and engine.sequence_parallel_size == 1
+            and not (engine.has_moe_layers or engine.fp16_enabled() or engine.bfloat16_enabled())):
+        gradients_in_one_buffer(engine)
     return _redacted(engine)
+
+
+def gradients_in_one_buffer(engine) -> None:
+    """An unpartitioned fp32 engine over several ranks, with its gradients kept in one flat buffer that is
+    averaged over the ranks in place.
+
+    DeepSpeed's stage-0 average copies every gradient into a new flat tensor, all-reduces it and copies the
+    result back, at each step; on a CPU a new tensor of the model's size is fresh memory, which the kernel
+    hands out page by page. Here each trained parameter's `.grad` is a view into one buffer made once: backward
+    accumulates into it, one all-reduce averages it, and zeroing the gradients zeroes it (they stay bound). The
+    arithmetic is DeepSpeed's: a parameter that got no gradient takes part as zeros, as DeepSpeed fills it, and
+    the sum is divided by the world size. (Its cost at the compute-bound bench size: docs/benchmarks.md.)"""
+    params = [p for p in engine.module.parameters() if p.requires_grad and p.numel() > 0]
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+    def bind() -> None:
+        """Each parameter's gradient is its view (a gradient made elsewhere is copied in first)."""
+        for p, view in zip(params, views):
+            if p.grad is not view:
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
+
+    def zero_grad(*_args, **_kwargs) -> None:
+        flat.zero_()
+        bind()
+
+    def allreduce_gradients(*_args, **_kwargs) -> None:
+        if not engine.is_gradient_accumulation_boundary():
+            return  # as DeepSpeed's: the ranks communicate at the window's end only
+        bind()
+        group = engine.seq_data_parallel_group
+        dist.all_reduce(flat, group=group)
+        flat.div_(dist.get_world_size(group))
+
+    engine.zero_grad = zero_grad
+    engine.allreduce_gradients = allreduce_gradients
+    engine.gradient_buffer = flat
+    zero_grad()
 
 
 def _redacted(engine):

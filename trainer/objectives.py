@@ -82,11 +82,18 @@ class CausalLMTask:
 @contextmanager
 def head_inputs_at(model, at: torch.Tensor):
     """Inside, the output head of `model` (a causal LM, possibly under a DeepSpeed engine or peft) sees only the
-    hidden states where `at` (B, T) is true, so the model's logits come out (N, V), N = at.sum(), in row-major
-    order. The head's input is swapped by a forward pre-hook, so any model whose head is its output embeddings
-    works, under ZeRO-3 (whose own hooks gather the weight) too."""
+    hidden states `at` selects, so the model's logits come out for those positions alone: with `at` a (B, T) bool
+    mask, (N, V), N = at.sum(), in row-major order; with `at` (B, K) positions, (B, K, V), row b's k-th at
+    position at[b, k]. The head's input is swapped by a forward pre-hook, so any model whose head is its output
+    embeddings works, under ZeRO-3 (whose own hooks gather the weight) too."""
     head = getattr(model, "module", model).get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][at], *args[1:]))
+
+    def select(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H)
+        if at.dtype == torch.bool:
+            return hidden[at]  # (N, H)
+        return hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, H)
+
+    handle = head.register_forward_pre_hook(lambda _module, args: (select(args[0]), *args[1:]))
     try:
         yield
     finally:
