@@ -77,8 +77,8 @@ class SeededRowSampler(LogitsProcessor):
     token possible, so `generate`'s greedy pick takes it: a sequence's sample depends on its seed alone.
 
     Inverse-CDF sampling: one uniform number per row from its generator, then one batched search of the rows'
-    cumulative probabilities. (A `multinomial` per row, the obvious way to use a generator per row, was 6% of a
-    policy rank's time at the compute-bound bench size: docs/benchmarks.md.)"""
+    cumulative probabilities, where a `multinomial` per row (the obvious way to use a generator per row) runs one
+    full pass over the vocabulary per row and step (its cost: docs/benchmarks.md)."""
 
     def __init__(self, seeds: list[int], device: torch.device):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
