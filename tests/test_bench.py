@@ -91,7 +91,7 @@ def test_model_parameters_count_the_built_model_with_tied_weights_once():
     assert model_parameters(model, scalar_head=True) == 857_216 + 128
 
 
-@pytest.mark.parametrize("stage,lr", [("sft", 3e-3), ("reward", 1e-3), ("dpo", 1e-4)])
+@pytest.mark.parametrize("stage,lr", [("sft", 3e-3), ("reward", 1e-3), ("dpo", 5e-5)])
 def test_the_trl_side_gets_the_rate_tuneforge_trains_at(tmp_path, stage, lr):
     """`optim.lr: auto` (DPO's default) reaches TRL as the number it becomes, not the string."""
     from bench.harness import trl_spec

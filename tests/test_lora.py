@@ -133,7 +133,7 @@ def test_lr_auto_gives_adapters_their_own_rate_and_an_explicit_lr_is_kept():
     assert (o.lr, resolve_lr(o, "none").lr, resolve_lr(o, "lora").lr) == ("auto", 3e-3, 1e-2)
     assert lr_note(o, "lora") == "optim.lr: auto -> 0.01 (peft.method=lora, from optim.lr_for)"
     dpo = compose("dpo").optim
-    assert (dpo.lr, resolve_lr(dpo, "none").lr, resolve_lr(dpo, "lora").lr) == ("auto", 1e-4, 1e-3)
+    assert (dpo.lr, resolve_lr(dpo, "none").lr, resolve_lr(dpo, "lora").lr) == ("auto", 5e-5, 1e-3)
     sft = compose("sft").optim  # instruction tuning's rates (docs/lora.md)
     assert (sft.lr, resolve_lr(sft, "none").lr, resolve_lr(sft, "lora").lr) == ("auto", 3e-3, 1e-2)
     critic = compose("ppo", typed=False).critic.optim  # typed=False: no SFT export to resolve the roles' models
