@@ -121,6 +121,24 @@ def processes_of(env: dict) -> dict[int, str]:
     return found
 
 
+# Loopback as /proc/net/tcp{,6} write it: 127.0.0.1, ::1, and ::ffff:127.0.0.1 (gRPC's IPv4 on a v6 socket).
+LOOPBACK = ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+
+
+def listening_addresses(pid: int) -> list[str]:
+    """The addresses process `pid` listens on (TCP), as /proc/net/tcp{,6} write them; [] once it is gone."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed since the listing
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    return [f[1].split(":")[0] for table in ("/proc/net/tcp", "/proc/net/tcp6")
+            for f in (line.split() for line in Path(table).read_text().splitlines()[1:])
+            if f[3] == "0A" and f[9] in inodes]  # LISTEN, and one of the process's sockets
+
+
 def left_behind(env: dict, within_s: float = 10) -> list[str]:
     """The command lines of the marked run's processes still alive `within_s` after it ended."""
     deadline = time.time() + within_s  # killed processes may take a moment to go

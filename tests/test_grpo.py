@@ -26,7 +26,8 @@ from rlhf.reward_functions import (
     regex_match,
 )
 from reports import assert_report
-from runs import PPO_SMALL, REPO, run_env, signal_when, tiny_ppo_model
+from runs import (LOOPBACK, PPO_SMALL, REPO, listening_addresses, marked, processes_of, run_env, signal_when,
+                  tiny_ppo_model)
 from test_ppo import iterations_done, records, run_ppo, toy_policy
 from trainer.sampling import derive_seed
 
@@ -254,6 +255,31 @@ def test_a_run_preempted_in_the_default_directory_continues_with_the_printed_com
     for step in range(1, 5):
         for key in ("reward/score_raw_mean", "policy/loss", "policy/approx_kl", "response/length_mean"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
+
+
+@pytest.mark.distributed
+def test_a_run_on_its_own_ray_listens_on_no_interface_but_loopback(tiny_model, tmp_path):
+    """As users type it (no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER in the environment): every TCP socket that any of
+    the run's processes (the driver, Ray's servers and agents, the role workers and their process groups) listens
+    on, read while it trains, is on loopback."""
+    env = {**run_env(), **marked(), "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    run = tmp_path / "run"
+    seen: dict[int, tuple[str, list[str]]] = {}
+
+    def training() -> bool:
+        if not iterations_done(run):
+            return False
+        seen.update({pid: (cmd, listening_addresses(pid)) for pid, cmd in processes_of(env).items()})
+        return True
+
+    typed = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, *GRPO, "train.iterations=40",
+             "train.save_every=100", f"hydra.run.dir={run}"]
+    done = signal_when(typed, training, signal.SIGTERM, env=env)
+    assert done.returncode == 75, done.stderr[-3000:]
+    assert any(addresses for _, addresses in seen.values()), seen  # Ray's servers were among them
+    wide = {pid: (cmd[:120], a) for pid, (cmd, a) in seen.items() if not set(a) <= set(LOOPBACK)}
+    assert not wide, wide
 
 
 @pytest.mark.distributed

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from runs import REPO, TINY, run_env, write_sft_jsonl
+from runs import LOOPBACK, REPO, TINY, run_env, write_sft_jsonl
 from trainer.contracts import REDACTED, SECRET_KEY, redact_text, scrub_secrets
 from trainer.engine import free_port
 from wandb_records import read_offline_run
@@ -109,7 +109,6 @@ for address in listening(os.getppid()):  # torchrun's agent, which started this 
 dist.barrier()  # neither rank leaves (and its agent with it) before both have looked
 """
 
-LOOPBACK = ("0100007F", "00000000000000000000000001000000")  # 127.0.0.1 and ::1 as /proc/net/tcp{,6} write them
 
 
 def test_a_single_process_run_listens_on_no_interface_but_loopback():
