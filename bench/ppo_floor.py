@@ -257,6 +257,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.set_num_threads(1)
     if args.work is not None:
         return zero3_child(args)
+    if args.vs and not args.vs.is_file():  # before minutes of measuring
+        p.error(f"--vs {args.vs}: no such file (a bench.ppo_vs_trl or bench.grpo_vs_trl result)")
     vs = json.loads(args.vs.read_text()) if args.vs else None
     if vs and vs.get("parameters") not in (None, parameters(args)):
         raise SystemExit(f"error: --vs {args.vs} ran a {vs['parameters']:,}-parameter policy, --model-size "

@@ -72,26 +72,15 @@ def test_a_run_writes_no_secret_given_as_an_override(tmp_path):
     assert "train.max_steps=1" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())  # the rest kept
 
 
-LISTEN_PROBE = r"""
+# Run by `python -c` and as a file torchrun starts, so it finds tests/runs.py by its absolute path.
+LISTEN_PROBE = f"""
 import os
+import sys
 import torch
 import torch.distributed as dist
+sys.path.insert(0, {str(REPO / "tests")!r})
+from runs import listening_addresses as listening
 from trainer.engine import init_distributed
-
-
-def listening(pid):  # the addresses process `pid` listens on, as /proc/net/tcp{,6} write them
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:  # the listing's own descriptor, closed by now
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return [f[1].split(":")[0] for table in ("/proc/net/tcp", "/proc/net/tcp6")
-            for f in (line.split() for line in open(table).read().splitlines()[1:])
-            if f[3] == "0A" and f[9] in inodes]  # LISTEN, and one of the process's sockets
-
 
 init_distributed()
 total = torch.ones(1)
@@ -108,7 +97,6 @@ for address in listening(os.getppid()):  # torchrun's agent, which started this 
     print("AGENT", address)
 dist.barrier()  # neither rank leaves (and its agent with it) before both have looked
 """
-
 
 
 def test_a_single_process_run_listens_on_no_interface_but_loopback():
