@@ -33,13 +33,13 @@ def check_overrides(stage: str, overrides: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from trainer.compose import compose
+    from trainer.compose import compose, error_line
     from trainer.config import ConfigError
 
     try:
         compose(stage, overrides, typed=False)
     except (HydraException, OmegaConfBaseException, ConfigError) as e:
-        raise LaunchError(f"{stage} overrides {overrides}: {e}") from None
+        raise LaunchError(f"{stage} overrides {overrides}: {error_line(e)}") from None
 
 
 def forwarded_env(environ: dict[str, str] | None = None, secrets: bool = False) -> dict[str, str]:

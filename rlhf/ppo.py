@@ -32,7 +32,7 @@ from trainer.adapters import check_adapter_source
 from trainer.checkpoint import CheckpointError, check_frozen_from
 from trainer.compose import hydra_overrides, register_all, to_typed
 from trainer.config import CONF_DIR, ConfigError, lr_note
-from trainer.contracts import PREEMPTED_EXIT_CODE, ROLES, scrub_secrets
+from trainer.contracts import ROLES, scrub_secrets
 from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
 from trainer.resume import hold_run_lock, resume_command
@@ -126,8 +126,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
             before = json.loads((point.run_dir / "eval_start.json").read_text())
         (run_dir / "eval_start.json").write_text(json.dumps(before, indent=2))
         if preemption.requested:  # while the models loaded or the first evaluation ran: nothing new to save
-            print(f"preempted: before iteration {done + 1}; to continue: {resume_command()}", flush=True)
-            return PREEMPTED_EXIT_CODE, {}
+            return _stopped(preemption, f"before iteration {done + 1}")
         metrics = {}
         for it in progress(range(done, t.iterations), desc=cfg.algo.name, initial=done, total=t.iterations,
                            unit="iteration"):
@@ -142,9 +141,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
             tqdm.write(f"iter {step}: score {metrics['reward/score_raw_mean']:.3f} kl {metrics['kl/seq_mean']:.3f} "
                        f"len {metrics['response/length_mean']:.1f} {metrics['time/iteration_s']:.1f}s")
             if preemption.requested and step < t.iterations:
-                print(f"preempted: saved iteration {step} in {run_dir / 'checkpoints'}; to continue: "
-                      f"{resume_command()}", flush=True)
-                return PREEMPTED_EXIT_CODE, {}
+                return _stopped(preemption, f"saved iteration {step} in {run_dir / 'checkpoints'}")
         after = driver.evaluate(t.iterations)
         driver.logger.log(t.iterations, after)
         driver.logger.summary(after)
@@ -158,9 +155,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
         # now, requeued like any preemption, from the last committed iteration.
         kept = (f"the last saved iteration, {saved}, is where it continues" if saved
                 else "no iteration was saved yet, so the run starts over")
-        print(f"preempted: {err}; the iteration in flight is not saved, {kept}; to continue: {resume_command()}",
-              flush=True)
-        return PREEMPTED_EXIT_CODE, {}
+        return _stopped(preemption, f"{err}; the iteration in flight is not saved, {kept}")
     finally:
         if driver is not None:
             driver.stop()
@@ -169,6 +164,12 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
         if started:
             ray.shutdown()
     return 0, after
+
+
+def _stopped(preemption, what: str) -> tuple[int, dict]:
+    word, status = preemption.outcome
+    print(f"{word}: {what}; to continue: {resume_command()}", flush=True)
+    return status, {}
 
 
 def main() -> None:

@@ -147,6 +147,54 @@ def test_cli_reports_config_error_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+# What a newcomer mistypes first, and the one line each gets. The composing errors are Hydra's and OmegaConf's,
+# raised the same way inside a run (where tuneforge catches them from Hydra's reporter) and by `compose`.
+TYPOS = [
+    (["train.max_stepz=3"], "train.max_stepz: no such setting; did you mean train.max_steps?"),
+    (["+train.max_stepz=3"], "train.max_stepz: no such setting; did you mean train.max_steps?"),  # Hydra's own hint
+    (["+seeed=3"], "seeed: no such setting; did you mean seed?"),
+    (["train.max_steps=abc"], "train.max_steps: Value 'abc' of type 'str' could not be converted to Integer "
+                              "(Error merging override train.max_steps=abc)"),
+    (["data=synthetic_sf"], "In 'sft': Could not find 'data/synthetic_sf'; the options are jsonl, preference_jsonl, "
+                            "synthetic_instruct, synthetic_preference, synthetic_sft"),
+]
+
+
+@pytest.mark.parametrize("overrides,line", TYPOS)
+def test_a_mistyped_override_is_one_line_naming_the_key(overrides, line):
+    from trainer.compose import error_line
+
+    with pytest.raises(Exception) as err:
+        compose("sft", overrides)
+    assert error_line(err.value) == line
+
+
+def test_an_rl_role_without_its_export_is_one_line_naming_the_role(tmp_path, monkeypatch):
+    from trainer.compose import error_line
+
+    monkeypatch.chdir(tmp_path)  # no outputs/sft here
+    with pytest.raises(Exception) as err:
+        compose("ppo", ["algo=grpo"])
+    assert error_line(err.value) == ("actor.model.name_or_path: no finished sft run with an exported model under "
+                                     "outputs/sft/: run `python -m trainer.sft` first, or set this role's "
+                                     "model.name_or_path")
+
+
+@pytest.mark.parametrize("module,overrides,line", [
+    ("trainer.sft", TYPOS[0][0], TYPOS[0][1]),
+    ("trainer.sft", TYPOS[1][0], TYPOS[1][1]),
+    ("rlhf.ppo", ["algo=grpoo"], "In 'ppo': Could not find 'algo/grpoo'; the options are grpo, ppo, ppo_kl_loss, "
+                                 "reinforce_pp, rloo"),
+])
+def test_the_cli_exits_2_with_that_line_before_anything_is_written(module, overrides, line, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", module, *overrides, f"hydra.run.dir={run}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {line}"
+    assert "HYDRA_FULL_ERROR" not in proc.stderr and not (run / "config.yaml").exists()
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     from trainer.config import OptimConfig
 

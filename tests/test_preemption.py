@@ -1,10 +1,11 @@
 """Preemption wherever it lands (issue 19 part 3), with real processes: a warning that arrives before training
 (while the model loads or the data tokenizes) ends the run with status 75 and the command that continues it;
 in a 2-rank run one rank receiving it is enough for both to save the same step, and the resumed run equals
-the straight one."""
+the straight one. A Ctrl-C saves and stops the same way (status 130); a second one stops at once."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -31,6 +32,37 @@ def test_a_warning_before_training_ends_the_run_with_75_and_the_command_that_con
     assert "preempted: before training, at step 0; to continue: " in proc.stdout
     assert proc.stdout.rstrip().endswith("resume=auto")
     assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing saved
+
+
+def test_a_second_ctrl_c_stops_at_once_as_python_would():
+    from trainer.preemption import PreemptionFlag
+
+    flag = PreemptionFlag()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested and flag.interrupted and flag.outcome == ("interrupted", 130)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.distributed
+def test_ctrl_c_saves_the_step_and_prints_the_command_that_continues_it(tmp_path, data):
+    run_dir = tmp_path / "run"
+    common = [*tiny_sft(data), "train.micro_batch_size=2", "train.save_every=1000", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "trainer.sft", *common, "train.max_steps=100000"]
+    metrics = run_dir / "metrics.jsonl"
+    proc = signal_when(cmd, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, signal.SIGINT)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Ctrl-C: the run stops where it can save" in proc.stderr and "Traceback" not in proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("interrupted: checkpoint saved at step "))
+    assert line.endswith(" resume=auto"), line
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
+    assert f"step {stopped_at} in {run_dir}" in line and stopped_at >= 3
+    run_stage(run_dir, *common[:-1], f"train.max_steps={stopped_at + 2}", "resume=auto")
+    assert int((run_dir / "checkpoints" / "latest").read_text().split("_")[1]) == stopped_at + 2
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:

@@ -80,7 +80,9 @@ def test_ppo_job_forms_a_ray_cluster_is_preempted_requeues_itself_resumes_and_st
     time limit goes to the batch script alone, which passes it to the driver: the iteration is saved, as in
     tests/test_ppo.py.)"""
     model = tiny_ppo_model(tmp_path / "model")
-    run_dir, final = tmp_path / "ppo", 6
+    # 12 iterations, of which the signal needs 2 committed: on a loaded machine the 6 this test had were all done
+    # before the signal, polled every half second through scontrol, reached the job.
+    run_dir, final = tmp_path / "ppo", 12
     # One node here, so the head may stay on loopback; 5 CPU slots for the 5 role actors.
     job = launch("ppo", "--cpus-per-task", "2", "--ray-head-ip", "127.0.0.1", "--ray-cpus-per-node", "6",
                  "--grace", "60", "--log-dir", str(tmp_path / "logs"), *model, *PPO_SMALL,

@@ -6,7 +6,9 @@
 - `resume=auto` without a run directory: rank 0 finds the unfinished run to continue
   (`trainer.resume`) and every rank runs in its directory.
 - Keeps ranks other than 0 from writing Hydra's files and logs.
-- Turns user errors into one line on stderr and a non-zero exit.
+- Turns user errors into one line on stderr and exit 2: its own, OmegaConf's, and Hydra's errors in composing
+  the config (a key the config lacks, a value of the wrong type, a config group option that does not exist),
+  which Hydra would report over several lines with exit 1.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-from trainer.compose import register_all, renamed_overrides, run_id
+from trainer.compose import error_line, register_all, renamed_overrides, run_id
 from trainer.config import ConfigError
 from trainer.contracts import RUN_ID_ENV, USER_ERROR_EXIT_CODE
 
@@ -124,7 +126,31 @@ def launch(hydra_main: Callable[[], None], config_name: Optional[str] = None) ->
     if discover:
         _continue_unfinished_run(config_name)
     _quiet_non_zero_ranks()
+    _composition_errors_are_user_errors()
     hydra_main()
+
+
+def _composition_errors_are_user_errors() -> None:
+    # Hydra composes the config inside its own `run_and_report`, which prints a composition error over several
+    # lines and exits 1 before any of our code runs: wrapping what it runs is the one way in. HYDRA_FULL_ERROR=1
+    # keeps Hydra's full report.
+    from hydra._internal import utils as hydra_internals
+    from hydra.errors import CompactHydraException
+
+    report = hydra_internals.run_and_report
+    if getattr(report, "tuneforge", False) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+
+    def run_and_report(func):
+        def run():
+            try:
+                return func()
+            except CompactHydraException as err:
+                exit_with_user_error(err)
+        return report(run)
+
+    run_and_report.tuneforge = True
+    hydra_internals.run_and_report = run_and_report
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -137,5 +163,5 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def exit_with_user_error(err: BaseException) -> None:
-    print(f"error: {err}", file=sys.stderr)
+    print(f"error: {error_line(err)}", file=sys.stderr)
     raise SystemExit(USER_ERROR_EXIT_CODE)

@@ -7,19 +7,21 @@
   the exports they point to exist).
 - `to_typed(dcfg, overrides)` is the one conversion to the typed dataclass, shared by Hydra entry points
   and `compose`: it applies the rules that depend on what the user typed (a `data.path` on the command
-  line replaces the stage's default data) and converts once.
+  line replaces the stage's default data), refuses keys no schema declares, and converts once.
 
 Loads Hydra and the config schemas only: no torch, Ray or data pipeline.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from trainer.config import CONF_DIR, ConfigError, register_configs
 from trainer.contracts import RUN_ID_ENV
@@ -97,8 +99,74 @@ def apply_user_data(dcfg: DictConfig, overrides: list[str]) -> Optional[str]:
     return f"data.path={dcfg.data.path} replaces the stage's default data.mixture ({replaced})"
 
 
+def unknown_key_message(key: str, known: Iterable[str]) -> str:
+    """The one-line error for a setting `key` that its section (whose settings are `known`) lacks."""
+    parent, _, name = key.rpartition(".")
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    where = f"{parent} has" if parent else "the config has"
+    hint = f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close else f"{where}: {', '.join(known)}"
+    return f"{key}: no such setting; {hint}"
+
+
+def unknown_keys(node: Any, prefix: str = "") -> Iterator[tuple[str, list[str]]]:
+    """(key, its section's settings) for every key under `node` that its dataclass schema lacks."""
+    if isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from unknown_keys(node._get_node(i), f"{prefix}[{i}].")
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_missing():
+        return
+    schema = OmegaConf.get_type(node)
+    known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for k in node.keys():
+        if known is not None and k not in known:
+            yield f"{prefix}{k}", known
+        else:
+            yield from unknown_keys(node._get_node(k), f"{prefix}{k}.")
+
+
+def reject_unknown_keys(dcfg: DictConfig) -> None:
+    """A key added with `+` (`+train.max_stepz=3`, as Hydra's own error suggests) that no schema declares
+    would be dropped without a word by the conversion to dataclasses: it is an error instead."""
+    for key, known in unknown_keys(dcfg):
+        if key == "hydra" or key.startswith("hydra."):  # Hydra's own settings, kept by `return_hydra_config`
+            continue
+        raise ConfigError(unknown_key_message(key.replace(".[", "["), known))
+
+
+def error_line(err: BaseException) -> str:
+    """One line naming what is wrong and where, from a config error: ours, OmegaConf's (which add `full_key:` and
+    type lines) or Hydra's composition errors (which add the options and the search path); any other error's
+    text on one line."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = err.__cause__
+    if isinstance(err, OmegaConfBaseException) and err.full_key:  # a resolver's refusal in its own words
+        return f"{err.full_key}: {_first_line(_our_error_within(err) or err.msg)}"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.parent_node is not None:
+        return unknown_key_message(cause.full_key, cause.parent_node.keys())
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:  # a value of the wrong type
+        return f"{cause.full_key}: {_first_line(cause.msg)} ({_first_line(err)})"
+    if isinstance(err, MissingConfigException) and err.options:
+        return f"{_first_line(err)}; the options are {', '.join(err.options)}"
+    return " ".join(str(err).split())
+
+
+def _our_error_within(err: BaseException) -> Optional[ConfigError]:
+    # OmegaConf re-raises a resolver's error wrapped (twice), naming its class in the message.
+    while err is not None and not isinstance(err, ConfigError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _first_line(text) -> str:
+    return str(text).strip().splitlines()[0] if str(text).strip() else ""
+
+
 def to_typed(dcfg: DictConfig, overrides: list[str]) -> Any:
     """The typed config (TrainingJobConfig or PPOConfig) that `dcfg`, composed with `overrides`, stands for."""
+    reject_unknown_keys(dcfg)
     note = apply_user_data(dcfg, overrides)
     if "algo" in dcfg:  # an RL config: roles the algorithm does not run need no export
         from rlhf.config import leave_out_unused_roles
@@ -133,6 +201,7 @@ def compose(stage: str, overrides: list[str] = (), typed: bool = True, return_hy
     if OmegaConf.is_interpolation(dcfg, "output_dir"):
         dcfg.output_dir = "."
     if not typed:
+        reject_unknown_keys(dcfg)
         apply_user_data(dcfg, overrides)
         return dcfg
     return to_typed(dcfg, overrides)

@@ -15,6 +15,9 @@ NONFINITE_MODES = ("skip", "stop")  # train.nonfinite: what a non-finite loss do
 # A run stopped by SIGTERM/SIGUSR1 after saving a checkpoint; rerun with resume=auto to continue.
 # Cluster jobs requeue on it (launch.slurm).
 PREEMPTED_EXIT_CODE = 75
+# A run stopped by Ctrl-C (SIGINT) after saving a checkpoint, as a shell reports a process SIGINT ended; not
+# requeued: the user stopped it.
+INTERRUPTED_EXIT_CODE = 130
 
 # ---------------------------------------------------------------- stages
 STAGE_MODULES = {

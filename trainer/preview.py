@@ -94,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         preview(args.config, args.n, args.overrides)
     except (*user_errors(), HydraException, OmegaConfBaseException) as e:
-        exit_with_user_error(" ".join(str(e).split()))
+        exit_with_user_error(e)
 
 
 if __name__ == "__main__":

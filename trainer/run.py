@@ -36,7 +36,7 @@ from trainer.engine import (
     torch_dtype,
     zero3_init_context,
 )
-from trainer.contracts import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, scrub_secrets
+from trainer.contracts import NONFINITE_EXIT_CODE, scrub_secrets
 from trainer.loop import FitContext, TrainState, fit
 from trainer.step import NonFiniteError
 from trainer.metrics import MetricsLogger
@@ -186,9 +186,10 @@ def preemption_voted() -> bool:
 
 
 def _preempted(info, what: str, final_eval: dict) -> tuple[int, dict]:
+    word, status = preemption_flag().outcome
     if info.is_main:
-        print(f"preempted: {what}; to continue: {resume_command()}", flush=True)
-    return PREEMPTED_EXIT_CODE, final_eval
+        print(f"{word}: {what}; to continue: {resume_command()}", flush=True)
+    return status, final_eval
 
 
 def stage_main(config_name: str):
