@@ -45,16 +45,18 @@ def test_redaction_by_key_and_by_value():
 
 
 def test_a_run_writes_no_secret_given_as_an_override(tmp_path):
-    """config.yaml, deepspeed_config.json, Hydra's .hydra/*.yaml, the W&B run (config and command line) and the
-    checkpoint, whose states DeepSpeed pickles its config into. `deepspeed.extra` is the carrier because it is a
-    free-form dict the schema accepts."""
+    """config.yaml, deepspeed_config.json, Hydra's .hydra/*.yaml, the W&B run (config, command line, run name,
+    group and tags) and the checkpoint, whose states DeepSpeed pickles its config into. `deepspeed.extra` is the
+    carrier because it is a free-form dict the schema accepts."""
     data = write_sft_jsonl(tmp_path / "sft.jsonl", 16)
     run = tmp_path / "run"
     env = run_env()
     env.pop("WANDB_MODE", None)
     cmd = [sys.executable, "-m", "trainer.sft", *TINY, f"data.path={data}", "data.eval_path=null",
            "train.max_steps=1", "train.micro_batch_size=2", "logger=wandb", "logger.mode=offline",
-           f"+deepspeed.extra.hf_token={SK_SECRET}", f"+deepspeed.extra.note={HF_SECRET}", f"hydra.run.dir={run}"]
+           f"+deepspeed.extra.hf_token={SK_SECRET}", f"+deepspeed.extra.note={HF_SECRET}",
+           f"logger.run_name=try-{HF_SECRET}", f"logger.group={SK_SECRET}", f"logger.tags=[a,{HF_SECRET}]",
+           f"hydra.run.dir={run}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p != data]
@@ -68,7 +70,9 @@ def test_a_run_writes_no_secret_given_as_an_override(tmp_path):
                                                                                       "note": REDACTED}
     assert json.loads((run / "deepspeed_config.json").read_text())["hf_token"] == REDACTED
     run_file, = run.glob("wandb/offline-run-*/run-*.wandb")
-    assert read_offline_run(run_file).config["deepspeed"]["extra"]["hf_token"] == REDACTED
+    record = read_offline_run(run_file)
+    assert record.config["deepspeed"]["extra"]["hf_token"] == REDACTED
+    assert (record.name, record.group, record.tags) == (f"try-{REDACTED}", REDACTED, ["a", REDACTED])
     assert "train.max_steps=1" in yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())  # the rest kept
 
 

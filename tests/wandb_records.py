@@ -49,6 +49,7 @@ class OfflineRun:
     group: str = ""
     job_type: str = ""
     name: str = ""
+    tags: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
@@ -69,6 +70,7 @@ def read_offline_run(run_file: Path) -> OfflineRun:
         if kind == "run":
             r = record.run
             run.run_id, run.group, run.job_type, run.name = r.run_id, r.run_group, r.job_type, r.display_name
+            run.tags = list(r.tags)
             run.config.update(_items(r.config.update))
         elif kind == "config":
             run.config.update(_items(record.config.update))

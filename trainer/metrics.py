@@ -86,9 +86,10 @@ def _init_wandb(run_dir: Path, cfg: LoggerConfig, config: dict, job_type: str):
         return wandb.init(
             project=cfg.project,
             entity=cfg.entity,
-            group=cfg.group,
-            name=cfg.run_name,
-            tags=list(cfg.tags),
+            # Named by the user or from a sweep's overrides: a secret in them stays out, as from the config.
+            group=cfg.group and redact_text(cfg.group),
+            name=cfg.run_name and redact_text(cfg.run_name),
+            tags=[redact_text(t) for t in cfg.tags],
             job_type=job_type,
             config=config,
             dir=str(run_dir),
