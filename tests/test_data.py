@@ -79,6 +79,8 @@ def pc_rows(n, start=0, tag="r"):
     ({"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g"}]}, "sharegpt"),
     ({"messages": [{"from": "human", "value": "h"}]}, "sharegpt"),
     ({"messages": [{"role": "user", "content": "u"}], "family": "x"}, "messages"),
+    ({"text": "A document.", "source": "web"}, "text"),
+    ({"instruction": "i", "output": "o", "text": "### Instruction: i ### Response: o"}, "alpaca"),
 ])
 def test_detect_format(row, fmt):
     assert detect_format(row) == fmt
@@ -86,10 +88,10 @@ def test_detect_format(row, fmt):
 
 def test_undetectable_row_lists_accepted_formats():
     with pytest.raises(DataError) as e:
-        detect_format({"text": "hello", "prompt": None})
+        detect_format({"body": "hello", "prompt": None})
     msg = str(e.value)
-    assert "['text']" in msg
-    for name in ("prompt_completion", "alpaca", "sharegpt", "messages", "instruction", "conversations"):
+    assert "['body']" in msg
+    for name in ("prompt_completion", "alpaca", "sharegpt", "messages", "instruction", "conversations", "text"):
         assert name in msg
 
 
@@ -112,6 +114,22 @@ def test_to_messages_normalises_roles_and_adds_system_prompt():
 def test_prompt_completion_trains_on_completion_and_eos_only(tok):
     ex = tokenize_example({"prompt": "What is 2+2?\nAnswer:", "completion": " 4"}, "auto", tok, 64, "truncate")
     assert runs(ex, tok) == [(False, "<|bos|>What is 2+2?\nAnswer:"), (True, " 4<|eos|>")]
+
+
+def test_a_text_row_trains_on_the_whole_document_and_eos(tok):
+    ex = tokenize_example({"text": "A plain document, all of it a target."}, "auto", tok, 64, "truncate")
+    assert runs(ex, tok) == [(False, "<|bos|>"), (True, "A plain document, all of it a target.<|eos|>")]
+    assert tokenize_example({"text": "  "}, "text", tok, 64, "truncate") is None  # nothing to learn
+
+
+def test_text_documents_give_eval_loss_but_no_prompts_to_answer(tok, tmp_path):
+    from trainer.data import build_prompts
+
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"Document number {i}."} for i in range(4)])
+    data = build_supervised_data(DataConfig(path=str(docs), eval_path=str(docs), max_length=64), tok, seed=0)
+    assert data.stats.kept == 4 and len(data.eval) == 4 and data.eval_prompts == []
+    with pytest.raises(DataError, match=r"docs\.jsonl: no row has a prompt to answer \(plain `text` documents"):
+        build_prompts(DataConfig(path=str(docs), max_length=64), tok, str(docs), "train")
 
 
 def test_messages_train_every_assistant_turn(tok):
@@ -209,7 +227,7 @@ def test_missing_file_and_json_array_and_directory(tmp_path):
 
 
 def test_undetectable_row_names_file_and_row(tok, tmp_path):
-    path = write_jsonl(tmp_path / "mixed.jsonl", pc_rows(2) + [{"text": "just text"}])
+    path = write_jsonl(tmp_path / "mixed.jsonl", pc_rows(2) + [{"body": "just text"}])
     with pytest.raises(DataError, match=r"mixed\.jsonl: row 2: cannot detect the format .*accepted formats"):
         build_supervised_data(DataConfig(path=str(path), eval_path=None), tok, seed=0)
 

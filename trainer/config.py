@@ -75,7 +75,7 @@ class DatasetSpec:
     name: Optional[str] = None  # dataset config name for Hub datasets
 
 
-DATA_FORMATS = ("auto", "prompt_completion", "alpaca", "sharegpt", "messages")
+DATA_FORMATS = ("auto", "prompt_completion", "alpaca", "sharegpt", "messages", "text")
 # Preference pairs (trainer.reward, trainer.dpo): prompt/chosen/rejected strings; a messages prompt with
 # assistant-message answers; or two full conversations sharing a prompt (UltraFeedback layout).
 PREFERENCE_FORMATS = ("auto", "preference_text", "preference_messages", "preference_conversations")

@@ -45,6 +45,7 @@ FORMAT_FIELDS = {
     "alpaca": "instruction + output (+ optional input)",
     "sharegpt": "conversations: [{from: system|human|gpt, value}]",
     "messages": "messages: [{role: system|user|assistant, content}]",
+    "text": "text (a plain document: every token trained)",
 }
 DROP_REASONS = ("overlong", "no_trained_tokens", "empty")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -186,11 +187,13 @@ def _matching_formats(row: dict) -> list[str]:
         out.append("prompt_completion")
     if has("instruction") and has("output"):
         out.append("alpaca")
+    if isinstance(row.get("text"), str):  # last: instruction datasets often carry their rendered text beside
+        out.append("text")
     return out
 
 
 def detect_format(row: dict) -> str:
-    """The format of one row: prompt_completion | alpaca | sharegpt | messages."""
+    """The format of one row: prompt_completion | alpaca | sharegpt | messages | text."""
     found = _matching_formats(row)
     if not found:
         fields = sorted(k for k, v in row.items() if v is not None)
@@ -257,10 +260,11 @@ def to_messages(row: dict, fmt: str, system_prompt: Optional[str] = None) -> lis
 
 @dataclass
 class _Pieces:
-    """One example as consecutive (text or token ids, trained) pieces, and its last answer text."""
+    """One example as consecutive (text or token ids, trained) pieces, and its last answer text (None for a plain
+    document: no prompt to generate from)."""
 
     pieces: list[tuple]
-    answer: str
+    answer: Optional[str]
 
 
 @dataclass(frozen=True)
@@ -330,6 +334,10 @@ def _chat_pieces(messages: list[dict], t: Templater) -> Optional[_Pieces]:
 
 def example_pieces(row: dict, fmt: str, t: Templater, system_prompt: Optional[str]) -> Optional[_Pieces]:
     """Split a row into pieces; None when it has nothing to learn (no completion / assistant text)."""
+    if fmt == "text":  # language modelling (TRL's `text` rows): the document is the target
+        if not row["text"].strip():
+            return None
+        return _Pieces([(t.bos, False), (row["text"], True), (t.eos, True)], None)
     if fmt == "prompt_completion" and isinstance(row["prompt"], str):
         prompt, completion = row["prompt"], row["completion"]
         if not isinstance(completion, str):
@@ -411,8 +419,9 @@ def _tokenize_batch(batch: dict, *, fmt, first_format, tokenizer, max_length, ov
         out["labels"].append(example["labels"] if example else [])
         out["status"].append(status)
         if with_prompts:
-            out["prompt_ids"].append(_prompt_ids(pieces) if p is not None else [])
-            out["answer"].append(p.answer if p is not None else "")
+            answered = p is not None and p.answer is not None
+            out["prompt_ids"].append(_prompt_ids(pieces) if answered else [])
+            out["answer"].append(p.answer if answered else "")
     return out
 
 
@@ -722,7 +731,10 @@ def build_prompts(cfg: DataConfig, tokenizer, path: str, split: str, fmt: str = 
     prompts = _eval_prompts(ds, out, tokenizer, cfg.max_length)
     if not prompts:
         lengths = [len(ids) for ids in out["prompt_ids"] if ids]
-        shortest = f"; the shortest of its {len(lengths)} prompts has {min(lengths)} tokens" if lengths else ""
+        if not lengths:
+            raise DataError(f"{describe_source(path, split)}: no row has a prompt to answer (plain `text` documents "
+                            f"have none)")
+        shortest = f"; the shortest of its {len(lengths)} prompts has {min(lengths)} tokens"
         raise DataError(f"{describe_source(path, split)}: no prompts shorter than data.max_length={cfg.max_length}"
                         f"{shortest}; raise data.max_length or shorten the prompts")
     return prompts
