@@ -195,6 +195,23 @@ def test_the_cli_exits_2_with_that_line_before_anything_is_written(module, overr
     assert "HYDRA_FULL_ERROR" not in proc.stderr and not (run / "config.yaml").exists()
 
 
+def test_epochs_become_steps_rounded_up_and_the_length_is_said_in_both_units():
+    from trainer.config import TrainConfig, resolve_max_steps
+
+    t, note = resolve_max_steps(TrainConfig(max_steps=800, epochs=2), sequences=10, global_batch=4)
+    assert t.max_steps == 5 and note == "train.max_steps: train.epochs=2 -> 5 (10 training sequences, global batch 4)"
+    assert resolve_max_steps(TrainConfig(epochs=0.5), 10, 4)[0].max_steps == 2  # 1.25 steps: the last one partial
+    t, note = resolve_max_steps(TrainConfig(max_steps=800), 3200, 16)
+    assert t.max_steps == 800 and note.startswith("train.max_steps=800: 4.00 epochs of the 3200 training sequences")
+
+
+def test_epochs_and_max_steps_typed_together_is_an_error_and_epochs_must_be_positive():
+    with pytest.raises(ConfigError, match=r"^train\.max_steps and train\.epochs are both set: give one"):
+        compose("sft", ["train.epochs=2", "train.max_steps=100"])
+    with pytest.raises(ConfigError, match=r"train\.epochs: must be > 0"):
+        validate(_typed(_compose("sft", ["train.epochs=0"])))
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     from trainer.config import OptimConfig
 

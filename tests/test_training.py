@@ -129,6 +129,16 @@ def test_gradient_accumulation_matches_a_bigger_micro_batch(tmp_path, small_data
         assert nb[step] > 0 and nb[step] == pytest.approx(na[step], rel=1e-4), (step, nb[step], na[step])
 
 
+def test_epochs_set_the_run_length_from_the_data_and_say_what_it_became(tmp_path):
+    data = write_sft_jsonl(tmp_path / "sft.jsonl", 40)
+    run = tmp_path / "run"
+    proc = run_stage(run, *TINY, f"data.path={data}", "data.eval_path=null", "data.packing=false",
+                     "train.micro_batch_size=4", "train.epochs=1.5")
+    assert "train.max_steps: train.epochs=1.5 -> 15 (40 training sequences, global batch 4)" in proc.stdout
+    epochs = metric(run, "train/epoch")
+    assert sorted(epochs) == list(range(1, 16)) and epochs[15] == pytest.approx(1.5)
+
+
 @pytest.mark.distributed
 def test_resume_reproduces_the_straight_run(tmp_path, small_data):
     # ZeRO-3 asked for explicitly on one rank (auto would train unpartitioned there; the reward

@@ -7,7 +7,8 @@
   the exports they point to exist).
 - `to_typed(dcfg, overrides)` is the one conversion to the typed dataclass, shared by Hydra entry points
   and `compose`: it applies the rules that depend on what the user typed (a `data.path` on the command
-  line replaces the stage's default data), refuses keys no schema declares, and converts once.
+  line replaces the stage's default data; `train.epochs` and `train.max_steps` are not both typed), refuses keys
+  no schema declares, and converts once.
 
 Loads Hydra and the config schemas only: no torch, Ray or data pipeline.
 """
@@ -99,6 +100,14 @@ def apply_user_data(dcfg: DictConfig, overrides: list[str]) -> Optional[str]:
     return f"data.path={dcfg.data.path} replaces the stage's default data.mixture ({replaced})"
 
 
+def check_run_length(dcfg: DictConfig, overrides: list[str]) -> None:
+    """`train.epochs` sets max_steps: a `train.max_steps` typed beside it would lose without a word."""
+    if ("train.max_steps" in {override_key(o) for o in overrides}
+            and OmegaConf.select(dcfg, "train.epochs", default=None) is not None):
+        raise ConfigError("train.max_steps and train.epochs are both set: give one (train.epochs=N makes max_steps "
+                          "ceil(N x training sequences / global batch))")
+
+
 def unknown_key_message(key: str, known: Iterable[str]) -> str:
     """The one-line error for a setting `key` that its section (whose settings are `known`) lacks."""
     parent, _, name = key.rpartition(".")
@@ -167,6 +176,7 @@ def _first_line(text) -> str:
 def to_typed(dcfg: DictConfig, overrides: list[str]) -> Any:
     """The typed config (TrainingJobConfig or PPOConfig) that `dcfg`, composed with `overrides`, stands for."""
     reject_unknown_keys(dcfg)
+    check_run_length(dcfg, overrides)
     note = apply_user_data(dcfg, overrides)
     if "algo" in dcfg:  # an RL config: roles the algorithm does not run need no export
         from rlhf.config import leave_out_unused_roles
@@ -202,6 +212,7 @@ def compose(stage: str, overrides: list[str] = (), typed: bool = True, return_hy
         dcfg.output_dir = "."
     if not typed:
         reject_unknown_keys(dcfg)
+        check_run_length(dcfg, overrides)
         apply_user_data(dcfg, overrides)
         return dcfg
     return to_typed(dcfg, overrides)

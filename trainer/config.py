@@ -10,6 +10,7 @@ these objects down; nothing deeper reads `cfg.foo.bar` from a DictConfig.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -180,6 +181,8 @@ class LoggerConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 800
+    # Passes over the training sequences instead: max_steps becomes ceil(epochs x sequences / global batch), printed.
+    epochs: Optional[float] = None
     micro_batch_size: int = 16
     grad_accum: int = 1
     eval_every: int = 400
@@ -298,6 +301,7 @@ def validate(cfg: TrainingJobConfig, world_size: int = 1) -> None:
     _require(cfg.stage in SUPERVISED_STAGES, "stage", f"must be one of {'|'.join(SUPERVISED_STAGES)}, got {cfg.stage!r}")
     formats = PREFERENCE_FORMATS if cfg.stage in PREFERENCE_STAGES else DATA_FORMATS
     _require(t.max_steps > 0, "train.max_steps", f"must be > 0, got {t.max_steps}")
+    _require(t.epochs is None or t.epochs > 0, "train.epochs", f"must be > 0 (or null), got {t.epochs}")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", f"must be > 0, got {t.micro_batch_size}")
     _require(t.grad_accum > 0, "train.grad_accum", f"must be > 0, got {t.grad_accum}")
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
@@ -455,6 +459,18 @@ def validate_model(m: ModelConfig, key: str = "model") -> None:
 
 def global_batch_size(cfg: TrainingJobConfig, world_size: int) -> int:
     return cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+
+
+def resolve_max_steps(t: TrainConfig, sequences: int, global_batch: int) -> tuple[TrainConfig, str]:
+    """`t` with max_steps from `epochs` where that is set, and the line that says what the run's length is in
+    both units (the epochs a step count amounts to depend on the data, which only the run knows)."""
+    if t.epochs is None:
+        return t, (f"train.max_steps={t.max_steps}: {t.max_steps * global_batch / sequences:.2f} epochs of the "
+                   f"{sequences} training sequences (global batch {global_batch}; train.epochs=N sets the length in "
+                   f"epochs)")
+    steps = math.ceil(t.epochs * sequences / global_batch)
+    return replace(t, max_steps=steps), (f"train.max_steps: train.epochs={t.epochs:g} -> {steps} ({sequences} "
+                                         f"training sequences, global batch {global_batch})")
 
 
 def latest_export(runs_dir: str) -> Optional[str]:

@@ -25,7 +25,8 @@ from trainer.checkpoint import (
 )
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
-from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, lr_note, resolve_lr, validate
+from trainer.config import (CONF_DIR, ConfigError, TrainingJobConfig, global_batch_size, lr_note, resolve_lr,
+                            resolve_max_steps, validate)
 from trainer.engine import (
     all_reduce_sum,
     build_deepspeed_config,
@@ -94,6 +95,7 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
             f"train.micro_batch_size: {cfg.train.micro_batch_size} is larger than the "
             f"{len(parts.train)} training rows"
         )
+    cfg.train, note = resolve_max_steps(cfg.train, len(parts.train), global_batch_size(cfg, info.world_size))
     ds_config = build_deepspeed_config(cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                        info.world_size, cfg.optim.max_grad_norm)
     precision = resolve_precision(cfg.deepspeed.precision)
@@ -118,6 +120,7 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(scrub_secrets(ds_config), indent=2))
         (run_dir / "data_stats.json").write_text(json.dumps(parts.stats.as_dict(), indent=2))
         print(parts.stats.summary(), flush=True)
+        print(note, flush=True)
         source = cfg.model.name_or_path or "tiny random init (model.tiny)"
         requested_stage = " (auto)" if dcfg.deepspeed.stage == "auto" else ""
         print(f"model={source} precision={precision} zero_stage={cfg.deepspeed.stage}{requested_stage} "
