@@ -27,6 +27,7 @@ from rlhf.checkpoint import check_layout, check_stages, failure_note, find_resum
 from rlhf.driver import Driver, check_tokenizers, load_reward_stats
 from rlhf.group import PreemptedInCall, RoleFailure
 from rlhf.placement import PlacementError
+from rlhf.reward_functions import check_functions
 from rlhf.scoring import before_after
 from trainer.adapters import check_adapter_source
 from trainer.checkpoint import CheckpointError, check_frozen_from
@@ -96,6 +97,8 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
     for role in cfg.active_roles:
         if not (role == "reward" and cfg.reward.functions):  # reward functions load no model
             check_model_source(cfg.role(role).model, f"{role}.model")
+    if "reward" in cfg.active_roles and cfg.reward.functions:
+        check_functions(cfg.reward.functions)
     if point is not None:
         check_stages(point, cfg)
     for role in cfg.trained_roles:

@@ -9,10 +9,15 @@ arguments come from the config:
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+from trainer.config import ConfigError
 
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -74,6 +79,38 @@ def function_names(specs: list[dict]) -> list[str]:
         name = spec.get("name") or str(spec["_target_"]).rsplit(".", 1)[-1]
         names.append(f"{name}_{i}" if name in names else name)  # the same function twice, with other arguments
     return names
+
+
+def check_functions(specs: list[dict], key: str = "reward.functions") -> None:
+    """Every entry's function imports and takes its keyword arguments: checked in the driver before Ray or any
+    model starts, so a misspelt name ends the run at once with one line (its reward actor would find it only
+    after the policy loaded, as a failed setup). The reward actor imports the same module path."""
+    for i, spec in enumerate(specs):
+        where, target = f"{key}[{i}]", str(spec["_target_"])
+        module_name, _, attr = target.rpartition(".")
+        try:
+            module = importlib.import_module(module_name) if module_name else None
+        except ImportError as e:
+            raise ConfigError(f"{where}._target_: cannot import {module_name!r} for {target!r} ({e}); a module of your "
+                              f"own must be importable from where the run starts (or on PYTHONPATH)") from None
+        fn = getattr(module, attr, None)
+        if not callable(fn):
+            names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))] if module else []
+            close = difflib.get_close_matches(attr, names, n=1)
+            hint = f"; did you mean {module_name}.{close[0]}?" if close else ""
+            raise ConfigError(f"{where}._target_: {target!r} is not a function{hint}")
+        kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "weight", "name")}
+        try:
+            signature = inspect.signature(fn)
+        except ValueError:  # no signature to read (a builtin): the call itself will say
+            continue
+        try:
+            signature.bind_partial([], [], [], **kwargs)
+        except TypeError as e:
+            params = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+                               for p in signature.parameters.values())
+            raise ConfigError(f"{where}: {target} does not take these arguments ({e}); it takes "
+                              f"{attr}({params})") from None
 
 
 def build_functions(specs: list[dict]) -> list[WeightedFunction]:

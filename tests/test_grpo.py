@@ -20,6 +20,7 @@ from rlhf.experience import Generation
 from rlhf.reward_functions import (
     RewardFunctionError,
     build_functions,
+    check_functions,
     combined_scores,
     exact_match,
     numeric_match,
@@ -109,6 +110,48 @@ def test_a_failing_reward_function_is_named_with_the_prompt(target, message):
     fns = build_functions([{"_target_": "rlhf.reward_functions.exact_match"}, {"_target_": target}])
     with pytest.raises(RewardFunctionError, match=message):
         combined_scores(fns, ["first", "second", "third"], ["abcd", "abcde", "abc"], ROWS, first_index=10)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"_target_": "test_grpo.bad_lenght"}, r"^reward\.functions\[0\]\._target_: 'test_grpo\.bad_lenght' is not a function; "
+                                           r"did you mean test_grpo\.bad_length\?$"),
+    ({"_target_": "no_such_module.fn"}, r"^reward\.functions\[0\]\._target_: cannot import 'no_such_module' for "
+                                        r"'no_such_module\.fn' \(No module named 'no_such_module'\); a module of your own"),
+    ({"_target_": "rlhf.reward_functions.numeric_match", "tolerence": 0.1},
+     r"^reward\.functions\[0\]: rlhf\.reward_functions\.numeric_match does not take these arguments \(got an "
+     r"unexpected keyword argument 'tolerence'\); it takes numeric_match\(prompts, responses, rows, tolerance=1e-06,"),
+])
+def test_a_misspelt_reward_function_or_argument_is_one_line_naming_it(spec, message):
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        check_functions([spec])
+    check_functions([{"_target_": "rlhf.reward_functions.numeric_match", "tolerance": 0.1, "weight": 2.0, "name": "n"},
+                     {"_target_": "test_grpo.bad_length"}])  # what is right passes
+
+
+@pytest.mark.distributed
+def test_a_reward_function_of_the_users_own_module_runs_from_where_the_run_starts(tiny_model, tmp_path):
+    """As users write one: a module beside their data, not installed, named in reward.functions; a misspelt name
+    ends the run before Ray starts."""
+    (tmp_path / "myreward.py").write_text("def length_score(prompts, responses, rows):\n"
+                                          "    return [float(len(r)) for r in responses]\n")
+    env = {**run_env(), "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+
+    def run(target: str, run_dir: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "rlhf.ppo", *tiny_model, *PPO_SMALL, *GRPO, "train.iterations=1",
+               f"reward.functions=[{{_target_: {target}}}]", f"hydra.run.dir={run_dir}"]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    typo = run("myreward.lenght_score", "typo")
+    assert typo.returncode == 2, typo.stderr[-3000:]
+    assert typo.stderr.strip().splitlines()[-1] == ("error: reward.functions[0]._target_: 'myreward.lenght_score' is "
+                                                    "not a function; did you mean myreward.length_score?")
+    assert "Started a local Ray instance" not in typo.stdout + typo.stderr
+    done = run("myreward.length_score", "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert records(tmp_path / "run")[1]["reward/fn/length_score_mean"] > 0
 
 
 def test_a_non_number_score_names_the_function_and_prompt():
