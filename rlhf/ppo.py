@@ -32,7 +32,7 @@ from rlhf.scoring import before_after
 from trainer.adapters import check_adapter_source
 from trainer.checkpoint import CheckpointError, check_frozen_from
 from trainer.compose import hydra_overrides, register_all, to_typed
-from trainer.config import CONF_DIR, ConfigError, lr_note
+from trainer.config import CONF_DIR, ConfigError, lr_note, needs_parameter_count, resolve_lr
 from trainer.contracts import ROLES, scrub_secrets
 from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
@@ -78,10 +78,6 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
 
     cfg: PPOConfig = to_typed(dcfg, hydra_overrides())
     validate(cfg)
-    for role in cfg.trained_roles:  # what lr=auto becomes (each worker resolves it: rlhf.worker), or exit 2 here
-        rc = cfg.role(role)
-        if note := lr_note(rc.optim, rc.peft.method, f"{role}.optim"):
-            print(note, flush=True)
     run_dir = Path(cfg.output_dir)
     # Before any model is checked or loaded: what the run resumes from, and the inputs its first start pinned.
     point = find_resume_point(cfg.resume, run_dir, cfg.trained_roles)
@@ -99,6 +95,7 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
             check_model_source(cfg.role(role).model, f"{role}.model")
     if "reward" in cfg.active_roles and cfg.reward.functions:
         check_functions(cfg.reward.functions)
+    resolve_rates(cfg)
     if point is not None:
         check_stages(point, cfg)
     for role in cfg.trained_roles:
@@ -167,6 +164,22 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
         if started:
             ray.shutdown()
     return 0, after
+
+
+def resolve_rates(cfg: PPOConfig) -> None:
+    """What each trained role's `optim.lr: auto` becomes (by its peft method, and its size where the rate depends
+    on it), printed and set in `cfg`, so its workers train at the number said here (or exit 2 here)."""
+    from dataclasses import replace
+
+    from trainer.model import count_parameters, load_tokenizer
+
+    for role in cfg.trained_roles:
+        rc = cfg.role(role)
+        parameters = (count_parameters(rc.model, load_tokenizer(rc.model), scalar_head=role == "critic")
+                      if needs_parameter_count(rc.optim) else None)
+        if note := lr_note(rc.optim, rc.peft.method, f"{role}.optim", parameters):
+            print(note, flush=True)
+        setattr(cfg, role, replace(rc, optim=resolve_lr(rc.optim, rc.peft.method, f"{role}.optim", parameters)))
 
 
 def _stopped(preemption, what: str) -> tuple[int, dict]:

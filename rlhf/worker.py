@@ -53,8 +53,9 @@ class RoleWorker:
         prepare_process()
         self.cfg, self.role, self.rank, self.world_size = cfg, role, rank, world_size
         role_cfg = cfg.role(role)
-        # deepspeed.stage=auto becomes a number for this role's world size and model (said by rank 0), optim.lr=auto
-        # the rate for its peft method (the driver has printed it).
+        # deepspeed.stage=auto becomes a number for this role's world size and model (said by rank 0). optim.lr is
+        # the number the driver resolved and printed (rlhf.ppo.resolve_rates); a worker made without it resolves
+        # auto by the peft method alone.
         self.role_cfg: RoleConfig = replace(role_cfg, deepspeed=self._zero_stage(),
                                             optim=resolve_lr(role_cfg.optim, role_cfg.peft.method, f"{role}.optim"))
         if not has_gpu():

@@ -6,6 +6,7 @@ that run, the metrics, resume. The estimators and losses themselves are in tests
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -239,7 +240,9 @@ def test_grpo_runs_the_policy_and_a_reward_function_only(grpo_run):
     # Ray's own actor table agrees: two policy ranks and the reward actor, no critic or reference process.
     assert (run.parent / "actors.txt").read_text().split() == ["PolicyWorker", "PolicyWorker", "RewardWorker"]
     assert "algo=grpo roles=actor,reward" in proc.stdout
-    assert "actor.optim.lr: auto -> 2e-05 (peft.method=none, from actor.optim.lr_for)" in proc.stdout
+    # The tiny policy is under actor.optim.large_model_params: the small model's rate, its size said.
+    assert re.search(r"actor\.optim\.lr: auto -> 2e-05 \(peft\.method=none, [\d,]+ parameters, under "
+                     r"actor\.optim\.large_model_params=50,000,000; from actor\.optim\.lr_for\)", proc.stdout)
     recs = records(run)
     for step in (1, 2, 3, 4):
         for key in ("reward/score_raw_mean", "reward/fn/exact_match_mean", "reward/group_std_mean",

@@ -4,6 +4,7 @@ resume equals the straight run with a checkpoint that holds only the adapters.""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,36 @@ def test_lr_auto_gives_adapters_their_own_rate_and_an_explicit_lr_is_kept():
             validate(compose("instruct", [override]))
 
 
+def test_lr_auto_for_a_large_model_takes_the_pretrained_rates_and_says_so():
+    """The rates above suit the ~1M-parameter embedded default; a model of large_model_params or more (a pre-trained
+    one) gets the field's usual rates instead (TRL's SFT and DPO defaults, OpenRLHF's reward model's)."""
+    big, small = 78_132_224, 857_216
+    for stage, full, lora, tiny_full in (("sft", 2e-5, 2e-4, 3e-3), ("instruct", 2e-5, 2e-4, 3e-3),
+                                         ("dpo", 1e-6, 1e-5, 5e-5), ("reward", 1e-5, 1e-4, 1e-3)):
+        o = compose(stage).optim
+        assert (resolve_lr(o, "none", parameters=big).lr, resolve_lr(o, "lora", parameters=big).lr) == (full, lora)
+        assert resolve_lr(o, "none", parameters=small).lr == resolve_lr(o, "none").lr == tiny_full
+        assert resolve_lr(o, "none", parameters=o.large_model_params).lr == full  # the threshold counts as large
+    o = compose("sft").optim
+    assert lr_note(o, "none", parameters=big) == ("optim.lr: auto -> 2e-05 (peft.method=none, 78,132,224 parameters, "
+                                                  "at least optim.large_model_params=50,000,000; from "
+                                                  "optim.lr_for_large)")
+    assert lr_note(o, "none", parameters=small) == ("optim.lr: auto -> 0.003 (peft.method=none, 857,216 parameters, "
+                                                    "under optim.large_model_params=50,000,000; from optim.lr_for)")
+    with pytest.raises(ConfigError, match=r"optim\.lr_for_large: keys must be among none\|lora"):
+        validate(compose("sft", ["+optim.lr_for_large.qlora=1e-4"]))
+
+
+def test_a_run_counts_its_model_to_pick_the_rate(tmp_path):
+    data = write_sft_jsonl(tmp_path / "sft.jsonl", 40)
+    run_dir = tmp_path / "run"
+    out = run_stage(run_dir, *TINY, f"data.path={data}", "data.eval_path=null", "train.max_steps=1",
+                    "train.micro_batch_size=2", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
+                    "optim.large_model_params=1000").stdout
+    assert "optim.lr: auto -> 2e-05 (peft.method=none, " in out and "from optim.lr_for_large)" in out
+    assert metric(run_dir, "train/lr")[1] == pytest.approx(2e-5)
+
+
 @pytest.mark.distributed
 def test_instruct_with_lora_on_its_defaults_trains_the_chat_tokens_at_the_adapters_rate(base_dir, tmp_path):
     """`trainer.instruct peft=lora` with no lr or token override: the chat template's markers train beside the
@@ -157,7 +188,8 @@ def test_instruct_with_lora_on_its_defaults_trains_the_chat_tokens_at_the_adapte
     run_dir = tmp_path / "instruct"
     out = run_stage(run_dir, *[o for o in TINY if o != "train.export=false"], f"model.name_or_path={base_dir}",
                     "peft=lora", "train.max_steps=2", "train.micro_batch_size=4", stage="instruct").stdout
-    assert "optim.lr: auto -> 0.01 (peft.method=lora, from optim.lr_for)" in out
+    assert re.search(r"optim\.lr: auto -> 0\.01 \(peft\.method=lora, [\d,]+ parameters, under "
+                     r"optim\.large_model_params=50,000,000; from optim\.lr_for\)", out), out
     assert ("peft.trainable_tokens: <|bos|>, <|eos|>, <|end|>, <|system|>, <|user|>, <|assistant|> (auto: the special "
             "tokens in the training data)") in out
     assert metric(run_dir, "train/lr")[2] == pytest.approx(1e-2)  # the end of the 2-step warmup

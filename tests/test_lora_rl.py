@@ -54,6 +54,12 @@ def test_a_lora_policy_trains_at_ten_times_the_full_rate_unless_an_lr_is_given()
         return resolve_lr(a.optim, a.peft.method, "actor.optim").lr
 
     assert (lr(), lr("actor.peft=lora"), lr("actor.peft=lora", "actor.optim.lr=5e-5")) == (2e-5, 2e-4, 5e-5)
+    # A pre-trained policy or critic (50M parameters or more) gets the field's usual rates.
+    cfg = _ppo("algo=ppo")
+    big = cfg.actor.optim.large_model_params
+    rates = [resolve_lr(cfg.role(role).optim, method, parameters=big).lr
+             for role in ("actor", "critic") for method in ("none", "lora")]
+    assert rates == [1e-6, 1e-5, 1e-5, 1e-4]
 
 
 @pytest.mark.parametrize("overrides, message", [

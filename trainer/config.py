@@ -111,6 +111,10 @@ class OptimConfig:
     # training (`resolve_lr`; the rate it becomes is printed at start).
     lr: Union[float, int, str] = 3e-3
     lr_for: dict[str, float] = field(default_factory=dict)  # peft.method -> what lr=auto becomes
+    # The same for a model of `large_model_params` parameters or more: a pre-trained model, which the rates tuned on
+    # the ~1M-parameter embedded default would wreck (empty: lr_for at every size).
+    lr_for_large: dict[str, float] = field(default_factory=dict)
+    large_model_params: int = 50_000_000
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -363,21 +367,38 @@ def validate_dpo(p: DPOConfig, key: str = "dpo") -> None:
              f"must be one of {'|'.join(DPO_REFERENCES)}, got {p.reference!r}")
 
 
-def resolve_lr(o: OptimConfig, peft_method: str, key: str = "optim") -> OptimConfig:
-    """`o` with `lr: auto` turned into `lr_for[peft_method]`: adapters on a frozen model train at a higher rate
-    than the whole model does (docs/lora.md measures both). An explicit lr is kept as it is."""
+def resolve_lr(o: OptimConfig, peft_method: str, key: str = "optim", parameters: Optional[int] = None) -> OptimConfig:
+    """`o` with `lr: auto` turned into `lr_for[peft_method]` (adapters on a frozen model train at a higher rate than
+    the whole model does: docs/lora.md measures both), or `lr_for_large[peft_method]` for a model of `parameters`
+    at or above `large_model_params`. An explicit lr is kept as it is."""
     if o.lr != "auto":
         return o
-    _require(peft_method in o.lr_for, f"{key}.lr", f"is auto and {key}.lr_for has no rate for peft.method="
-             f"{peft_method}; set {key}.lr or {key}.lr_for.{peft_method}")
-    return replace(o, lr=o.lr_for[peft_method])
+    table = _lr_table(o, parameters)
+    _require(peft_method in getattr(o, table), f"{key}.lr", f"is auto and {key}.{table} has no rate for "
+             f"peft.method={peft_method}; set {key}.lr or {key}.{table}.{peft_method}")
+    return replace(o, lr=getattr(o, table)[peft_method])
 
 
-def lr_note(o: OptimConfig, peft_method: str, key: str = "optim") -> Optional[str]:
-    """The start-up line that says what `lr: auto` became (None for an explicit lr)."""
+def lr_note(o: OptimConfig, peft_method: str, key: str = "optim", parameters: Optional[int] = None) -> Optional[str]:
+    """The start-up line that says what `lr: auto` became and why (None for an explicit lr)."""
     if o.lr != "auto":
         return None
-    return f"{key}.lr: auto -> {resolve_lr(o, peft_method, key).lr:g} (peft.method={peft_method}, from {key}.lr_for)"
+    lr, table = resolve_lr(o, peft_method, key, parameters).lr, _lr_table(o, parameters)
+    size = ""
+    if parameters is not None:
+        side = "at least" if table == "lr_for_large" else "under"
+        size = f"{parameters:,} parameters, {side} {key}.large_model_params={o.large_model_params:,}; "
+    return f"{key}.lr: auto -> {lr:g} (peft.method={peft_method}, {size}from {key}.{table})"
+
+
+def _lr_table(o: OptimConfig, parameters: Optional[int]) -> str:
+    large = o.lr_for_large and parameters is not None and parameters >= o.large_model_params
+    return "lr_for_large" if large else "lr_for"
+
+
+def needs_parameter_count(o: OptimConfig) -> bool:
+    """Whether what `lr: auto` becomes depends on the model's size (so the run counts its parameters first)."""
+    return o.lr == "auto" and bool(o.lr_for_large)
 
 
 def resolve_zero_stage(ds: DeepSpeedConfig, world_size: int, state_bytes: Optional[int] = None) -> DeepSpeedConfig:
@@ -426,9 +447,12 @@ def validate_data_source(d: DataConfig) -> None:
 def validate_optim(o: OptimConfig, key: str = "optim") -> None:
     _require(o.lr == "auto" or (isinstance(o.lr, (int, float)) and o.lr > 0), f"{key}.lr",
              f"must be > 0 or auto, got {o.lr!r}")
-    for method, lr in o.lr_for.items():
-        _require(method in PEFT_METHODS, f"{key}.lr_for", f"keys must be among {'|'.join(PEFT_METHODS)}, got {method!r}")
-        _require(lr > 0, f"{key}.lr_for.{method}", f"must be > 0, got {lr}")
+    for table in ("lr_for", "lr_for_large"):
+        for method, lr in getattr(o, table).items():
+            _require(method in PEFT_METHODS, f"{key}.{table}", f"keys must be among {'|'.join(PEFT_METHODS)}, "
+                     f"got {method!r}")
+            _require(lr > 0, f"{key}.{table}.{method}", f"must be > 0, got {lr}")
+    _require(o.large_model_params > 0, f"{key}.large_model_params", f"must be > 0, got {o.large_model_params}")
     _require(o.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(o.decay_steps is None or o.decay_steps > 0, f"{key}.decay_steps", f"must be > 0 or null, got {o.decay_steps}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
