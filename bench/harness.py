@@ -193,9 +193,9 @@ def replay_steps(rows: list[dict], job) -> list[list[dict]]:
 def trl_spec(job, data_path: Path, threads: int) -> dict:
     """What a TRL runner (bench/trl_*.py) needs, taken from tuneforge's resolved config (`optim.lr: auto` made the
     rate the run prints, as `trainer.run` does)."""
-    from trainer.config import resolve_lr
+    from trainer.model import resolve_lr_for_model
 
-    lr = resolve_lr(job.optim, job.peft.method).lr
+    lr = resolve_lr_for_model(job.optim, job.peft.method, job.model, job.stage == "reward")[0].lr
     return {
         "data_path": str(data_path),
         "seed": job.seed,

@@ -170,9 +170,10 @@ def check_matchable(cfg) -> None:
 
 def trl_spec(cfg, policy: Path, reward: Path, prompts_path: Path, threads: int) -> dict:
     """What bench/trl_ppo.py needs, taken from tuneforge's resolved config."""
-    from trainer.config import resolve_lr
+    from trainer.model import resolve_lr_for_model
 
-    r, a, o = cfg.rollout, cfg.algo, resolve_lr(cfg.actor.optim, cfg.actor.peft.method, "actor.optim")
+    r, a = cfg.rollout, cfg.algo
+    o = resolve_lr_for_model(cfg.actor.optim, cfg.actor.peft.method, cfg.actor.model, key="actor.optim")[0]
     return {
         "policy_path": str(policy), "reward_path": str(reward), "prompts_path": str(prompts_path),
         "seed": cfg.seed, "iterations": cfg.train.iterations, "rollout_batch": cfg.rollout_batch,

@@ -32,7 +32,7 @@ from rlhf.scoring import before_after
 from trainer.adapters import check_adapter_source
 from trainer.checkpoint import CheckpointError, check_frozen_from
 from trainer.compose import hydra_overrides, register_all, to_typed
-from trainer.config import CONF_DIR, ConfigError, lr_note, needs_parameter_count, resolve_lr
+from trainer.config import CONF_DIR, ConfigError
 from trainer.contracts import ROLES, scrub_secrets
 from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
@@ -171,15 +171,14 @@ def resolve_rates(cfg: PPOConfig) -> None:
     on it), printed and set in `cfg`, so its workers train at the number said here (or exit 2 here)."""
     from dataclasses import replace
 
-    from trainer.model import count_parameters, load_tokenizer
+    from trainer.model import resolve_lr_for_model
 
     for role in cfg.trained_roles:
         rc = cfg.role(role)
-        parameters = (count_parameters(rc.model, load_tokenizer(rc.model), scalar_head=role == "critic")
-                      if needs_parameter_count(rc.optim) else None)
-        if note := lr_note(rc.optim, rc.peft.method, f"{role}.optim", parameters):
+        optim, note = resolve_lr_for_model(rc.optim, rc.peft.method, rc.model, role == "critic", f"{role}.optim")
+        if note:
             print(note, flush=True)
-        setattr(cfg, role, replace(rc, optim=resolve_lr(rc.optim, rc.peft.method, f"{role}.optim", parameters)))
+        setattr(cfg, role, replace(rc, optim=optim))
 
 
 def _stopped(preemption, what: str) -> tuple[int, dict]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ConfigError, ModelConfig, OptimConfig, lr_note, needs_parameter_count, resolve_lr
 
 SHIPPED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer"
 
@@ -164,6 +165,18 @@ def count_parameters(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, scala
     with torch.device("meta"):
         model = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
     return sum(p.numel() for p in model.parameters())
+
+
+def resolve_lr_for_model(o: OptimConfig, peft_method: str, model: ModelConfig, scalar_head: bool = False,
+                         key: str = "optim", tokenizer: Optional[PreTrainedTokenizerBase] = None,
+                         ) -> tuple[OptimConfig, Optional[str]]:
+    """`o` with `lr: auto` made the rate for this peft method and this model's size (counted only where the rate
+    depends on it), and the line that says what it became (None for an explicit lr): what every stage, RL role and
+    benchmark trains at."""
+    parameters = None
+    if needs_parameter_count(o):
+        parameters = count_parameters(model, tokenizer or load_tokenizer(model), scalar_head)
+    return resolve_lr(o, peft_method, key, parameters), lr_note(o, peft_method, key, parameters)
 
 
 def model_config_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):

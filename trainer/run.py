@@ -25,8 +25,7 @@ from trainer.checkpoint import (
 )
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
-from trainer.config import (CONF_DIR, ConfigError, TrainingJobConfig, global_batch_size, lr_note, needs_parameter_count,
-                            resolve_lr, resolve_max_steps, validate)
+from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, global_batch_size, resolve_max_steps, validate
 from trainer.engine import (
     all_reduce_sum,
     build_deepspeed_config,
@@ -41,7 +40,7 @@ from trainer.contracts import NONFINITE_EXIT_CODE, scrub_secrets
 from trainer.loop import FitContext, TrainState, fit
 from trainer.step import NonFiniteError
 from trainer.metrics import MetricsLogger
-from trainer.model import check_model_source, count_parameters, load_tokenizer
+from trainer.model import check_model_source, load_tokenizer, resolve_lr_for_model
 from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
 from trainer.resume import hold_run_lock, resume_command
@@ -81,11 +80,10 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
     check_model_source(cfg.model, "model")
     check_adapter_source(cfg.peft)
     tokenizer = load_tokenizer(cfg.model)
-    parameters = (count_parameters(cfg.model, tokenizer, scalar_head=cfg.stage == "reward")
-                  if needs_parameter_count(cfg.optim) else None)
-    if info.is_main and (note := lr_note(cfg.optim, cfg.peft.method, parameters=parameters)):
+    cfg.optim, note = resolve_lr_for_model(cfg.optim, cfg.peft.method, cfg.model, cfg.stage == "reward",
+                                           tokenizer=tokenizer)
+    if info.is_main and note:
         print(note, flush=True)
-    cfg.optim = resolve_lr(cfg.optim, cfg.peft.method, parameters=parameters)
     # Everything below sees a number.
     cfg.deepspeed, note = resolve_stage_for_model(cfg.deepspeed, info.world_size, cfg.model, tokenizer,
                                                   scalar_head=cfg.stage == "reward", trained=cfg.peft.method == "none")
