@@ -107,8 +107,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    # A number, or auto: `lr_for[<the model's peft.method>]`, for stages whose adapters want another rate than full
-    # training (`resolve_lr`; the rate it becomes is printed at start).
+    # A number, or auto: `lr_for[<the model's peft.method>]` (adapters want another rate than full training), or
+    # `lr_for_large[...]` for a large model (`resolve_lr`; the rate it becomes is printed at start).
     lr: Union[float, int, str] = 3e-3
     lr_for: dict[str, float] = field(default_factory=dict)  # peft.method -> what lr=auto becomes
     # The same for a model of `large_model_params` parameters or more: a pre-trained model, which the rates tuned on
