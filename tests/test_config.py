@@ -205,6 +205,15 @@ def test_epochs_become_steps_rounded_up_and_the_length_is_said_in_both_units():
     assert t.max_steps == 800 and note.startswith("train.max_steps=800: 4.00 epochs of the 3200 training sequences")
 
 
+def test_a_warmup_that_outlasts_the_run_is_said():
+    from trainer.config import OptimConfig, warmup_note
+
+    assert warmup_note(OptimConfig(lr=3e-3, warmup_steps=30), 31) is None
+    assert warmup_note(OptimConfig(lr=3e-3, warmup_steps=30), 30) == (
+        "warning: optim.warmup_steps=30 is not shorter than the run's 30 steps: the rate rises the whole run and never "
+        "reaches optim.lr=0.003; lower optim.warmup_steps")
+
+
 def test_epochs_and_max_steps_typed_together_is_an_error_and_epochs_must_be_positive():
     with pytest.raises(ConfigError, match=r"^train\.max_steps and train\.epochs are both set: give one"):
         compose("sft", ["train.epochs=2", "train.max_steps=100"])

@@ -497,6 +497,15 @@ def resolve_max_steps(t: TrainConfig, sequences: int, global_batch: int) -> tupl
                                          f"training sequences, global batch {global_batch})")
 
 
+def warmup_note(o: OptimConfig, max_steps: int, key: str = "optim") -> Optional[str]:
+    """A warning when the warmup outlasts the run (a short run, or one sized by train.epochs on little data): the rate
+    would rise the whole run and never reach the lr asked for."""
+    if o.warmup_steps < max_steps:
+        return None
+    return (f"warning: {key}.warmup_steps={o.warmup_steps} is not shorter than the run's {max_steps} steps: the rate "
+            f"rises the whole run and never reaches {key}.lr={o.lr:g}; lower {key}.warmup_steps")
+
+
 def latest_export(runs_dir: str) -> Optional[str]:
     """The `hf_model` directory of the newest finished run under `runs_dir` (run directories
     are named by start time, so the last in name order), or None when there is none.

@@ -25,7 +25,8 @@ from trainer.checkpoint import (
 )
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
-from trainer.config import CONF_DIR, ConfigError, TrainingJobConfig, global_batch_size, resolve_max_steps, validate
+from trainer.config import (CONF_DIR, ConfigError, TrainingJobConfig, global_batch_size, resolve_max_steps, validate,
+                            warmup_note)
 from trainer.engine import (
     all_reduce_sum,
     build_deepspeed_config,
@@ -121,6 +122,8 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
         (run_dir / "data_stats.json").write_text(json.dumps(parts.stats.as_dict(), indent=2))
         print(parts.stats.summary(), flush=True)
         print(note, flush=True)
+        if warning := warmup_note(cfg.optim, cfg.train.max_steps):
+            print(warning, flush=True)
         source = cfg.model.name_or_path or "tiny random init (model.tiny)"
         requested_stage = " (auto)" if dcfg.deepspeed.stage == "auto" else ""
         print(f"model={source} precision={precision} zero_stage={cfg.deepspeed.stage}{requested_stage} "
