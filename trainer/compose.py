@@ -151,7 +151,7 @@ def error_line(err: BaseException) -> str:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     cause = err.__cause__
-    if isinstance(err, OmegaConfBaseException) and err.full_key:  # a resolver's refusal in its own words
+    if isinstance(err, OmegaConfBaseException) and err.full_key:  # OmegaConf's own; a resolver's refusal in its words
         return f"{err.full_key}: {_first_line(_our_error_within(err) or err.msg)}"
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.parent_node is not None:
         return unknown_key_message(cause.full_key, cause.parent_node.keys())
