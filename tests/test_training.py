@@ -136,8 +136,20 @@ def test_epochs_set_the_run_length_from_the_data_and_say_what_it_became(tmp_path
                      "train.micro_batch_size=4", "train.epochs=1.5")
     assert "train.max_steps: train.epochs=1.5 -> 15 (40 training sequences, global batch 4)" in proc.stdout
     assert "warning: optim.warmup_steps=" not in proc.stdout  # TINY's 2 warmup steps fit
+    assert "warning: the longest training sequence" not in proc.stdout
     epochs = metric(run, "train/epoch")
     assert sorted(epochs) == list(range(1, 16)) and epochs[15] == pytest.approx(1.5)
+
+
+def test_examples_longer_than_the_models_positions_are_warned_of(tmp_path):
+    data = write_sft_jsonl(tmp_path / "sft.jsonl", 40)
+    proc = run_stage(tmp_path / "run", *TINY, f"data.path={data}", "data.eval_path=null", "train.max_steps=1",
+                     "train.micro_batch_size=2", "model.tiny.max_position_embeddings=8")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("warning: the longest training sequence has "))
+    longest = int(line.split(" has ")[1].split()[0])
+    assert longest > 8 and line.endswith("more than the model's 8 (max_position_embeddings): a model with learned "
+                                         "position embeddings fails on it, a rotary one runs past its trained context; "
+                                         "set data.max_length=8 or shorten the examples")
 
 
 @pytest.mark.distributed

@@ -179,6 +179,18 @@ def resolve_lr_for_model(o: OptimConfig, peft_method: str, model: ModelConfig, s
     return resolve_lr(o, peft_method, key, parameters), lr_note(o, peft_method, key, parameters)
 
 
+def positions_warning(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, longest: int) -> Optional[str]:
+    """A warning when a sequence of `longest` positions is more than the model was made for (None when it fits, or
+    the config names no limit): learned position embeddings fail on it, rotary ones run past their trained context."""
+    config = model_config_for(cfg, tokenizer)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not limit or longest <= limit:
+        return None
+    return (f"warning: the longest training sequence has {longest} positions, more than the model's {limit} "
+            f"(max_position_embeddings): a model with learned position embeddings fails on it, a rotary one runs "
+            f"past its trained context; set data.max_length={limit} or shorten the examples")
+
+
 def model_config_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
     """The architecture config without loading weights (for FLOP counts and checks)."""
     if cfg.name_or_path is None:

@@ -32,6 +32,7 @@ class PreemptionFlag:
         self.requested = False
         self.interrupted = False  # the request was a Ctrl-C
         self.requested_at: Optional[float] = None  # time.monotonic() of the first signal
+        self._pid = os.getpid()  # a process forked from this one (a data worker) inherits the handler, silently
         self._previous = {sig: signal.getsignal(sig) for sig in (*PREEMPTION_SIGNALS, signal.SIGINT)}
         self.install()
 
@@ -62,7 +63,7 @@ class PreemptionFlag:
             raise KeyboardInterrupt
         self.interrupted = True
         self._handle(signum, frame)
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and os.getpid() == self._pid:
             os.write(2, INTERRUPT_NOTE)  # not print: the handler may have interrupted a print
 
 

@@ -41,7 +41,7 @@ from trainer.contracts import NONFINITE_EXIT_CODE, scrub_secrets
 from trainer.loop import FitContext, TrainState, fit
 from trainer.step import NonFiniteError
 from trainer.metrics import MetricsLogger
-from trainer.model import check_model_source, load_tokenizer, resolve_lr_for_model
+from trainer.model import check_model_source, load_tokenizer, positions_warning, resolve_lr_for_model
 from trainer.preemption import preemption_flag
 from trainer.report import write_report_quietly
 from trainer.resume import hold_run_lock, resume_command
@@ -124,6 +124,8 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
         print(note, flush=True)
         if warning := warmup_note(cfg.optim, cfg.train.max_steps):
             print(warning, flush=True)
+        if warning := positions_warning(cfg.model, tokenizer, longest_sequence(parts.train)):
+            print(warning, flush=True)
         source = cfg.model.name_or_path or "tiny random init (model.tiny)"
         requested_stage = " (auto)" if dcfg.deepspeed.stage == "auto" else ""
         print(f"model={source} precision={precision} zero_stage={cfg.deepspeed.stage}{requested_stage} "
@@ -184,6 +186,16 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
             write_report_quietly(run_dir)  # finished, preempted or failed: the curves so far
         dist.barrier()
     return 0, final_eval
+
+
+def longest_sequence(rows: list[dict]) -> int:
+    """The most positions one sequence of these training rows takes: a packed row's longest example (positions
+    restart at each), a preference pair's longer side."""
+    def positions(row: dict) -> int:
+        if "position_ids" in row:
+            return max(row["position_ids"]) + 1
+        return max(len(row.get(k, ())) for k in ("input_ids", "chosen_input_ids", "rejected_input_ids"))
+    return max(positions(r) for r in rows)
 
 
 def preemption_voted() -> bool:
