@@ -128,6 +128,22 @@ def launch(hydra_main: Callable[[], None], config_name: Optional[str] = None) ->
     _quiet_non_zero_ranks()
     _composition_errors_are_user_errors()
     hydra_main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        _leave_without_native_teardown()
+
+
+def _leave_without_native_teardown() -> None:
+    # A rank of a multi-rank run that had finished and printed `done` still aborted at interpreter exit now and then
+    # ("terminate called without an active exception", -6; after trainer.engine's atexit destroy of the process
+    # group too), in the C++ teardown that follows Python's, and torchrun then reported the finished run failed.
+    # Python's exit handlers run as usual (the process group destroyed, logs flushed, temporary files removed);
+    # the native teardown, which has nothing left to write, is skipped.
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _composition_errors_are_user_errors() -> None:
