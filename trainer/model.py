@@ -153,9 +153,21 @@ def _build(auto_class, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dty
     return model
 
 
+_COUNTED: dict[tuple, int] = {}
+
+
 def count_parameters(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, scalar_head: bool = False) -> int:
     """The model's parameter count, from its architecture config alone (built on the meta device: no weights are
-    loaded or allocated). `scalar_head`: a reward model or critic, whose one-output head replaces the LM head."""
+    loaded or allocated). `scalar_head`: a reward model or critic, whose one-output head replaces the LM head.
+    Counted once per process and model: the learning rate and the ZeRO stage both ask, and building a large model
+    even on the meta device takes seconds."""
+    key = (repr(cfg), len(tokenizer), scalar_head)
+    if key not in _COUNTED:
+        _COUNTED[key] = _count_parameters(cfg, tokenizer, scalar_head)
+    return _COUNTED[key]
+
+
+def _count_parameters(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, scalar_head: bool) -> int:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = model_config_for(cfg, tokenizer)
