@@ -60,7 +60,7 @@ GRPO = harness.Comparison(
         "train.save_every=0",  # the one checkpoint comes after the last iteration (outside the measured window)
     ),
     systems=("tuneforge", "trl"),
-    optional_systems=("tuneforge-zero0", "tuneforge-zero3", "tuneforge-1rank"),
+    optional_systems=("tuneforge-zero0", "tuneforge-zero3", "tuneforge-1rank", "tuneforge-unshared"),
     trl_systems=("trl",),
     counts={"rollouts": "rollouts", "response_tokens": "resp tok", "prompt_tokens": "prompt tok"},
     sizes={"steps": 12, "prompts_per_iteration": 16, "samples_per_prompt": 4, "mini_batch_size": 32,
@@ -85,6 +85,7 @@ SYSTEM_OVERRIDES = {
     "tuneforge-zero0": ("actor.deepspeed.stage=0",),  # the policy's 2 ranks unpartitioned (auto picks it here)
     "tuneforge-zero3": ("actor.deepspeed.stage=3",),  # under ZeRO-3: the default until 2026-12-06
     "tuneforge-1rank": ("actor.devices_per_node=1", "cluster.torch_threads=2"),  # one policy rank (unpartitioned by `auto`) on 2 threads, as TRL
+    "tuneforge-unshared": ("rollout.share_prompt=false",),  # every rollout's prompt computed whole, as TRL does
 }
 
 

@@ -5,6 +5,7 @@ remains is the work itself.
 
     python -m bench.ppo_floor [--algo ppo|grpo] [--rollout-batch 64] [--mini-batch-size 32]
                               [--response-length 16] [--policy-ranks 2] [--model-size tiny] [--repeats 7]
+                              [--samples-per-prompt G] [--[no-]share-prompt]
                               [--cores N] [--zero3-option KEY=VALUE ...]
                               [--vs bench/results/ppo_vs_trl.json] [--out bench/results/ppo_floor.json]
 
@@ -18,6 +19,11 @@ model; no critic; and the old log-probs are the sampler's, which tuneforge keeps
   of 32 (the reference with logits only where responses are, as `RoleWorker.response_logprobs` asks);
 - policy update, critic update: forward + backward + AdamW step per mini-batch over every rollout (no gradient
   clipping: about a millisecond here, which the ZeRO-3 piece below does pay);
+- GRPO's rollouts come in groups of --samples-per-prompt (G) rows per prompt, as its bench samples them, and with
+  --share-prompt (the default, as tuneforge's `rollout.share_prompt`) a group's prompt is prefilled once when
+  sampling and laid out once in the update's log-prob pass, which is the policy's own
+  (`RoleWorker.response_logprobs`: the head only where a response token is scored); --no-share-prompt runs every
+  row whole, the work TRL does;
 - the policy update again as tuneforge runs it under ZeRO-3 (its default until 2026-12-06, and now for models whose
   training state is over `deepspeed.auto_partition_above_gb`): a ZeRO-3 engine (`trainer.engine`) over --policy-ranks
   processes started by torchrun, each mini-batch split over them, counted as ranks x its median wall time;
@@ -60,6 +66,16 @@ def median_s(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
+def response_logprobs(model, rollouts, share_prompt: bool) -> torch.Tensor:
+    """(b, t) the rollouts' response log-probs as the policy computes them (`RoleWorker.response_logprobs`: the
+    head at the positions that score a response token; with `share_prompt` each group's prompt once)."""
+    from types import SimpleNamespace
+
+    from rlhf.worker import RoleWorker
+
+    return RoleWorker.response_logprobs(SimpleNamespace(model=model, share_prompt=share_prompt), rollouts, 1.0)
+
+
 def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -68,6 +84,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from bench.ppo_vs_trl import compose_ppo, save_models
+    from rlhf.actor import cache_kwarg, shared_prefill
+    from rlhf.experience import build_rollout
     from rlhf.scoring import sample_prompts
     from trainer.data import build_prompts
     from trainer.evaluate import left_pad
@@ -80,26 +98,33 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
                        f"seed={args.seed}"])
     tokenizer = load_tokenizer(cfg.actor.model)
     d = cfg.data
+    G = args.samples_per_prompt
     prompts = sample_prompts(build_prompts(d, tokenizer, d.path, d.split, d.format, d.name), 0,
-                             args.rollout_batch, args.seed)
-    ids, mask = left_pad([p.prompt_ids for p in prompts], tokenizer.pad_token_id)
+                             args.rollout_batch // G, args.seed)
+    prompt_ids = [p.prompt_ids for p in prompts for _ in range(G)]  # each group's G rows together
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     reward = AutoModelForSequenceClassification.from_pretrained(reward_dir)
     share = args.rollout_batch // args.policy_ranks
 
     def generate(rows: slice) -> torch.Tensor:
+        cache = shared_prefill(policy, prompt_ids[rows], ids[rows], mask[rows]) if args.share_prompt else None
         return policy.generate(input_ids=ids[rows], attention_mask=mask[rows], do_sample=True, temperature=1.0,
                                top_k=0, top_p=1.0, max_new_tokens=args.response_length,
-                               min_new_tokens=args.response_length, pad_token_id=tokenizer.pad_token_id)
+                               min_new_tokens=args.response_length, pad_token_id=tokenizer.pad_token_id,
+                               **(cache_kwarg(policy, cache) if cache is not None else {}))
 
     torch.manual_seed(args.seed)
     with torch.no_grad():
         sequences = generate(slice(None))  # (B, prompt width + response length): what every pass below reads
     attention = torch.cat([mask, torch.ones(len(sequences), args.response_length, dtype=mask.dtype)], dim=1)
+    rollouts = build_rollout(prompt_ids, [row[ids.shape[1]:].tolist() for row in sequences], tokenizer.pad_token_id)
     keep = args.response_length + 1  # logits from the last prompt position on
     micros = micro_batches(len(sequences), 32)
 
     def lm_forward(rows: slice):
+        if args.algo == "grpo":  # the policy's own log-prob pass (`RoleWorker.response_logprobs`), shared or not
+            return response_logprobs(policy, rollouts.select(rows), args.share_prompt)
         return policy(input_ids=sequences[rows], attention_mask=attention[rows], logits_to_keep=keep).logits
 
     def scalar_forward(rows: slice):  # the head at every position, as the critic and reward model read it
@@ -126,7 +151,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
         with torch.no_grad():
             generate(slice(0, share))
 
-    torch.save({"sequences": sequences, "attention": attention}, work / "rollouts.pt")
+    torch.save({"sequences": sequences, "attention": attention,
+                **{k: getattr(rollouts, k) for k in ("prompt_lengths", "responses", "response_mask")}},
+               work / "rollouts.pt")
     pieces = {"generate": median_s(generate_share, args.repeats) * args.policy_ranks}
     if args.algo == "ppo":
         pieces["reference log-probs"] = median_s(frozen(lm_forward), args.repeats)
@@ -168,6 +195,7 @@ def zero3_child(args: argparse.Namespace) -> None:
     Rank 0 writes the median seconds of one iteration's update."""
     from transformers import AutoModelForCausalLM
 
+    from rlhf.experience import Experience
     from trainer.config import DeepSpeedConfig, OptimConfig
     from trainer.engine import build_deepspeed_config, build_engine, init_distributed, optimizer_step, zero3_init_context
 
@@ -182,11 +210,16 @@ def zero3_child(args: argparse.Namespace) -> None:
     engine = build_engine(model, ds, OptimConfig(lr=1e-7, warmup_steps=0, min_lr_ratio=1.0), config, 10**6)
     keep = args.response_length + 1
 
+    exp = Experience(sequences, attention, rollouts["prompt_lengths"], rollouts["responses"], rollouts["response_mask"])
+
     def run() -> None:
         for start in range(0, len(sequences), args.mini_batch_size):
             rows = slice(start + info.rank * per_rank, start + (info.rank + 1) * per_rank)
-            logits = engine(input_ids=sequences[rows], attention_mask=attention[rows], logits_to_keep=keep).logits
-            engine.backward(logits.float().square().mean(), scale_wrt_gas=False)
+            if args.algo == "grpo":
+                out = response_logprobs(engine, exp.select(rows), args.share_prompt)
+            else:
+                out = engine(input_ids=sequences[rows], attention_mask=attention[rows], logits_to_keep=keep).logits
+            engine.backward(out.float().square().mean(), scale_wrt_gas=False)
             optimizer_step(engine)
 
     seconds = median_s(run, args.repeats)
@@ -201,7 +234,9 @@ def zero3_policy_update(args: argparse.Namespace, work: Path) -> float:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.policy_ranks}",
            "-m", "bench.ppo_floor", "--zero3-child", str(work), f"--mini-batch-size={args.mini_batch_size}",
-           f"--response-length={args.response_length}", f"--repeats={args.repeats}",
+           f"--response-length={args.response_length}", f"--repeats={args.repeats}", f"--algo={args.algo}",
+           f"--samples-per-prompt={args.samples_per_prompt}",
+           "--share-prompt" if args.share_prompt else "--no-share-prompt",
            *(f"--zero3-option={pair}" for pair in args.zero3_option)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=harness.ROOT, env=env, capture_output=True, text=True)
@@ -240,6 +275,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "bench.grpo_vs_trl's (policy alone)")
     p.add_argument("--rollout-batch", type=int, default=64)
     p.add_argument("--mini-batch-size", type=int, default=32)
+    p.add_argument("--samples-per-prompt", type=int, default=None,
+                   help="G, rows per prompt (default: 4 for grpo, as bench.grpo_vs_trl; 1 for ppo)")
+    p.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="grpo: each group's prompt prefilled once and laid out once in the update's log-prob pass, "
+                        "as tuneforge's rollout.share_prompt (default); --no-share-prompt: every row whole")
     p.add_argument("--response-length", type=int, default=16)
     p.add_argument("--policy-ranks", type=int, default=2, help="ranks the prompts are split over for generation")
     p.add_argument("--model-size", choices=sorted(harness.MODEL_SIZES), default="tiny")
@@ -254,6 +294,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--zero3-child", dest="work", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     zero3_options(args.zero3_option)  # a bad pair stops here, before any timing
+    if args.samples_per_prompt is None:
+        args.samples_per_prompt = 4 if args.algo == "grpo" else 1
+    if args.rollout_batch % args.samples_per_prompt:
+        p.error(f"--samples-per-prompt {args.samples_per_prompt} must divide --rollout-batch {args.rollout_batch}")
+    if args.algo == "ppo" and args.samples_per_prompt > 1:
+        p.error("--samples-per-prompt: bench.ppo_vs_trl samples one response per prompt")
     torch.set_num_threads(1)
     if args.work is not None:
         return zero3_child(args)

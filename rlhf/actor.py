@@ -17,6 +17,7 @@ they share.
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Optional
 
@@ -92,16 +93,48 @@ class SeededRowSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 
+def shared_prefill(model, prompts: list[list[int]], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """A KV cache of every left-padded row's prompt but its last token, computed once per distinct prompt and
+    copied to the rows that repeat it (a group's samples), for `generate` to continue from; None when every
+    prompt is distinct or one token wide. `generate` then runs only the last prompt token per row before
+    sampling, at the positions it would have given the whole prompt (from the attention mask)."""
+    from transformers import DynamicCache
+
+    first: dict[tuple, int] = {}
+    owner = [first.setdefault(tuple(p), len(first)) for p in prompts]  # (B,) each row's distinct prompt
+    if len(first) == len(prompts) or input_ids.shape[1] < 2:
+        return None
+    rows = torch.tensor([owner.index(u) for u in range(len(first))])  # (U,) a row holding each distinct prompt
+    ids, mask = input_ids[rows, :-1], attention_mask[rows, :-1]  # (U, W - 1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as `generate` derives them
+    cache = DynamicCache(config=getattr(model, "config", None))
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+          **cache_kwarg(model, cache))
+    cache.reorder_cache(torch.tensor(owner, device=input_ids.device))  # (U, ...) -> (B, ...)
+    return cache
+
+
+def cache_kwarg(model, cache) -> dict:
+    """`cache` as the keyword this Transformers version's models take: `cache` (since 5.2x), `past_key_values`
+    before (deprecated after)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's own takes **kwargs
+    return {"cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values": cache}
+
+
 @torch.no_grad()
 def sample_responses(model, prompts: list[list[int]], seeds: Optional[list[int]], *, max_new_tokens: int,
                      temperature: float, top_k: int, top_p: float, stop_ids: list[int], pad_id: int,
-                     record: bool = False, synced: bool = False) -> tuple[list[list[int]], Optional[list[list[float]]]]:
+                     record: bool = False, synced: bool = False,
+                     share_prompt: bool = False) -> tuple[list[list[int]], Optional[list[list[float]]]]:
     """Responses to left-padded, KV-cached `prompts` (token ids, cut after the first stop token): greedy when
     `seeds` is None, else each row sampled with its own seed from softmax(logits / temperature) truncated by
     top-k then top-p (as `generate`'s own warpers would), and, with `record`, each sampled token's log-prob
-    under the untruncated temperature-scaled distribution (the one PPO's loss scores)."""
+    under the untruncated temperature-scaled distribution (the one PPO's loss scores). With `share_prompt`
+    (rollout.share_prompt) a prompt that several rows repeat is prefilled once (`shared_prefill`); not with
+    `synced` (ZeRO-3 ranks must run the same forward passes)."""
     dev = device()
     input_ids, attention_mask = left_pad(prompts, pad_id)
+    input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
     recorder = SampledLogprobs(temperature) if record and seeds is not None else None
     processors = []
     if seeds is not None:
@@ -111,8 +144,9 @@ def sample_responses(model, prompts: list[list[int]], seeds: Optional[list[int]]
                                   TopPLogitsWarper(top_p) if top_p < 1.0 else None,
                                   SeededRowSampler(seeds, dev)) if p is not None]
     with torch_linear():  # no gradients here: ZeRO-3's Linear wrapper would only cost time
-        out = model.generate(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+        cache = shared_prefill(model, prompts, input_ids, attention_mask) if share_prompt and not synced else None
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                             **(cache_kwarg(model, cache) if cache is not None else {}), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
                              pad_token_id=pad_id, use_cache=True, synced_gpus=synced,
                              logits_processor=LogitsProcessorList(processors))
     stops = set(stop_ids)
@@ -185,7 +219,7 @@ class PolicyWorker(RoleWorker):
         responses, logps = sample_responses(model, prompts, seeds, max_new_tokens=r.max_new_tokens,
                                             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                             stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id,
-                                            record=record, synced=synced)
+                                            record=record, synced=synced, share_prompt=self.share_prompt)
         return Generation(responses, logps, time.perf_counter() - t0)
 
     def train(self, exp: Experience, iteration: int, kl_coef: float) -> dict:

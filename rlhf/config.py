@@ -101,6 +101,12 @@ class RolloutConfig:
     # the same and the devices idle less. Off: each iteration waits for both updates before sampling
     # (less peak memory where the policy and critic share a device).
     overlap_critic_update: bool = True
+    # Score a group's rollouts (samples_per_prompt > 1) in one row `[prompt | response 1 | ... | response G]`
+    # under a mask that hides the responses from each other, so the prompt's positions are computed once per
+    # group, not G times, in every log-prob pass (the policy's update, the reference, recomputed old log-probs);
+    # update mini-batches then take whole groups. The log-probs are those of each rollout alone (tested). Needs
+    # attention that takes a 4D mask (sdpa, eager), not flash_attention_2.
+    share_prompt: bool = True
 
 
 def old_logprobs_from_generation(r: RolloutConfig, precision: str) -> bool:
@@ -376,6 +382,10 @@ def validate(cfg: PPOConfig) -> None:
             continue
         validate_model(role.model, f"{name}.model")
         validate_deepspeed(role.deepspeed, f"{name}.deepspeed")
+        _require(not (r.share_prompt and r.samples_per_prompt > 1 and name in ("actor", "reference")
+                      and role.model.attn_implementation not in ("sdpa", "eager")), "rollout.share_prompt",
+                 f"needs {name}.model.attn_implementation=sdpa|eager (a 4D attention mask), got "
+                 f"{role.model.attn_implementation!r}; set rollout.share_prompt=false")
         # Every rank of a ZeRO-3 group must run the same number of forward passes.
         _require(batch % role.world_size == 0, f"{name}.num_nodes/devices_per_node",
                  f"the rollout batch ({batch} = rollout.prompts_per_iteration x samples_per_prompt) must split "

@@ -137,3 +137,81 @@ def gather_response(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) index of each right-padded row's last real token (where a reward model reads its score)."""
     return attention_mask.sum(1) - 1
+
+
+@dataclass
+class SharedPromptLayout:
+    """A micro-batch of B rollouts laid out for one forward pass with each distinct prompt once: R rows
+    `[prompt | response 1 | response 2 | ...]` (the responses of the rows that share the prompt), under a mask
+    that lets each response see the prompt and itself but no other response, with every response's positions
+    continuing from its prompt as they would alone (`shared_prompt_layout`)."""
+
+    input_ids: torch.Tensor  # (R, W) long, right-padded
+    position_ids: torch.Tensor  # (R, W) long
+    attention_mask: torch.Tensor  # (R, 1, W, W) bool: True = may attend
+    scored_at: torch.Tensor  # (B, T) long: the flat position in (R * W) whose output scores response token t of rollout b
+
+    def to(self, device) -> "SharedPromptLayout":
+        return SharedPromptLayout(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+def prompt_groups(exp: Experience) -> torch.Tensor:
+    """(B,) long: a group id per rollout, equal for rollouts whose prompts are the same tokens (a GRPO group's
+    samples), numbered in order of first appearance."""
+    ids: dict[tuple, int] = {}
+    lengths = exp.prompt_lengths.tolist()
+    return torch.tensor([ids.setdefault(tuple(row[:n]), len(ids)) for row, n in zip(exp.sequences.tolist(), lengths)],
+                        dtype=torch.long)
+
+
+def shuffled_by_group(groups: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B,) a random order of the rollouts that keeps each group's rollouts together (in their order), groups in
+    a random order: `groups` (B,) from `prompt_groups`. With every rollout its own group, `torch.randperm(B)`."""
+    n = int(groups.max()) + 1 if len(groups) else 0
+    members = [torch.nonzero(groups == g).flatten() for g in range(n)]
+    return torch.cat([members[g] for g in torch.randperm(n, generator=generator).tolist()]) if n else groups
+
+
+def shared_prompt_layout(exp: Experience) -> Optional[SharedPromptLayout]:
+    """The layout of `exp`'s rollouts with each distinct prompt computed once, or None when no two rollouts share
+    one (the plain `[prompt | response | pad]` rows cost the same then). Padding is token 0, which each pad
+    position reads alone and nothing scores.
+
+    Response token t of a rollout is scored by the output at the position before it in its own sequence: its
+    prompt's last position for t = 0 (shared by the group), else its own token t - 1; padding entries of
+    (B, T) point at the prompt's last position too (the response mask hides them)."""
+    groups = prompt_groups(exp)
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    if n_groups == len(exp):
+        return None
+    seqs, lengths = exp.sequences.tolist(), exp.attention_mask.sum(1).tolist()
+    prompt_len = exp.prompt_lengths.tolist()
+    members: list[list[int]] = [[] for _ in range(n_groups)]
+    for b, g in enumerate(groups.tolist()):
+        members[g].append(b)
+    widths = [prompt_len[m[0]] + sum(lengths[b] - prompt_len[b] for b in m) for m in members]
+    R, W = n_groups, max(widths)
+    input_ids = torch.zeros((R, W), dtype=torch.long)  # (R, W)
+    position_ids = torch.zeros((R, W), dtype=torch.long)  # (R, W)
+    part = torch.zeros((R, W), dtype=torch.long)  # (R, W): 0 prompt, k + 1 the k-th response, < 0 padding
+    pos = torch.zeros(exp.responses.shape, dtype=torch.long)  # (B, T): row-local position scoring token t
+    for r, m in enumerate(members):
+        p = prompt_len[m[0]]
+        input_ids[r, :p] = torch.tensor(seqs[m[0]][:p])
+        position_ids[r, :p] = torch.arange(p)
+        offset = p
+        for k, b in enumerate(m):
+            n = lengths[b] - p  # response tokens
+            input_ids[r, offset:offset + n] = torch.tensor(seqs[b][p:lengths[b]])
+            position_ids[r, offset:offset + n] = torch.arange(p, p + n)
+            part[r, offset:offset + n] = k + 1
+            pos[b, :] = p - 1
+            if n > 1:
+                pos[b, 1:n] = torch.arange(offset, offset + n - 1)
+            offset += n
+        part[r, offset:] = -1 - torch.arange(W - offset)  # each pad token alone: it attends only itself
+        position_ids[r, offset:] = torch.arange(W - offset)
+    causal = torch.ones(W, W, dtype=torch.bool).tril()  # (W, W)
+    q, k = part[:, :, None], part[:, None, :]  # (R, W, 1), (R, 1, W)
+    mask = causal & ((q == k) | ((k == 0) & (q > 0)))  # (R, W, W): own part, or a response reading its prompt
+    return SharedPromptLayout(input_ids, position_ids, mask[:, None], groups[:, None] * W + pos)

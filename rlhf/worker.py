@@ -18,7 +18,15 @@ import torch
 
 from rlhf.config import PPOConfig, RoleConfig
 from trainer.config import resolve_lr
-from rlhf.experience import Experience, gather_response, last_token_positions, response_positions
+from rlhf.experience import (
+    Experience,
+    gather_response,
+    last_token_positions,
+    prompt_groups,
+    response_positions,
+    shared_prompt_layout,
+    shuffled_by_group,
+)
 from trainer.adapters import add_adapters, parameter_summary
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.engine import (
@@ -36,7 +44,7 @@ from trainer.engine import (
     zero3_init_context,
 )
 from trainer.model import load_tokenizer
-from trainer.objectives import head_inputs_at, per_token_scores
+from trainer.objectives import head_inputs_at, logits_at, per_token_scores
 from trainer.sampling import derive_seed, seed_everything
 from trainer.step import count_skip, optimizer_step_over
 
@@ -65,6 +73,7 @@ class RoleWorker:
         self.model: Optional[torch.nn.Module] = None  # what forward passes run through
         self.info: Optional[DistInfo] = None
         self.nonfinite_skips = 0  # mini-batches skipped for a non-finite loss, over the whole run
+        self.share_prompt = cfg.rollout.share_prompt  # log-prob passes lay each group's prompt out once
 
     def _zero_stage(self):
         resolved, note = self.cfg.zero_stage(self.role)
@@ -143,20 +152,33 @@ class RoleWorker:
                           entropy_grad: bool = False):
         """(b, t) log-probs of the response tokens (and their entropies) under the model,
         with logits divided by the sampling temperature as they were when sampling. The entropy
-        carries a gradient only with `entropy_grad` (an entropy bonus); as a metric it builds no graph."""
-        from trainer.logprobs import entropy_from_logits, logprobs_from_logits
+        carries a gradient only with `entropy_grad` (an entropy bonus); as a metric it builds no graph.
+        With rollout.share_prompt, rollouts of one prompt (a group) are scored in one row that holds the prompt
+        once (`shared_prompt_layout`): the same log-probs, the prompt's positions computed once per group."""
+        from trainer.logprobs import entropy_at, entropy_from_logits, logprobs_at, logprobs_from_logits
 
-        # The output head (hidden x vocabulary per position: with a realistic vocabulary the largest matmul) runs
-        # only at the positions that score a response token, t per row, not over prompts and padding.
-        pos = response_positions(micro.prompt_lengths, micro.responses.shape[1], micro.sequences.shape[1])  # (b, t)
-        with head_inputs_at(self.model, pos):
-            logits = self.model(input_ids=micro.sequences, attention_mask=micro.attention_mask,
-                                use_cache=False).logits  # (b, t, V)
-        logits = logits.float() / temperature
-        logp = logprobs_from_logits(logits, micro.responses)
+        layout = shared_prompt_layout(micro) if self.share_prompt else None
+        if layout is None:
+            # The output head (hidden x vocabulary per position: with a realistic vocabulary the largest matmul)
+            # runs only at the positions that score a response token, t per row, not over prompts and padding.
+            pos = response_positions(micro.prompt_lengths, micro.responses.shape[1], micro.sequences.shape[1])  # (b, t)
+            with head_inputs_at(self.model, pos):
+                logits = self.model(input_ids=micro.sequences, attention_mask=micro.attention_mask,
+                                    use_cache=False).logits  # (b, t, V)
+            logits = logits.float() / temperature
+            logp = logprobs_from_logits(logits, micro.responses)
+            entropy = lambda x: entropy_from_logits(x)  # noqa: E731
+        else:
+            layout = layout.to(micro.sequences.device)
+            inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids,
+                      "attention_mask": layout.attention_mask}
+            logits, rows = logits_at(self.model, inputs, layout.scored_at)  # (M, V), (b, t)
+            logits = logits.float() / temperature
+            logp = logprobs_at(logits, rows, micro.responses)
+            entropy = lambda x: entropy_at(x, rows)  # noqa: E731
         if not with_entropy:
             return logp
-        return logp, entropy_from_logits(logits if entropy_grad else logits.detach())
+        return logp, entropy(logits if entropy_grad else logits.detach())
 
     def log_probs(self, exp: Experience) -> torch.Tensor:
         """(B, T) log-probs of this rank's shard at the sampling temperature: the reference's scoring call, and
@@ -200,7 +222,9 @@ class RoleWorker:
         t0 = time.perf_counter()
         # Every mini-batch of every epoch up front, on the CPU (trimming and token counts need no device
         # sync), and their global token counts in one collective.
-        orders = [torch.randperm(len(exp), generator=gen) for _ in range(a.ppo_epochs)]
+        # With a shared prompt layout a group's rollouts stay together, so they share a micro-batch's rows.
+        groups = prompt_groups(exp) if self.share_prompt else torch.arange(len(exp))
+        orders = [shuffled_by_group(groups, gen) for _ in range(a.ppo_epochs)]
         minis = [exp.select(order[start : start + per_rank]) for order in orders
                  for start in range(0, len(exp), per_rank)]
         counts = all_reduce_sum([c for m in minis for c in (items(m), float(m.response_mask.sum()))])

@@ -307,12 +307,13 @@ def test_ppo_without_an_sft_export_names_the_stage_to_run(tmp_path, monkeypatch)
     ("cluster.colocate=sometimes", "cluster.colocate"),
     ("rollout.generation=vllm", "rollout.generation"),
     ("train.save_every=-2", "train.save_every"),
+    ("algo=grpo actor.model.attn_implementation=flash_attention_2", "rollout.share_prompt"),
 ])
 def test_bad_ppo_values_name_the_key(override, key, tmp_path, monkeypatch):
     from rlhf.config import validate as validate_ppo
 
     roles = ("actor", "critic", "reference", "reward")  # the roles' keys (the reward's group is reward_source)
-    cfg = OmegaConf.to_object(_compose("ppo", [f"{r}.model.name_or_path=x" for r in roles] + [override]))
+    cfg = OmegaConf.to_object(_compose("ppo", [f"{r}.model.name_or_path=x" for r in roles] + override.split()))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_ppo(cfg)
 

@@ -53,6 +53,30 @@ def test_each_sample_depends_on_its_own_seed_alone():
     assert logps is None and greedy == sample_responses(model, [b, a], None, **kw)[0][::-1]
 
 
+@pytest.mark.parametrize("seeds", [[11, 44, 22, 33, 55], None])
+def test_a_prompt_several_rows_repeat_is_prefilled_once_and_samples_as_each_row_alone(seeds):
+    """rollout.share_prompt in sampling: a group's prompt is prefilled once and its cache copied to the group's
+    rows; each row (left-padded beside a longer prompt, or not) gets the response and recorded log-probs it gets
+    with the plain prefill, sampled and greedy."""
+    from rlhf.actor import sample_responses, shared_prefill
+    from trainer.evaluate import left_pad
+
+    model = toy_policy()
+    kw = dict(max_new_tokens=8, temperature=0.8, top_k=0, top_p=1.0, stop_ids=[2], pad_id=0, record=True)
+    a, b, c = [1, 5, 6, 7], [1, 8], [1, 9, 9, 4, 4]
+    prompts = [a, a, b, a, c]
+    plain = sample_responses(model, prompts, seeds, **kw)
+    shared = sample_responses(model, prompts, seeds, share_prompt=True, **kw)
+    assert shared[0] == plain[0]
+    if seeds is not None:
+        for mine, theirs in zip(shared[1], plain[1]):
+            assert torch.allclose(torch.tensor(mine), torch.tensor(theirs), atol=1e-5)
+    ids, mask = left_pad(prompts, 0)
+    cache = shared_prefill(model, prompts, ids, mask)
+    assert cache.get_seq_length() == ids.shape[1] - 1 and cache.layers[0].keys.shape[0] == len(prompts)
+    assert shared_prefill(model, [a, b], *left_pad([a, b], 0)) is None  # nothing repeats: generate prefills
+
+
 def test_the_seeded_sampler_draws_from_the_softmax_and_never_a_token_of_probability_zero():
     """`SeededRowSampler`'s inverse-CDF draw: over many seeds each token comes up about as often as its
     probability says (4 standard errors), and a token masked to -inf (top-k, top-p) never does."""

@@ -142,8 +142,9 @@ def test_a_lora_policy_trains_only_its_adapters_and_starts_no_reference(lora_run
     assert "actor: parameters: 17,408 trained of 132,416 (13.15%)" in proc.stdout
     recs = records(run)
     # The adapters start at zero: the rollouts' policy is its reference (to the sampler's rounding) until its first
-    # update moves them (the second mini-batch of iteration 1 already sees a KL in its loss).
-    assert abs(recs[1]["kl/seq_mean"]) < 1e-6 and recs[1]["policy/kl_loss"] > 0
+    # update moves them; the KL term is then in the loss. (Not necessarily in iteration 1's second mini-batch: a
+    # mini-batch takes whole groups, and the first one's groups may all score alike, which moves nothing.)
+    assert abs(recs[1]["kl/seq_mean"]) < 1e-6 and recs[2]["policy/kl_loss"] > 0
     assert recs[2]["kl/seq_mean"] != 0.0 and recs[2]["policy/approx_kl"] != 0.0
     assert recs[2]["policy/replica_refresh_s"] > 0  # the replica follows the adapters (merged)
     # The checkpoint holds the adapters and their optimizer state, and names where the frozen weights come from.

@@ -20,7 +20,15 @@ import torch
 from fake_groups import scheduling_driver
 from runs import PPO_SMALL, REPO, committed, left_behind, marked, processes_of, run_env, signal_when, tiny_ppo_model
 from rlhf.config import PPOConfig
-from rlhf.experience import build_rollout, cut_at_stop, pad_right, response_positions
+from rlhf.experience import (
+    build_rollout,
+    cut_at_stop,
+    pad_right,
+    prompt_groups,
+    response_positions,
+    shared_prompt_layout,
+    shuffled_by_group,
+)
 from rlhf.scoring import prompt_reuse_note, sample_prompts, score_rollout
 from rlhf.worker import RoleWorker
 
@@ -116,7 +124,7 @@ def test_response_logprobs_are_aligned_and_padding_invariant():
     model = toy_policy()
     prompts, responses = [[1, 5, 6, 7], [1, 8, 3]], [[9, 10, 2], [11, 2]]
     exp = build_rollout(prompts, responses, pad_id=0)
-    worker = SimpleNamespace(model=model)
+    worker = SimpleNamespace(model=model, share_prompt=False)
     with torch.no_grad():
         batched = RoleWorker.response_logprobs(worker, exp, temperature=0.7)
         for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -124,6 +132,46 @@ def test_response_logprobs_are_aligned_and_padding_invariant():
             expected = torch.log_softmax(logits.float(), -1)[len(p) - 1 : len(p) + len(r) - 1].gather(
                 1, torch.tensor(r)[:, None]).squeeze(1)
             assert torch.allclose(batched[i, : len(r)], expected, atol=1e-5)
+
+
+def test_a_groups_rollouts_scored_with_their_prompt_once_equal_each_rollout_scored_alone():
+    """rollout.share_prompt: rollouts of one prompt (a group, in any order in the batch) are scored in one row
+    holding the prompt once; their log-probs, entropies and the gradient of a loss over them equal the plain
+    layout's, including an empty response, a one-token one and a prompt of its own."""
+    model = toy_policy()
+    a, b = [1, 5, 6, 7], [1, 8, 3]
+    prompts = [a, a, b, a, b, [1, 9]]
+    responses = [[9, 10, 2], [11, 2], [4, 4, 4, 4, 2], [12], [], [5, 6]]
+    exp = build_rollout(prompts, responses, pad_id=0)
+    assert prompt_groups(exp).tolist() == [0, 0, 1, 0, 1, 2]
+    layout = shared_prompt_layout(exp)
+    assert layout.input_ids.shape == (3, 4 + 3 + 2 + 1)  # one row per prompt, each prompt once
+    assert layout.input_ids[0].tolist() == a + [9, 10, 2, 11, 2, 12]
+    assert layout.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 4, 5, 4]  # each response continues its prompt
+    mask = exp.response_mask
+    out = {}
+    for share in (False, True):
+        model.zero_grad()
+        logp, entropy = RoleWorker.response_logprobs(SimpleNamespace(model=model, share_prompt=share), exp, 0.7,
+                                                     with_entropy=True, entropy_grad=True)
+        ((logp - 0.1 * entropy) * mask).sum().backward()
+        out[share] = (logp * mask, entropy * mask, [p.grad.clone() for p in model.parameters()])
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-5)
+    for shared, plain in zip(out[True][2], out[False][2]):
+        assert torch.allclose(shared, plain, atol=1e-5)
+    assert shared_prompt_layout(build_rollout([a, b], [[2], [2]], pad_id=0)) is None  # nothing shared: plain rows
+
+
+def test_update_order_keeps_each_groups_rollouts_together_and_is_a_plain_shuffle_without_groups():
+    groups = torch.tensor([0, 0, 1, 0, 1, 2])
+    order = shuffled_by_group(groups, torch.Generator().manual_seed(3)).tolist()
+    assert sorted(order) == list(range(6))
+    runs = [groups[i].item() for i in order]
+    assert [g for i, g in enumerate(runs) if i == 0 or runs[i - 1] != g] == list(dict.fromkeys(runs))  # contiguous
+    assert [i for i in order if groups[i] == 0] == [0, 1, 3]
+    assert torch.equal(shuffled_by_group(torch.arange(7), torch.Generator().manual_seed(5)),
+                       torch.randperm(7, generator=torch.Generator().manual_seed(5)))
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 8, 0.9)])
@@ -142,7 +190,8 @@ def test_log_probs_recorded_while_sampling_equal_a_forward_over_the_rollout(temp
     assert any(len(r) < 12 for r in responses), "no row stopped early: pick other seeds"
     exp = build_rollout(prompts, responses, pad_id=0)
     with torch.no_grad():
-        forward = RoleWorker.response_logprobs(SimpleNamespace(model=model), exp, temperature=temperature)
+        forward = RoleWorker.response_logprobs(SimpleNamespace(model=model, share_prompt=False), exp,
+                                               temperature=temperature)
     for i, r in enumerate(responses):
         assert torch.allclose(torch.tensor(recorded[i]), forward[i, : len(r)], atol=1e-5), i
 

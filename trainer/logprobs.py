@@ -38,3 +38,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
         row = row.float()  # (T, V)
         rows.append(torch.logsumexp(row, dim=-1) - (torch.softmax(row, dim=-1) * row).sum(-1))
     return torch.stack(rows)  # (B, T)
+
+
+def logprobs_at(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits[rows])[labels] without copying a (B, T, V) tensor: logits (M, V) float, rows and
+    labels (B, T) int (rows index logits; several entries may share a row) -> (B, T)."""
+    return logits[rows, labels] - torch.logsumexp(logits, dim=-1)[rows]
+
+
+def entropy_at(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits[rows]): logits (M, V), rows (B, T) int -> (B, T) float32, each of the M rows
+    computed once."""
+    return entropy_from_logits(logits[None])[0][rows]

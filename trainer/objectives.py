@@ -167,6 +167,18 @@ class RewardTask:
         return bradley_terry_loss_sum(chosen, rejected, batch["margin"], self.center_coef)
 
 
+def logits_at(model, inputs: dict[str, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits only where `index` points: `index` holds flat positions into (rows, T) of
+    `inputs["input_ids"]`, any shape, repeats allowed. Returns (M, V) logits at the M distinct positions (the head
+    runs once per position, however often it is asked for) and, shaped like `index`, each entry's row in them."""
+    at = torch.zeros(inputs["input_ids"].numel(), dtype=torch.bool, device=index.device)  # (R * T,)
+    at[index] = True
+    rows = (torch.cumsum(at, 0) - 1)[index]  # a kept position's row in the head's row-major (M, V) output
+    with head_inputs_at(model, at.view_as(inputs["input_ids"])):
+        logits = model(**inputs, use_cache=False).logits  # (M, V)
+    return logits, rows
+
+
 # ------------------------------------------------------------------------------------------------- DPO
 
 
@@ -178,13 +190,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     (rows, T); `head_inputs_at`), so a shared-prompt row scores the first rejected token from the prompt's last
     position."""
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    index = batch["logp_index"]  # (N,) flat positions, in the order of logp_target (a position may repeat)
-    at = torch.zeros(inputs["input_ids"].numel(), dtype=torch.bool, device=index.device)
-    at[index] = True
-    row_of = torch.cumsum(at, 0) - 1  # (R * T,): a kept position's row in the head's (M, V) output
-    with head_inputs_at(model, at.view_as(inputs["input_ids"])):
-        logits = model(**inputs, use_cache=False).logits  # (M, V), M distinct positions
-    picked = logits[row_of[index]]  # (N, V)
+    logits, rows = logits_at(model, inputs, batch["logp_index"])  # (M, V), (N,)
+    picked = logits[rows]  # (N, V)
     token_logps = logprobs_from_logits(picked[None], batch["logp_target"][None])[0].float()  # (N,)
     sequences = 2 * batch["margin"].numel()
     seq = batch["logp_sequence"]
