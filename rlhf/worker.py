@@ -49,6 +49,12 @@ from trainer.sampling import derive_seed, seed_everything
 from trainer.step import count_skip, optimizer_step_over
 
 
+def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits in float32 divided by the sampling temperature (no copy at temperature 1 in float32)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 class RoleWorker:
     """One rank of one role. Subclasses (`rlhf/actor.py`, `critic.py`, `reference.py`,
     `reward.py`) build their model in `setup` and add the role's methods."""
@@ -155,7 +161,7 @@ class RoleWorker:
         carries a gradient only with `entropy_grad` (an entropy bonus); as a metric it builds no graph.
         With rollout.share_prompt, rollouts of one prompt (a group) are scored in one row that holds the prompt
         once (`shared_prompt_layout`): the same log-probs, the prompt's positions computed once per group."""
-        from trainer.logprobs import entropy_at, entropy_from_logits, logprobs_at, logprobs_from_logits
+        from trainer.logprobs import entropy_from_logits, logprobs_at, logprobs_from_logits
 
         layout = shared_prompt_layout(micro) if self.share_prompt else None
         if layout is None:
@@ -165,20 +171,17 @@ class RoleWorker:
             with head_inputs_at(self.model, pos):
                 logits = self.model(input_ids=micro.sequences, attention_mask=micro.attention_mask,
                                     use_cache=False).logits  # (b, t, V)
-            logits = logits.float() / temperature
+            logits = scaled(logits, temperature)
             logp = logprobs_from_logits(logits, micro.responses)
-            entropy = lambda x: entropy_from_logits(x)  # noqa: E731
-        else:
-            layout = layout.to(micro.sequences.device)
-            inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids,
-                      "attention_mask": layout.attention_mask}
-            logits, rows = logits_at(self.model, inputs, layout.scored_at)  # (M, V), (b, t)
-            logits = logits.float() / temperature
-            logp = logprobs_at(logits, rows, micro.responses)
-            entropy = lambda x: entropy_at(x, rows)  # noqa: E731
-        if not with_entropy:
-            return logp
-        return logp, entropy(logits if entropy_grad else logits.detach())
+            if not with_entropy:
+                return logp
+            return logp, entropy_from_logits(logits if entropy_grad else logits.detach())
+        layout = layout.to(micro.sequences.device)
+        inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids,
+                  "attention_mask": layout.attention_mask}
+        logits, rows = logits_at(self.model, inputs, layout.scored_at)  # (M, V), (b, t)
+        logits = scaled(logits, temperature)
+        return logprobs_at(logits, rows, micro.responses, with_entropy, entropy_grad)
 
     def log_probs(self, exp: Experience) -> torch.Tensor:
         """(B, T) log-probs of this rank's shard at the sampling temperature: the reference's scoring call, and

@@ -1,7 +1,9 @@
 """Run by test_training.py under `launch.torchrun` on 2 ranks: two optimizer steps of the same small model, with
 different data on each rank, two micro-batches per step and one parameter that gets no gradient, through
-`trainer.engine.build_engine` (its gradients in one buffer: `gradients_in_one_buffer`) and through DeepSpeed's own
-stage-0 engine; rank 0 writes whether the two agree and whether the gradients stayed in the buffer."""
+`trainer.engine.build_engine` (its gradients in one buffer: `gradients_in_one_buffer`; its clipping keeping the
+norm: `clipping_that_keeps_its_norm`) and through DeepSpeed's own stage-0 engine, with a gradient clip that bites
+and one that does not; rank 0 writes per clip whether the two agree, whether the gradients stayed in the buffer
+and the norms each reported."""
 
 import json
 import sys
@@ -22,8 +24,8 @@ class Model(torch.nn.Module):
         return self.b(torch.tanh(self.a(x))).square().sum()
 
 
-def train(engine, rank: int) -> tuple[list[torch.Tensor], bool]:
-    bound = True
+def train(engine, rank: int) -> tuple[list[torch.Tensor], bool, list[float]]:
+    bound, norms = True, []
     for step in range(2):
         for micro in range(2):
             x = torch.randn(3, 8, generator=torch.Generator().manual_seed(100 * step + 10 * micro + rank))
@@ -33,16 +35,17 @@ def train(engine, rank: int) -> tuple[list[torch.Tensor], bool]:
                 buffer = flat.untyped_storage().data_ptr()
                 bound &= all(p.grad is not None and p.grad.untyped_storage().data_ptr() == buffer
                              for p in engine.module.parameters())
-            optimizer_step(engine)
-    return [p.detach().clone() for p in engine.module.parameters()], bound
+            norm = optimizer_step(engine)
+            if norm is not None:
+                norms.append(norm)
+    return [p.detach().clone() for p in engine.module.parameters()], bound, norms
 
 
-def main(out: str) -> None:
+def compare(max_grad_norm: float, rank: int, world_size: int) -> dict:
     import deepspeed
 
-    info = init_distributed()
     ds, optim = DeepSpeedConfig(stage=0), OptimConfig(lr=0.1, weight_decay=0.1, warmup_steps=0, min_lr_ratio=1.0)  # a constant rate, as DeepSpeed alone has
-    config = build_deepspeed_config(ds, 3, 2, info.world_size, 1.0)
+    config = build_deepspeed_config(ds, 3, 2, world_size, max_grad_norm)
     torch.manual_seed(0)
     start = [p.detach().clone() for p in Model().parameters()]
     torch.manual_seed(0)
@@ -51,13 +54,21 @@ def main(out: str) -> None:
     model = Model()
     theirs, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, optim, offload=False),
                                       config=config)
-    mine, bound = train(ours, info.rank)
-    reference, _ = train(theirs, info.rank)
+    mine, bound, norms = train(ours, rank)
+    reference, _, reference_norms = train(theirs, rank)  # its norm computed by optimizer_step, before the step
+    return {"buffered": getattr(ours, "gradient_buffer", None) is not None, "bound": bound,
+            "kept_norm": getattr(ours, "clipped_grad_norm", None) is not None,
+            "equal": all(torch.equal(a, b) for a, b in zip(mine, reference)),
+            "moved": sum(not torch.equal(a, b) for a, b in zip(mine, start)),
+            "max_diff": max(float((a - b).abs().max()) for a, b in zip(mine, reference)),
+            "norms": norms, "reference_norms": reference_norms}
+
+
+def main(out: str) -> None:
+    info = init_distributed()
+    results = {str(clip): compare(clip, info.rank, info.world_size) for clip in (0.05, 1e6)}
     if info.rank == 0:
-        json.dump({"buffered": getattr(ours, "gradient_buffer", None) is not None, "bound": bound,
-                   "equal": all(torch.equal(a, b) for a, b in zip(mine, reference)),
-                   "moved": sum(not torch.equal(a, b) for a, b in zip(mine, start)),
-                   "max_diff": max(float((a - b).abs().max()) for a, b in zip(mine, reference))}, open(out, "w"))
+        json.dump(results, open(out, "w"))
 
 
 if __name__ == "__main__":

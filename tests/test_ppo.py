@@ -160,6 +160,10 @@ def test_a_groups_rollouts_scored_with_their_prompt_once_equal_each_rollout_scor
     assert torch.allclose(out[True][1], out[False][1], atol=1e-5)
     for shared, plain in zip(out[True][2], out[False][2]):
         assert torch.allclose(shared, plain, atol=1e-5)
+    with torch.no_grad():  # the entropy as a metric (no graph), from the log-prob's own log-sum-exp
+        metric = RoleWorker.response_logprobs(SimpleNamespace(model=model, share_prompt=True), exp, 0.7,
+                                              with_entropy=True)[1]
+    assert torch.allclose(metric * mask, out[False][1], atol=1e-5)
     assert shared_prompt_layout(build_rollout([a, b], [[2], [2]], pad_id=0)) is None  # nothing shared: plain rows
 
 

@@ -98,18 +98,23 @@ def test_forming_the_cpu_process_group_compiles_nothing(tmp_path):
 
 @pytest.mark.distributed
 def test_two_unpartitioned_ranks_average_gradients_in_one_buffer_exactly_as_deepspeed_does(tmp_path):
-    """`trainer.engine.gradients_in_one_buffer`: two steps on 2 ranks at stage 0 (different data per rank, two
-    micro-batches per step, a parameter with no gradient) leave every weight bit for bit where DeepSpeed's own
-    stage-0 averaging leaves it, with every gradient a view of the one buffer throughout."""
+    """`trainer.engine.gradients_in_one_buffer` and `clipping_that_keeps_its_norm`: two steps on 2 ranks at stage 0
+    (different data per rank, two micro-batches per step, a parameter with no gradient) leave every weight bit for
+    bit where DeepSpeed's own stage-0 averaging and clipping leave it, with a clip that bites and one that does not,
+    every gradient a view of the one buffer throughout, and the norm the clipping kept is the one reported."""
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=2",
                            "tests/gradient_buffer_ranks.py", str(out)], cwd=REPO, env=run_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["buffered"] and result["bound"]
-    assert result["equal"], result["max_diff"]
-    assert result["moved"] >= 4, "the trained weights moved"
+    results = json.loads(out.read_text())
+    for clip, result in results.items():
+        assert result["buffered"] and result["bound"] and result["kept_norm"], clip
+        assert result["equal"], (clip, result["max_diff"])
+        assert result["moved"] >= 4, "the trained weights moved"
+        assert result["norms"] == pytest.approx(result["reference_norms"], rel=1e-5) and len(result["norms"]) == 2
+    assert min(results["0.05"]["norms"]) > 0.05, "the small clip bites"
+    assert max(results["1000000.0"]["norms"]) < 1e6
 
 
 @pytest.mark.distributed

@@ -40,13 +40,21 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)  # (B, T)
 
 
-def logprobs_at(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def logprobs_at(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
+                with_entropy: bool = False, entropy_grad: bool = False):
     """log softmax(logits[rows])[labels] without copying a (B, T, V) tensor: logits (M, V) float, rows and
-    labels (B, T) int (rows index logits; several entries may share a row) -> (B, T)."""
-    return logits[rows, labels] - torch.logsumexp(logits, dim=-1)[rows]
-
-
-def entropy_at(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits[rows]): logits (M, V), rows (B, T) int -> (B, T) float32, each of the M rows
-    computed once."""
-    return entropy_from_logits(logits[None])[0][rows]
+    labels (B, T) int (rows index logits; several entries may share a row) -> (B, T). With `with_entropy` also the
+    entropy of softmax(logits[rows]) (B, T), from the same log-sum-exp, carrying a gradient only with
+    `entropy_grad` (H = lse - sum_v p_v * l_v, each of the M rows computed once)."""
+    lse = torch.logsumexp(logits, dim=-1)  # (M,)
+    logp = logits[rows, labels] - lse[rows]
+    if not with_entropy:
+        return logp
+    if entropy_grad:
+        probs = torch.exp(logits - lse[:, None])  # (M, V)
+        entropy = lse - (probs * logits).sum(-1)
+    else:
+        with torch.no_grad():
+            probs = (logits - lse[:, None]).exp_()  # (M, V), one buffer reused for p * l
+            entropy = lse - probs.mul_(logits).sum(-1)
+    return logp, entropy[rows]
