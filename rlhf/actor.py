@@ -145,8 +145,9 @@ def sample_responses(model, prompts: list[list[int]], seeds: Optional[list[int]]
                                   SeededRowSampler(seeds, dev)) if p is not None]
     with torch_linear():  # no gradients here: ZeRO-3's Linear wrapper would only cost time
         cache = shared_prefill(model, prompts, input_ids, attention_mask) if share_prompt and not synced else None
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                             **(cache_kwarg(model, cache) if cache is not None else {}), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+        prefilled = cache_kwarg(model, cache) if cache is not None else {}
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **prefilled,
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
                              pad_token_id=pad_id, use_cache=True, synced_gpus=synced,
                              logits_processor=LogitsProcessorList(processors))
     stops = set(stop_ids)

@@ -101,11 +101,12 @@ class RolloutConfig:
     # the same and the devices idle less. Off: each iteration waits for both updates before sampling
     # (less peak memory where the policy and critic share a device).
     overlap_critic_update: bool = True
-    # Score a group's rollouts (samples_per_prompt > 1) in one row `[prompt | response 1 | ... | response G]`
-    # under a mask that hides the responses from each other, so the prompt's positions are computed once per
-    # group, not G times, in every log-prob pass (the policy's update, the reference, recomputed old log-probs);
-    # update mini-batches then take whole groups. The log-probs are those of each rollout alone (tested). Needs
-    # attention that takes a 4D mask (sdpa, eager), not flash_attention_2.
+    # Compute a group's prompt (samples_per_prompt > 1) once, not G times: sampling prefills it once and copies
+    # its KV cache to the group's rows, and every log-prob pass (the policy's update, the reference, recomputed
+    # old log-probs) scores the group in one row `[prompt | response 1 | ... | response G]` under a mask that
+    # hides the responses from each other; update mini-batches then take whole groups. The samples and log-probs
+    # are those of each rollout alone (tested). Needs attention that takes a 4D mask (sdpa, eager), not
+    # flash_attention_2.
     share_prompt: bool = True
 
 

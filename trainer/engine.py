@@ -245,7 +245,8 @@ def optimizer_step(engine) -> Optional[float]:
     (before clipping; None between boundaries).
 
     DeepSpeed keeps that norm for its ZeRO and bf16/fp16 optimizers, but with a plain fp32 optimizer
-    at stage 0 (what `deepspeed.stage=auto` runs on one rank) it clips without keeping it. There it is
+    at stage 0 (what `deepspeed.stage=auto` runs on one rank) it clips without keeping it. There the
+    clipping `build_engine` installs keeps it (`clipping_that_keeps_its_norm`); without clipping it is
     computed here, from the gradients the step is about to apply, which backward has already
     averaged over the ranks."""
     boundary = engine.is_gradient_accumulation_boundary()
@@ -386,11 +387,15 @@ def clipping_that_keeps_its_norm(engine) -> None:
 
     def clip_fp32_gradients() -> None:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if not grads:
+            kept.norm = 0.0
+            return
         total = torch.stack([g.detach().float().norm(2.0) for g in grads]).pow(2.0).sum().float().pow(1.0 / 2.0)
         group = groups._get_data_parallel_group()
         total = total * 1.0 / float(dist.get_world_size(group=group))
         dist.all_reduce(total, group=group)
-        coef = torch.min(torch.tensor([1.0]), torch.tensor([float(engine.gradient_clipping())]) / (total + 1e-6))
+        max_norm = torch.tensor([float(engine.gradient_clipping())], device=total.device)
+        coef = torch.min(torch.tensor([1.0], device=total.device), max_norm / (total + 1e-6))
         if float(coef) < 1.0:
             for g in grads:
                 g.data.mul_(coef)
