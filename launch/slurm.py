@@ -179,11 +179,13 @@ echo "tuneforge: job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, nodes $
 
 # Preemption: pass SIGUSR1 (time limit near, or chosen for preemption) or SIGTERM on to the
 # run, wait up to --save-timeout for it to save and stop, then requeue. `wait` returns early
-# when a trapped signal arrives, so it loops; after the first signal it polls the deadline.
+# when a trapped signal arrives, so it loops; after the first signal it polls the deadline. SECONDS
+# counts whole seconds, and the signal can come up to a second after it last ticked: the deadline's
+# extra second gives the run at least --save-timeout (at most 2 s more, well inside the requeue margin).
 PREEMPTED=0
 SAVE_TIMEOUT_S={save_timeout}
 forward() {{
-    if [ "$PREEMPTED" = 0 ]; then PREEMPTED=1; SIGNAL=$1; SAVE_DEADLINE=$((SECONDS + SAVE_TIMEOUT_S)); fi
+    if [ "$PREEMPTED" = 0 ]; then PREEMPTED=1; SIGNAL=$1; SAVE_DEADLINE=$((SECONDS + SAVE_TIMEOUT_S + 1)); fi
     echo "tuneforge: $1 received, asking the run to save and stop within ${{SAVE_TIMEOUT_S}} s (--save-timeout)"
     [ -z "${{RUN_PID:-}}" ] || {{ kill -s "$1" "$RUN_PID" 2>/dev/null; FORWARDED=1; }}
 }}
