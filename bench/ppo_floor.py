@@ -71,9 +71,12 @@ def response_logprobs(model, rollouts, share_prompt: bool) -> torch.Tensor:
     head at the positions that score a response token; with `share_prompt` each group's prompt once)."""
     from types import SimpleNamespace
 
+    from rlhf.experience import shared_prompt_layout
     from rlhf.worker import RoleWorker
 
-    return RoleWorker.response_logprobs(SimpleNamespace(model=model, share_prompt=share_prompt), rollouts, 1.0)
+    if share_prompt:
+        rollouts = rollouts.with_fields(layout=shared_prompt_layout(rollouts))
+    return RoleWorker.response_logprobs(SimpleNamespace(model=model), rollouts, 1.0)
 
 
 def micro_batches(n: int, size: int) -> list[slice]:

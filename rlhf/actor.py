@@ -32,7 +32,7 @@ from transformers import (
 
 from rlhf.algorithms import aggregate_loss, kl_estimate, loss_items, policy_loss_terms, truncated_is_weights
 from rlhf.config import old_logprobs_from_generation
-from rlhf.experience import Experience, Generation, cut_at_stop
+from rlhf.experience import Experience, Generation, cut_at_stop, first_appearance_ids
 from rlhf.worker import RoleWorker
 from trainer.adapters import adapters_disabled, copy_merged, is_adapted
 from trainer.engine import device, torch_linear
@@ -100,11 +100,11 @@ def shared_prefill(model, prompts: list[list[int]], input_ids: torch.Tensor, att
     sampling, at the positions it would have given the whole prompt (from the attention mask)."""
     from transformers import DynamicCache
 
-    first: dict[tuple, int] = {}
-    owner = [first.setdefault(tuple(p), len(first)) for p in prompts]  # (B,) each row's distinct prompt
-    if len(first) == len(prompts) or input_ids.shape[1] < 2:
+    owner = first_appearance_ids(tuple(p) for p in prompts)  # (B,) each row's distinct prompt
+    distinct = max(owner, default=-1) + 1
+    if distinct == len(prompts) or input_ids.shape[1] < 2:
         return None
-    rows = torch.tensor([owner.index(u) for u in range(len(first))])  # (U,) a row holding each distinct prompt
+    rows = torch.tensor([owner.index(u) for u in range(distinct)])  # (U,) a row holding each distinct prompt
     ids, mask = input_ids[rows, :-1], attention_mask[rows, :-1]  # (U, W - 1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as `generate` derives them
     cache = DynamicCache(config=getattr(model, "config", None))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -32,20 +32,25 @@ class Experience:
     rewards: Optional[torch.Tensor] = None  # (B, T) token-level rewards
     advantages: Optional[torch.Tensor] = None  # (B, T)
     returns: Optional[torch.Tensor] = None  # (B, T)
+    # A micro-batch's rows with each shared prompt once (rollout.share_prompt), built on the CPU by
+    # `micro_batches` before the micro-batch moves to the device, so no log-prob pass syncs to build it. Kept by
+    # `to`; a selection or trim of the rows drops it.
+    layout: Optional["SharedPromptLayout"] = None
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
 
-    def _map(self, fn) -> "Experience":
+    def _map(self, fn, layout: Optional["SharedPromptLayout"] = None) -> "Experience":
         return Experience(**{f.name: (None if v is None else fn(f.name, v))
-                             for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
+                             for f in dataclasses.fields(self) if f.name != "layout"
+                             for v in [getattr(self, f.name)]}, layout=layout)
 
     def select(self, index) -> "Experience":
         """The rows `index` (a slice, list or tensor of row indices)."""
         return self._map(lambda _, v: v[index])
 
     def to(self, device) -> "Experience":
-        return self._map(lambda _, v: v.to(device))
+        return self._map(lambda _, v: v.to(device), None if self.layout is None else self.layout.to(device))
 
     def with_fields(self, **fields) -> "Experience":
         return dataclasses.replace(self, **fields)
@@ -64,9 +69,11 @@ class Experience:
         return self._map(lambda name, v: v[:, :width_l] if name in ("sequences", "attention_mask")
                          else (v[:, :width_t] if v.dim() == 2 else v))
 
-    def micro_batches(self, size: int) -> Iterator["Experience"]:
+    def micro_batches(self, size: int, share_prompt: bool = False) -> Iterator["Experience"]:
+        """Trimmed micro-batches of `size` rows, with `share_prompt` each with its `shared_prompt_layout`."""
         for start in range(0, len(self), size):
-            yield self.select(slice(start, start + size)).trimmed()
+            micro = self.select(slice(start, start + size)).trimmed()
+            yield micro.with_fields(layout=shared_prompt_layout(micro)) if share_prompt else micro
 
 
 @dataclass
@@ -155,13 +162,17 @@ class SharedPromptLayout:
         return SharedPromptLayout(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
+def first_appearance_ids(keys: Iterable[tuple]) -> list[int]:
+    """An id per key, equal for equal keys, numbered in order of first appearance."""
+    ids: dict[tuple, int] = {}
+    return [ids.setdefault(key, len(ids)) for key in keys]
+
+
 def prompt_groups(exp: Experience) -> torch.Tensor:
     """(B,) long: a group id per rollout, equal for rollouts whose prompts are the same tokens (a GRPO group's
     samples), numbered in order of first appearance."""
-    ids: dict[tuple, int] = {}
-    lengths = exp.prompt_lengths.tolist()
-    return torch.tensor([ids.setdefault(tuple(row[:n]), len(ids)) for row, n in zip(exp.sequences.tolist(), lengths)],
-                        dtype=torch.long)
+    rows = zip(exp.sequences.tolist(), exp.prompt_lengths.tolist())
+    return torch.tensor(first_appearance_ids(tuple(row[:n]) for row, n in rows), dtype=torch.long)
 
 
 def shuffled_by_group(groups: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -24,7 +24,6 @@ from rlhf.experience import (
     last_token_positions,
     prompt_groups,
     response_positions,
-    shared_prompt_layout,
     shuffled_by_group,
 )
 from trainer.adapters import add_adapters, parameter_summary
@@ -152,18 +151,20 @@ class RoleWorker:
         without gradients."""
         # Trimmed on the CPU (no device sync for the widths), then moved.
         with torch.no_grad(), torch_linear():
-            return [fn(micro.to(device())) for micro in exp.micro_batches(self.role_cfg.micro_batch_size)]
+            return [fn(micro.to(device())) for micro in exp.micro_batches(self.role_cfg.micro_batch_size,
+                                                                          self.share_prompt)]
 
     def response_logprobs(self, micro: Experience, temperature: float, with_entropy: bool = False,
                           entropy_grad: bool = False):
         """(b, t) log-probs of the response tokens (and their entropies) under the model,
         with logits divided by the sampling temperature as they were when sampling. The entropy
         carries a gradient only with `entropy_grad` (an entropy bonus); as a metric it builds no graph.
-        With rollout.share_prompt, rollouts of one prompt (a group) are scored in one row that holds the prompt
-        once (`shared_prompt_layout`): the same log-probs, the prompt's positions computed once per group."""
+        A micro-batch that carries a layout (`Experience.micro_batches` with rollout.share_prompt) scores the
+        rollouts of one prompt (a group) in one row that holds the prompt once: the same log-probs, the prompt's
+        positions computed once per group."""
         from trainer.logprobs import entropy_from_logits, logprobs_at, logprobs_from_logits
 
-        layout = shared_prompt_layout(micro) if self.share_prompt else None
+        layout = micro.layout
         if layout is None:
             # The output head (hidden x vocabulary per position: with a realistic vocabulary the largest matmul)
             # runs only at the positions that score a response token, t per row, not over prompts and padding.
@@ -176,7 +177,6 @@ class RoleWorker:
             if not with_entropy:
                 return logp
             return logp, entropy_from_logits(logits if entropy_grad else logits.detach())
-        layout = layout.to(micro.sequences.device)
         inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids,
                   "attention_mask": layout.attention_mask}
         logits, rows = logits_at(self.model, inputs, layout.scored_at)  # (M, V), (b, t)
@@ -236,7 +236,7 @@ class RoleWorker:
         norms, counted_items, counted_tokens, skipped = [], 0.0, 0.0, 0
 
         def micro_losses(mini: Experience, mini_sums: dict):
-            for m in mini.micro_batches(micro):
+            for m in mini.micro_batches(micro, self.share_prompt):
                 loss, stats = loss_fn(m.to(device()))
                 for k, v in {"loss": loss, **stats}.items():
                     mini_sums[k] = mini_sums.get(k, 0.0) + v.detach()

@@ -124,7 +124,7 @@ def test_response_logprobs_are_aligned_and_padding_invariant():
     model = toy_policy()
     prompts, responses = [[1, 5, 6, 7], [1, 8, 3]], [[9, 10, 2], [11, 2]]
     exp = build_rollout(prompts, responses, pad_id=0)
-    worker = SimpleNamespace(model=model, share_prompt=False)
+    worker = SimpleNamespace(model=model)
     with torch.no_grad():
         batched = RoleWorker.response_logprobs(worker, exp, temperature=0.7)
         for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -149,11 +149,15 @@ def test_a_groups_rollouts_scored_with_their_prompt_once_equal_each_rollout_scor
     assert layout.input_ids[0].tolist() == a + [9, 10, 2, 11, 2, 12]
     assert layout.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 4, 5, 4]  # each response continues its prompt
     mask = exp.response_mask
+    worker = SimpleNamespace(model=model)
+    micros = {share: next(exp.micro_batches(len(exp), share_prompt=share)).to("cpu") for share in (False, True)}
+    assert micros[False].layout is None and torch.equal(micros[True].layout.input_ids, layout.input_ids)
+    assert micros[True].select([0, 1]).layout is None  # other rows: the layout does not follow a selection
     out = {}
     for share in (False, True):
         model.zero_grad()
-        logp, entropy = RoleWorker.response_logprobs(SimpleNamespace(model=model, share_prompt=share), exp, 0.7,
-                                                     with_entropy=True, entropy_grad=True)
+        logp, entropy = RoleWorker.response_logprobs(worker, micros[share], 0.7, with_entropy=True,
+                                                     entropy_grad=True)
         ((logp - 0.1 * entropy) * mask).sum().backward()
         out[share] = (logp * mask, entropy * mask, [p.grad.clone() for p in model.parameters()])
     assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
@@ -161,8 +165,7 @@ def test_a_groups_rollouts_scored_with_their_prompt_once_equal_each_rollout_scor
     for shared, plain in zip(out[True][2], out[False][2]):
         assert torch.allclose(shared, plain, atol=1e-5)
     with torch.no_grad():  # the entropy as a metric (no graph), from the log-prob's own log-sum-exp
-        metric = RoleWorker.response_logprobs(SimpleNamespace(model=model, share_prompt=True), exp, 0.7,
-                                              with_entropy=True)[1]
+        metric = RoleWorker.response_logprobs(worker, micros[True], 0.7, with_entropy=True)[1]
     assert torch.allclose(metric * mask, out[False][1], atol=1e-5)
     assert shared_prompt_layout(build_rollout([a, b], [[2], [2]], pad_id=0)) is None  # nothing shared: plain rows
 
@@ -194,8 +197,7 @@ def test_log_probs_recorded_while_sampling_equal_a_forward_over_the_rollout(temp
     assert any(len(r) < 12 for r in responses), "no row stopped early: pick other seeds"
     exp = build_rollout(prompts, responses, pad_id=0)
     with torch.no_grad():
-        forward = RoleWorker.response_logprobs(SimpleNamespace(model=model, share_prompt=False), exp,
-                                               temperature=temperature)
+        forward = RoleWorker.response_logprobs(SimpleNamespace(model=model), exp, temperature=temperature)
     for i, r in enumerate(responses):
         assert torch.allclose(torch.tensor(recorded[i]), forward[i, : len(r)], atol=1e-5), i
 
