@@ -4,6 +4,7 @@ rank equivalence, exact resume, preemption, non-finite handling, HF export."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -101,20 +102,37 @@ def test_two_unpartitioned_ranks_average_gradients_in_one_buffer_exactly_as_deep
     """`trainer.engine.gradients_in_one_buffer` and `clipping_that_keeps_its_norm`: two steps on 2 ranks at stage 0
     (different data per rank, two micro-batches per step, a parameter with no gradient) leave every weight bit for
     bit where DeepSpeed's own stage-0 averaging and clipping leave it, with a clip that bites and one that does not,
-    every gradient a view of the one buffer throughout, and the norm the clipping kept is the one reported."""
+    averaged in the memory the two ranks share (`trainer.shared_rows`, as on one host) and by all-reduce (as where
+    they share none), every gradient a view of the one buffer throughout, and the norm the clipping kept is the one
+    reported."""
     out = tmp_path / "result.json"
     proc = subprocess.run([sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=2",
                            "tests/gradient_buffer_ranks.py", str(out)], cwd=REPO, env=run_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    for clip, result in results.items():
-        assert result["buffered"] and result["bound"] and result["kept_norm"], clip
-        assert result["equal"], (clip, result["max_diff"])
+    assert results.pop("left behind") == [] and len(results) == 4
+    for case, result in results.items():
+        assert result["buffered"] and result["bound"] and result["kept_norm"], case
+        assert result["rows"] == (2 if case.endswith("shared") else 1), case  # both ranks' rows in one mapping
+        assert result["equal"], (case, result["max_diff"])
         assert result["moved"] >= 4, "the trained weights moved"
         assert result["norms"] == pytest.approx(result["reference_norms"], rel=1e-5) and len(result["norms"]) == 2
-    assert min(results["0.05"]["norms"]) > 0.05, "the small clip bites"
-    assert max(results["1000000.0"]["norms"]) < 1e6
+    for how in ("shared", "all-reduce"):
+        assert min(results[f"0.05 {how}"]["norms"]) > 0.05, "the small clip bites"
+        assert max(results[f"1000000.0 {how}"]["norms"]) < 1e6
+
+
+def test_shared_rows_are_allocated_up_front_or_say_why_not(tmp_path, monkeypatch):
+    """The file behind the ranks' shared memory is allocated whole when made (so a full /dev/shm is a reason to
+    all-reduce instead, not a bus error later), and a machine without /dev/shm gets a reason."""
+    from trainer import shared_rows
+
+    monkeypatch.setattr(shared_rows, "SHM_DIR", str(tmp_path))
+    path, why_not = shared_rows._create(3 << 20)
+    assert why_not is None and Path(path).parent == tmp_path and os.stat(path).st_blocks * 512 >= 3 << 20
+    monkeypatch.setattr(shared_rows, "SHM_DIR", str(tmp_path / "absent"))
+    assert shared_rows._create(1024) == [None, f"no {tmp_path / 'absent'}"]
 
 
 @pytest.mark.distributed

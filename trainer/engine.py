@@ -24,6 +24,7 @@ from trainer.config import (DeepSpeedConfig, ModelConfig, OptimConfig, resolve_z
                             zero_stage_note)
 from trainer.contracts import scrub_secrets
 from trainer.loopback import gloo_on_loopback, is_loopback, listening_socket
+from trainer.shared_rows import SHM_DIR, SharedRows, shared_rows
 
 
 @dataclass(frozen=True)
@@ -414,9 +415,22 @@ def gradients_in_one_buffer(engine) -> None:
     hands out page by page. Here each trained parameter's `.grad` is a view into one buffer made once: backward
     accumulates into it, one all-reduce averages it, and zeroing the gradients zeroes it (they stay bound). The
     arithmetic is DeepSpeed's: a parameter that got no gradient takes part as zeros, as DeepSpeed fills it, and
-    the sum is divided by the world size. (Its cost at the compute-bound bench size: docs/benchmarks.md.)"""
+    the sum is divided by the world size. (Its cost at the compute-bound bench size: docs/benchmarks.md.)
+
+    On the CPU with every rank on one host the buffer is this rank's row of memory the ranks share
+    (`trainer.shared_rows`), averaged there instead of by an all-reduce over loopback; which one a run uses is
+    printed."""
     params = [p for p in engine.module.parameters() if p.requires_grad and p.numel() > 0]
-    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    group = engine.seq_data_parallel_group
+    numel, dtype, dev = sum(p.numel() for p in params), params[0].dtype, params[0].device
+    shared = shared_rows(numel, dtype, group) if dev.type == "cpu" else None
+    if isinstance(shared, SharedRows):
+        flat, how = shared.mine, f"in memory the {dist.get_world_size(group)} ranks share ({SHM_DIR})"
+    else:
+        flat = torch.zeros(numel, dtype=dtype, device=dev)
+        how = f"by {dist.get_backend(group)} all-reduce" + (f": {shared}" if shared else "")
+    if dist.get_rank() == 0:
+        print(f"gradients averaged {how}", flush=True)
     views, offset = [], 0
     for p in params:
         views.append(flat[offset : offset + p.numel()].view_as(p))
@@ -438,7 +452,9 @@ def gradients_in_one_buffer(engine) -> None:
         if not engine.is_gradient_accumulation_boundary():
             return  # as DeepSpeed's: the ranks communicate at the window's end only
         bind()
-        group = engine.seq_data_parallel_group
+        if isinstance(shared, SharedRows):
+            shared.average()
+            return
         dist.all_reduce(flat, group=group)
         flat.div_(dist.get_world_size(group))
 
