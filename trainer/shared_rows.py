@@ -50,8 +50,8 @@ class SharedRows:
 
 
 def shared_rows(numel: int, dtype: torch.dtype, group) -> Union[SharedRows, str]:
-    """A zeroed (ranks, numel) tensor that the group's ranks share, or why there is none. Collective: every rank of
-    `group` calls it."""
+    """A (ranks, numel) tensor of zeros (a new file's) that the group's ranks share, or why there is none.
+    Collective: every rank of `group` calls it."""
     rank, ranks = dist.get_rank(group), dist.get_world_size(group)
     nbytes = ranks * numel * torch.empty((), dtype=dtype).element_size()
     offer: list[Optional[str]] = [None, None]  # (path, why not)
@@ -71,7 +71,6 @@ def shared_rows(numel: int, dtype: torch.dtype, group) -> Union[SharedRows, str]
         why_not = f"the {ranks} ranks do not share {SHM_DIR} (several hosts)"
     if why_not is not None:
         return why_not
-    rows[rank].zero_()  # already zeros: touched once so each page is this rank's from the start
     return SharedRows(rows=rows, rank=rank, group=group)
 
 
