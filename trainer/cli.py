@@ -129,10 +129,11 @@ def launch(hydra_main: Callable[[], None], config_name: Optional[str] = None) ->
     _composition_errors_are_user_errors()
     hydra_main()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        _leave_without_native_teardown()
+        leave_without_native_teardown()
 
 
-def _leave_without_native_teardown() -> None:
+def leave_without_native_teardown() -> None:
+    """Exit 0 once Python's exit handlers have run, without the native teardown (for a finished rank)."""
     # A rank of a multi-rank run that had finished and printed `done` still aborted at interpreter exit now and then
     # ("terminate called without an active exception", -6; after trainer.engine's atexit destroy of the process
     # group too), in the C++ teardown that follows Python's, and torchrun then reported the finished run failed.
