@@ -29,6 +29,9 @@ model; no critic; and the old log-probs are the sampler's, which tuneforge keeps
   processes started by torchrun, each mini-batch split over them, counted as ranks x its median wall time;
   --zero3-option sets a `DeepSpeedConfig` field for it.
 
+Every piece runs with the allocator tuned as tuneforge's processes run (`trainer.malloc`: glibc keeps what a step
+frees; recorded as `allocator`), which makes them faster than PyTorch's defaults would.
+
 The floor is the plain pieces' sum divided by --cores: the iteration time if every core did nothing but this
 work, with no overhead and perfect packing. A second floor swaps in the ZeRO-3 update. No real system reaches
 either; they tell how far a throughput target is from what the machine can do at all. With --vs, both are set
@@ -53,6 +56,7 @@ if not __package__:  # run as `python bench/ppo_floor.py`: make the repository r
 import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
+from trainer.malloc import keep_freed_memory  # noqa: E402
 
 
 def median_s(fn: Callable[[], None], repeats: int) -> float:
@@ -304,6 +308,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.algo == "ppo" and args.samples_per_prompt > 1:
         p.error("--samples-per-prompt: bench.ppo_vs_trl samples one response per prompt")
     torch.set_num_threads(1)
+    allocator = keep_freed_memory()  # as every tuneforge process runs: the floor's pieces get what its roles get
     if args.work is not None:
         return zero3_child(args)
     if args.vs and not args.vs.is_file():  # before minutes of measuring
@@ -327,6 +332,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     result = {"command": " ".join(["python -m bench.ppo_floor", *(argv if argv is not None else sys.argv[1:])]),
               "settings": settings | {"vs": str(args.vs) if args.vs else None},
               "machine": harness.machine_info(1), "code": code, "parameters": parameters(args),
+              "allocator": allocator,
               "busy_cores_before": busy, "loaded": busy is not None and busy > harness.BUSY_CORES_LIMIT,
               "pieces_s": pieces, "zero3_policy_update_core_s": zero3_update,
               "floors_core_s": floors, "floors_rollouts_per_s": rate}

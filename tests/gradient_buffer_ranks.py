@@ -1,4 +1,4 @@
-"""Run by test_training.py under `launch.torchrun` on 2 ranks: two optimizer steps of the same small model, with
+"""Run by test_training.py under `launch.torchrun` on 2 ranks and on 1: two optimizer steps of the same small model, with
 different data on each rank, two micro-batches per step and one parameter that gets no gradient, through
 `trainer.engine.build_engine` (its gradients in one buffer: `gradients_in_one_buffer`, averaged in memory the ranks
 share and, as where they share none, by all-reduce; its clipping keeping the norm: `clipping_that_keeps_its_norm`) and
@@ -80,8 +80,9 @@ def compare(max_grad_norm: float, rank: int, world_size: int, shared: bool) -> d
 
 def main(out: str) -> None:
     info = init_distributed()
+    hows = ("shared", "all-reduce") if info.world_size > 1 else ("one rank",)  # one rank averages nothing
     results = {f"{clip} {how}": compare(clip, info.rank, info.world_size, how == "shared")
-               for clip in (0.05, 1e6) for how in ("shared", "all-reduce")}
+               for clip in (0.05, 1e6) for how in hows}
     # the shared memory's files, which rank 0 made, are gone once mapped
     results["left behind"] = [f for f in os.listdir(SHM_DIR) if f.startswith(f"tuneforge-rows-{os.getpid()}-")]
     if info.rank == 0:

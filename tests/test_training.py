@@ -123,6 +123,27 @@ def test_two_unpartitioned_ranks_average_gradients_in_one_buffer_exactly_as_deep
         assert max(results[f"1000000.0 {how}"]["norms"]) < 1e6
 
 
+@pytest.mark.distributed
+def test_one_unpartitioned_rank_keeps_its_gradients_in_one_buffer_exactly_as_deepspeed_does(tmp_path):
+    """One rank at stage 0 (a PPO critic, a single-process SFT run): the gradients live in one buffer made once
+    (no flat copy and copy back per step, nothing freed and faulted in again) and the weights end bit for bit
+    where DeepSpeed's own engine leaves them, with a clip that bites and one that does not."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=1",
+                           "tests/gradient_buffer_ranks.py", str(out)], cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results.pop("left behind") == [] and sorted(results) == ["0.05 one rank", "1000000.0 one rank"]
+    for case, result in results.items():
+        assert result["buffered"] and result["bound"] and result["rows"] == 1 and result["kept_norm"], case
+        assert result["equal"], (case, result["max_diff"])
+        assert result["moved"] >= 4, "the trained weights moved"
+        assert result["norms"] == pytest.approx(result["reference_norms"], rel=1e-5) and len(result["norms"]) == 2
+    assert min(results["0.05 one rank"]["norms"]) > 0.05, "the small clip bites"
+    assert "gradients averaged" not in proc.stdout, "one rank has nothing to average, and says nothing of it"
+
+
 def test_shared_rows_are_allocated_up_front_or_say_why_not(tmp_path, monkeypatch):
     """The file behind the ranks' shared memory is allocated whole when made (so a full /dev/shm is a reason to
     all-reduce instead, not a bus error later), and a machine without /dev/shm gets a reason."""

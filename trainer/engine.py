@@ -363,7 +363,7 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: Optional[Op
     set_collective_timeout(_collective_timeout.total_seconds())  # the groups DeepSpeed has just made
     fp32_stage0 = (engine.zero_optimization_stage() == 0 and engine.sequence_parallel_size == 1
                    and not (engine.has_moe_layers or engine.fp16_enabled() or engine.bfloat16_enabled()))
-    if fp32_stage0 and engine.dp_world_size > 1:
+    if fp32_stage0:
         gradients_in_one_buffer(engine)
     if fp32_stage0 and engine.gradient_clipping() > 0 and engine.mpu is None:
         clipping_that_keeps_its_norm(engine)
@@ -407,29 +407,30 @@ def clipping_that_keeps_its_norm(engine) -> None:
 
 
 def gradients_in_one_buffer(engine) -> None:
-    """An unpartitioned fp32 engine over several ranks, with its gradients kept in one flat buffer that is
-    averaged over the ranks in place.
+    """An unpartitioned fp32 engine with its gradients kept in one flat buffer, averaged over the ranks in place.
 
     DeepSpeed's stage-0 average copies every gradient into a new flat tensor, all-reduces it and copies the
-    result back, at each step; on a CPU a new tensor of the model's size is fresh memory, which the kernel
-    hands out page by page. Here each trained parameter's `.grad` is a view into one buffer made once: backward
-    accumulates into it, one all-reduce averages it, and zeroing the gradients zeroes it (they stay bound). The
-    arithmetic is DeepSpeed's: a parameter that got no gradient takes part as zeros, as DeepSpeed fills it, and
-    the sum is divided by the world size. (Its cost at the compute-bound bench size: docs/benchmarks.md.)
+    result back, at each step, on one rank too; and zeroing the gradients frees them. On a CPU a new tensor of the
+    model's size is fresh memory, which the kernel hands out page by page. Here each trained parameter's `.grad`
+    is a view into one buffer made once: backward accumulates into it, one all-reduce averages it (nothing to
+    average on one rank), and zeroing the gradients zeroes it (they stay bound). The arithmetic is DeepSpeed's: a
+    parameter that got no gradient takes part as zeros, as DeepSpeed fills it, and the sum is divided by the
+    world size. (Its cost at the compute-bound bench size: docs/benchmarks.md.)
 
-    On the CPU with every rank on one host the buffer is this rank's row of memory the ranks share
+    On the CPU with several ranks on one host the buffer is this rank's row of memory the ranks share
     (`trainer.shared_rows`), averaged there instead of by an all-reduce over loopback; which one a run uses is
     printed."""
     params = [p for p in engine.module.parameters() if p.requires_grad and p.numel() > 0]
     group = engine.seq_data_parallel_group
+    ranks = dist.get_world_size(group)
     numel, dtype, dev = sum(p.numel() for p in params), params[0].dtype, params[0].device
-    shared = shared_rows(numel, dtype, group) if dev.type == "cpu" else None
+    shared = shared_rows(numel, dtype, group) if dev.type == "cpu" and ranks > 1 else None
     if isinstance(shared, SharedRows):
-        flat, how = shared.mine, f"in memory the {dist.get_world_size(group)} ranks share ({SHM_DIR})"
+        flat, how = shared.mine, f"in memory the {ranks} ranks share ({SHM_DIR})"
     else:
         flat = torch.zeros(numel, dtype=dtype, device=dev)
         how = f"by {dist.get_backend(group)} all-reduce" + (f": {shared}" if shared else "")
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and ranks > 1:
         print(f"gradients averaged {how}", flush=True)
     views, offset = [], 0
     for p in params:
@@ -452,11 +453,13 @@ def gradients_in_one_buffer(engine) -> None:
         if not engine.is_gradient_accumulation_boundary():
             return  # as DeepSpeed's: the ranks communicate at the window's end only
         bind()
+        if ranks == 1:
+            return
         if isinstance(shared, SharedRows):
             shared.average()
             return
         dist.all_reduce(flat, group=group)
-        flat.div_(dist.get_world_size(group))
+        flat.div_(ranks)
 
     engine.zero_grad = zero_grad
     engine.allreduce_gradients = allreduce_gradients
