@@ -232,9 +232,8 @@ def child_env(threads: int, run_dir: Path) -> dict:
     return env
 
 
-def run_child(cmd: list[str], run_dir: Path, threads: int, profile: bool, env: Optional[dict] = None) -> float:
-    """Run one training process to completion, with `env` added to its environment; its output goes to
-    run_dir/output.log. Returns wall seconds.
+def run_child(cmd: list[str], run_dir: Path, threads: int, profile: bool) -> float:
+    """Run one training process to completion; its output goes to run_dir/output.log. Returns wall seconds.
 
     With `profile`, py-spy samples it into run_dir/profile.txt (collapsed stacks, one "stack count" per line)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -244,8 +243,7 @@ def run_child(cmd: list[str], run_dir: Path, threads: int, profile: bool, env: O
         cmd = [py_spy, "record", "--rate", "50", "--format", "raw", "--output", out, "--", *cmd]
     start = time.perf_counter()
     with (run_dir / "output.log").open("w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(threads, run_dir) | (env or {}), stdout=log,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(threads, run_dir), stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = (run_dir / "output.log").read_text(errors="replace")[-3000:]

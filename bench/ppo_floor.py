@@ -29,8 +29,10 @@ model; no critic; and the old log-probs are the sampler's, which tuneforge keeps
   processes started by torchrun, each mini-batch split over them, counted as ranks x its median wall time;
   --zero3-option sets a `DeepSpeedConfig` field for it.
 
-Every piece runs with the allocator tuned as tuneforge's processes run (`trainer.malloc`: glibc keeps what a step
-frees; recorded as `allocator`), which makes them faster than PyTorch's defaults would.
+Every piece runs with glibc told to keep the memory a step frees (`keep_freed_memory`; recorded as `allocator`):
+the plain update frees its gradients at every step, and glibc's defaults give that memory back to the kernel, which
+hands it out again page by page. That makes the floor faster than PyTorch's defaults would (a stricter limit);
+tuneforge's roles keep their gradients in one buffer and run with glibc's defaults.
 
 The floor is the plain pieces' sum divided by --cores: the iteration time if every core did nothing but this
 work, with no overhead and perfect packing. A second floor swaps in the ZeRO-3 update. No real system reaches
@@ -41,8 +43,10 @@ beside the rows of a `bench.ppo_vs_trl` result, as multiples of its TRL median.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -56,7 +60,19 @@ if not __package__:  # run as `python bench/ppo_floor.py`: make the repository r
 import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
-from trainer.malloc import keep_freed_memory  # noqa: E402
+
+
+def keep_freed_memory() -> str:
+    """Fix glibc's mmap and trim thresholds for this process, so that what a step frees stays in the heap for the
+    next step instead of going back to the kernel (whose fresh pages fault in zeroed). What it did, in words."""
+    if platform.libc_ver()[0] != "glibc":
+        return f"allocator: the C library's defaults ({platform.libc_ver()[0] or 'not glibc'})"
+    mallopt = ctypes.CDLL(None).mallopt
+    # M_MMAP_THRESHOLD: 32 MiB, the most glibc takes on 64-bit; M_TRIM_THRESHOLD: mallopt's int maximum; M_TOP_PAD.
+    settings = {-3: 32 << 20, -1: (1 << 31) - 1, -2: 64 << 20}
+    if not all(mallopt(param, value) == 1 for param, value in settings.items()):
+        return "allocator: glibc refused the thresholds (its defaults)"
+    return "allocator: glibc keeps freed memory (mmap threshold 32 MiB, no trimming under 2 GiB)"
 
 
 def median_s(fn: Callable[[], None], repeats: int) -> float:
@@ -308,7 +324,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.algo == "ppo" and args.samples_per_prompt > 1:
         p.error("--samples-per-prompt: bench.ppo_vs_trl samples one response per prompt")
     torch.set_num_threads(1)
-    allocator = keep_freed_memory()  # as every tuneforge process runs: the floor's pieces get what its roles get
+    allocator = keep_freed_memory()
     if args.work is not None:
         return zero3_child(args)
     if args.vs and not args.vs.is_file():  # before minutes of measuring

@@ -47,9 +47,7 @@ default until 2026-12-06 and for models past the threshold: `actor.deepspeed.sta
 gradient clipping, as TRL),
 tuneforge-plain-linear (ZeRO-3's Linear wrapper off for training too), tuneforge-no-overlap (each iteration waits for
 both updates before sampling: `rollout.overlap_critic_update=false`), tuneforge-persist (the policy's ZeRO-3 keeps
-DeepSpeed's 100k parameter persistence threshold, the default before 2026-11-27), tuneforge-glibc-malloc (every
-process with glibc's own allocator thresholds, as before 2026-12-07: `TUNEFORGE_GLIBC_MALLOC=default`, see
-`trainer.malloc`).
+DeepSpeed's 100k parameter persistence threshold, the default before 2026-11-27).
 """
 
 from __future__ import annotations
@@ -81,7 +79,7 @@ PPO = harness.Comparison(
     systems=("tuneforge", "trl", "tuneforge-zero0", "tuneforge-zero3-recompute"),
     # Gradient clipping off on both tuneforge models, as TRL's PPO loop never clips: isolates that difference.
     optional_systems=("tuneforge-zero3", "tuneforge-noclip", "tuneforge-plain-linear", "tuneforge-no-overlap",
-                      "tuneforge-persist", "tuneforge-glibc-malloc"),
+                      "tuneforge-persist"),
     trl_systems=("trl",),
     counts={"rollouts": "rollouts", "response_tokens": "resp tok", "prompt_tokens": "prompt tok"},
     sizes={"steps": 30, "rollout_batch": 64, "mini_batch_size": 32, "ppo_epochs": 1, "response_length": 16},
@@ -106,10 +104,7 @@ SYSTEM_OVERRIDES = {
     "tuneforge-no-overlap": ("rollout.overlap_critic_update=false",),
     "tuneforge-persist": ("actor.deepspeed.stage3_param_persistence_threshold=100000",),
     "tuneforge-zero3-recompute": ("actor.deepspeed.stage=3", "critic.deepspeed.stage=3", "rollout.old_logprobs=recompute"),
-    "tuneforge-glibc-malloc": (),
 }
-# What each tuneforge system adds to the environment of the run (and so of its Ray roles).
-SYSTEM_ENV = {"tuneforge-glibc-malloc": {"TUNEFORGE_GLIBC_MALLOC": "default"}}
 
 
 def add_tuneforge_threads(p) -> None:
@@ -220,11 +215,10 @@ def tuneforge_records(run_dir: Path, prompt_tokens: list[int], rollout_batch: in
     return records
 
 
-def run_driver(overrides: list[str], run_dir: Path, threads: int, prompts: int, env: Optional[dict] = None) -> float:
-    """Run `python -m rlhf.ppo` once (`env` added to its environment); stop unless its driver built the bench's
-    `prompts` prompts. Wall seconds."""
+def run_driver(overrides: list[str], run_dir: Path, threads: int, prompts: int) -> float:
+    """Run `python -m rlhf.ppo` once; stop unless its driver built the bench's `prompts` prompts. Wall seconds."""
     cmd = [sys.executable, "-m", "rlhf.ppo", *overrides, f"hydra.run.dir={run_dir}"]
-    wall = harness.run_child(cmd, run_dir, threads, False, env)
+    wall = harness.run_child(cmd, run_dir, threads, False)
     seen = re.search(r"prompts=(\d+)", (run_dir / "output.log").read_text())
     if seen is None or int(seen.group(1)) != prompts:
         raise SystemExit(f"error: {run_dir}: tuneforge's driver built other prompts than the bench "
@@ -277,8 +271,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         def run_system(system: str, run_dir: Path):
             if system in PPO.trl_systems:
                 return harness.run_trl("trl_ppo", run_dir, spec, args.threads, False, PPO.trl_python)
-            wall = run_driver([*overrides, *SYSTEM_OVERRIDES[system]], run_dir, args.threads, len(prompts),
-                              SYSTEM_ENV.get(system))
+            wall = run_driver([*overrides, *SYSTEM_OVERRIDES[system]], run_dir, args.threads, len(prompts))
             return tuneforge_records(run_dir, prompt_tokens, cfg.rollout_batch), wall
 
         harness.compare(args, PPO, setup, run_system, argv=argv, recorded={

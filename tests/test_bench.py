@@ -224,3 +224,44 @@ def test_a_table_naming_a_missing_result_file_is_one_error_line(tmp_path, monkey
     monkeypatch.setattr(tables, "ROOT", tmp_path)
     assert tables.main([]) == 2
     assert capsys.readouterr().err.strip().startswith("error: README.md: no result file ")
+
+
+# A fresh process frees 20 x 8 MiB it wrote, then allocates and writes them again: the page faults of the second
+# round (the kernel handing out zeroed pages again) are what the floor's allocator setting saves.
+SECOND_ROUND_FAULTS = """
+import ctypes, resource, sys
+if sys.argv[1] == "kept":
+    from bench.ppo_floor import keep_freed_memory
+    print(keep_freed_memory())
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+def one_round(n=20, size=8 << 20):
+    blocks = [libc.malloc(size) for _ in range(n)]
+    for b in blocks:
+        libc.memset(b, 1, size)
+    for b in blocks:
+        libc.free(b)
+libc.free(libc.malloc(8 << 20))  # glibc's dynamic threshold adapts to the size first
+one_round()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+one_round()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
+def test_the_floor_keeps_freed_memory_where_glibc_defaults_give_it_back():
+    """bench.ppo_floor's pieces run with glibc keeping what a step frees: the second round of the same allocations
+    faults almost nothing in again, where glibc's defaults fault it all in."""
+    from runs import REPO
+
+    def second_round(mode: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", SECOND_ROUND_FAULTS, mode], cwd=REPO, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True).stdout.split("\n")
+
+    pages = 20 * (8 << 20) // os.sysconf("SC_PAGE_SIZE")
+    said, faults, _ = second_round("kept")
+    assert said.startswith("allocator: glibc keeps freed memory") and int(faults) < pages // 10, (said, faults)
+    faults, _ = second_round("defaults")
+    assert int(faults) > pages // 2, "glibc's defaults give the memory back (else the test proves nothing)"

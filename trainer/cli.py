@@ -24,7 +24,6 @@ from typing import Callable, Optional
 from trainer.compose import error_line, register_all, renamed_overrides, run_id
 from trainer.config import ConfigError
 from trainer.contracts import RUN_ID_ENV, USER_ERROR_EXIT_CODE
-from trainer.malloc import keep_freed_memory
 
 STALE_BUILD_LOCK_S = 600
 
@@ -99,13 +98,10 @@ def _remove_stale_build_locks(cache: Path, max_age_s: float = STALE_BUILD_LOCK_S
             pass
 
 
-def prepare_process() -> str:
-    """What every process that builds DeepSpeed engines needs, entry points and Ray actors alike; returns what it
-    did to the allocator (`trainer.malloc`), in words."""
-    allocator = keep_freed_memory()
+def prepare_process() -> None:
+    """What every process that builds DeepSpeed engines needs, entry points and Ray actors alike."""
     _silence_library_noise()
     _per_environment_extension_cache()
-    return allocator
 
 
 def launch(hydra_main: Callable[[], None], config_name: Optional[str] = None) -> None:
@@ -120,11 +116,10 @@ def launch(hydra_main: Callable[[], None], config_name: Optional[str] = None) ->
     # Before anything imports Ray: a sweep on Hydra's Ray launcher starts Ray in this process.
     keep_local_ray_on_loopback(sys.argv[1:])
     sys.argv[1:], notes = renamed_overrides(sys.argv[1:])
-    allocator = prepare_process()
     if int(os.environ.get("RANK", 0)) == 0:
         for note in notes:
             print(f"note: {note}", file=sys.stderr, flush=True)
-        print(allocator, flush=True)
+    prepare_process()
     register_all()
     discover = config_name is not None and wants_discovery(sys.argv[1:], os.environ)  # before a run id is set
     _agree_on_run_id()
