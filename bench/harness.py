@@ -493,6 +493,29 @@ def paired_ratios(runs: list[dict], counts: Iterable[str], trl_systems: Iterable
     return out
 
 
+def shares_of_floor(runs: list[dict], floors: list[float], key: str) -> dict:
+    """Every system's `key` per second as a share of the floor timed in the same repeat (`floors[repeat]`, in the
+    same unit), per repeat, with their median, min and max: the fraction paired as the TRL ratios are."""
+    out = {}
+    for system in dict.fromkeys(r["system"] for r in runs):
+        shares = [r[f"{key}_per_s"] / floors[r["repeat"]] for r in sorted(runs, key=lambda r: r["repeat"])
+                  if r["system"] == system]
+        out[system] = {"per_repeat": shares, "median": statistics.median(shares), "min": min(shares),
+                       "max": max(shares)}
+    return out
+
+
+def floor_share_table(result: dict) -> str:
+    """Per system: its share of the floor timed in each repeat, paired (median, min-max, every repeat), beside
+    the floors themselves."""
+    floors = result["floor"]["per_repeat"]
+    rows = [[system, f"{share['median']:.2f} ({share['min']:.2f}-{share['max']:.2f})",
+             ", ".join(f"{x:.2f}" for x in share["per_repeat"])]
+            for system, share in result["floor"]["shares"].items()]
+    return (markdown_table(["system", "share of the floor, paired median (min-max)", "per repeat"], rows) + "\n\n"
+            + f"floor timed in each repeat ({result['floor']['unit']}): " + ", ".join(f"{x:.2f}" for x in floors))
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
 
@@ -542,12 +565,14 @@ def format_tables(summary: dict, c: Comparison) -> str:
 
 def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
             run_system: Callable[[str, Path], tuple[list[dict], float]], *, recorded: dict,
-            argv: Optional[list[str]]) -> None:
+            argv: Optional[list[str]], floor: Optional[Callable[[Path], float]] = None) -> None:
     """Run every selected system `--repeats` times in alternation, print and write the results.
 
     run_system(system, run_dir) -> (per-step records with "step", "time", `c.final`, every count and every one of
     `c.means`, wall seconds).
-    `recorded` goes into the result file as it is (what the TRL runs were given)."""
+    `recorded` goes into the result file as it is (what the TRL runs were given).
+    `floor(run_dir)`, when given, times the floor after each repeat's runs (in the first count per second), so that
+    each system's share of it pairs with runs minutes away, not a separate measurement's."""
     machine = machine_info(args.threads, c.trl_python)
     code = code_version()
     warn_if_dirty(code)
@@ -555,7 +580,8 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
           f"trl {machine['trl']}; {setup.rows} rows; {args.steps} steps x {args.repeats} repeats; "
           f"{setup.parameters} parameters", flush=True)
 
-    runs = []
+    runs, floors = [], []
+    first_count, first_unit = next(iter(c.counts.items()))
     for repeat in range(args.repeats):
         for system in (s for s in c.systems + c.optional_systems if s in args.systems):
             run_dir = setup.work / "runs" / f"{system}-r{repeat}"
@@ -575,8 +601,14 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
             rates = " ".join(f"{result[f'{k}_per_s']:8.1f} {unit}/s" for k, unit in c.counts.items())
             print(f"[{repeat + 1}/{args.repeats}] {system:<16} {rates}  {result['step_time_s']:.3f} s/step  "
                   f"{c.final} {result[f'final_{c.final}']:.4f}  wall {wall:.0f} s", flush=True)
+        if floor is not None:
+            floors.append(floor(setup.work / "runs" / f"floor-r{repeat}"))
+            print(f"[{repeat + 1}/{args.repeats}] floor            {floors[-1]:8.1f} {first_unit}/s", flush=True)
 
     summary = summarize(runs, c)
+    if floor is not None:
+        summary["floor"] = {"unit": f"{first_unit}/s", "per_repeat": floors,
+                            "shares": shares_of_floor(runs, floors, first_count)}
     machine["load_average_at_end"] = os.getloadavg()
     result = {
         "command": " ".join([f"python -m bench.{c.name}", *(argv if argv is not None else sys.argv[1:])]),
@@ -592,6 +624,8 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_tables(summary, c))
+    if floor is not None:
+        print("\n" + floor_share_table(summary))
     for tf, by_trl in summary["paired"].items():
         for trl, per_count in by_trl.items():
             for key, r in per_count.items():

@@ -6,7 +6,7 @@ remains is the work itself.
     python -m bench.ppo_floor [--algo ppo|grpo] [--rollout-batch 64] [--mini-batch-size 32]
                               [--response-length 16] [--policy-ranks 2] [--model-size tiny] [--repeats 7]
                               [--samples-per-prompt G] [--[no-]share-prompt]
-                              [--cores N] [--zero3-option KEY=VALUE ...]
+                              [--cores N] [--[no-]zero3] [--zero3-option KEY=VALUE ...]
                               [--vs bench/results/ppo_vs_trl.json] [--out bench/results/ppo_floor.json]
 
 The pieces, each the median of --repeats timings after two warm-up rounds (GRPO's iteration, as both benches
@@ -309,6 +309,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--cores", type=int, default=os.cpu_count())
+    p.add_argument("--zero3", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the policy update under ZeRO-3 too (--no-zero3: the plain pieces only, as "
+                        "bench.ppo_vs_trl --floor times them in each repeat)")
     p.add_argument("--zero3-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a DeepSpeedConfig field for the ZeRO-3 policy update, e.g. "
                         "stage3_param_persistence_threshold=100000 (repeatable)")
@@ -338,7 +341,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     busy = harness.measure_busy_cores()  # before any of this bench's own work
     with tempfile.TemporaryDirectory(prefix="ppo_floor_") as tmp:
         pieces = measure(args, Path(tmp))
-        zero3_update = zero3_policy_update(args, Path(tmp)) if args.policy_ranks > 1 else None
+        zero3_update = zero3_policy_update(args, Path(tmp)) if args.policy_ranks > 1 and args.zero3 else None
     floors = {"floor": sum(pieces.values())}  # core-seconds of one iteration's work
     if zero3_update is not None:
         floors[f"floor, policy update under ZeRO-3 on {args.policy_ranks} ranks"] = (

@@ -2,7 +2,11 @@
 
     python -m bench.ppo_vs_trl [--steps 30] [--repeats 3] [--rollout-batch 64] [--mini-batch-size 32]
                                [--ppo-epochs 1] [--response-length 16] [--model-size tiny|small] [--threads N]
-                               [--out bench/results/ppo_vs_trl.json]
+                               [--floor [--floor-repeats 3]] [--out bench/results/ppo_vs_trl.json]
+
+With --floor, `bench.ppo_floor`'s plain pieces are timed again after each repeat's runs, and every system's
+rollouts/s is reported as a share of the floor of its own repeat (paired, as the TRL ratios are): a floor timed in
+a separate run minutes later saw another stretch of a machine whose speed drifts.
 
 TRL dropped PPO after 1.12, so its side runs in its own environment (`bash bench/setup_trl_ppo.sh` makes
 `bench/.venv-trl-ppo` with TRL 1.12.0, whose `trl.experimental.ppo.PPOTrainer` is the "PPOv2" trainer).
@@ -107,10 +111,26 @@ SYSTEM_OVERRIDES = {
 }
 
 
-def add_tuneforge_threads(p) -> None:
+def add_arguments(p) -> None:
     p.add_argument("--tuneforge-threads", type=int, default=None,
                    help="torch threads of each of tuneforge's Ray actors (cluster.torch_threads; default: the "
                         "config's 1); --threads sets TRL's process and tuneforge's driver")
+    p.add_argument("--floor", action="store_true",
+                   help="after each repeat's runs, time the floor (bench.ppo_floor's plain pieces, --floor-repeats "
+                        "timings each) and report every system's share of it per repeat")
+    p.add_argument("--floor-repeats", type=int, default=3, help="timings of each floor piece per repeat (--floor)")
+
+
+def floor_rate(args, run_dir: Path) -> float:
+    """The floor's rollouts/s for the bench's settings, timed now by `bench.ppo_floor` (its plain pieces, one
+    thread, in a process of its own); its result file stays in `run_dir`."""
+    out = run_dir / "floor.json"
+    cmd = [sys.executable, "-m", "bench.ppo_floor", "--model-size", args.model_size,
+           "--rollout-batch", str(args.rollout_batch), "--mini-batch-size", str(args.mini_batch_size),
+           "--response-length", str(args.response_length), "--repeats", str(args.floor_repeats),
+           "--seed", str(args.seed), "--no-zero3", "--out", str(out)]
+    harness.run_child(cmd, run_dir, 1, False)
+    return json.loads(out.read_text())["floors_rollouts_per_s"]["floor"]
 
 
 def model_config(model_size: str):
@@ -227,7 +247,7 @@ def run_driver(overrides: list[str], run_dir: Path, threads: int, prompts: int) 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = harness.parse_args(PPO, __doc__, argv, add_tuneforge_threads)
+    args = harness.parse_args(PPO, __doc__, argv, add_arguments)
     if not PPO.trl_python.exists() and "trl" in args.systems:
         raise SystemExit(f"error: no {PPO.trl_python}; run `bash bench/setup_trl_ppo.sh` first (TRL's side runs "
                          f"in its own environment: PPOTrainer is gone from the TRL tuneforge uses)")
@@ -274,7 +294,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             wall = run_driver([*overrides, *SYSTEM_OVERRIDES[system]], run_dir, args.threads, len(prompts))
             return tuneforge_records(run_dir, prompt_tokens, cfg.rollout_batch), wall
 
-        harness.compare(args, PPO, setup, run_system, argv=argv, recorded={
+        if args.floor and args.ppo_epochs != 1:
+            raise SystemExit("error: --floor: bench.ppo_floor times one pass over the rollouts (--ppo-epochs 1)")
+        harness.compare(args, PPO, setup, run_system, argv=argv,
+                        floor=(lambda run_dir: floor_rate(args, run_dir)) if args.floor else None, recorded={
             "trl_spec": {k: v for k, v in spec.items() if not k.endswith("_path")},
             "prompts": {"count": len(prompts), "tokens": sum(len(p.prompt_ids) for p in prompts)},
             "tuneforge_layout": tuneforge_layout(cfg),

@@ -19,7 +19,9 @@ Views (the default is the file's own: `ratios` for a vs-TRL file, `pipeline` for
 - `pipeline` (bench.default_pipeline files): its `--table` rendering (bench.default_pipeline.tables);
 - `summary` (the same files): a line per stage, its wall time and what it reached (the README's table;
   bench.default_pipeline.summary_table);
-- `floor` (bench.ppo_floor files): its tables (bench.ppo_floor.floor_tables).
+- `floor` (bench.ppo_floor files): its tables (bench.ppo_floor.floor_tables);
+- `floor_shares` (vs-TRL files of a run with `--floor`): every system's share of the floor timed in each repeat
+  (bench.harness.floor_share_table).
 
 What an older file does not hold (the parameter count, whether the tree was clean, how busy the machine was) is
 shown as "unrecorded", never guessed; paired ratios missing from an older file are computed from its runs.
@@ -124,6 +126,12 @@ def summary_view(name: str, result: dict) -> str:
     return provenance(name, result) + "\n\n" + summary_table(result)
 
 
+def floor_share_view(name: str, result: dict) -> str:
+    from bench.harness import floor_share_table
+
+    return provenance(name, result) + "\n\n" + floor_share_table(result)
+
+
 def floor_view(name: str, result: dict) -> str:
     from bench.ppo_floor import floor_tables
 
@@ -132,7 +140,7 @@ def floor_view(name: str, result: dict) -> str:
 
 VIEWS: dict[str, Callable[[str, dict], str]] = {"ratios": ratios_view, "medians": medians_view,
                                                 "pipeline": pipeline_view, "summary": summary_view,
-                                                "floor": floor_view}
+                                                "floor": floor_view, "floor_shares": floor_share_view}
 
 
 def is_comparison(result: dict) -> bool:

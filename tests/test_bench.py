@@ -141,6 +141,48 @@ def test_compare_records_parameters_cleanliness_quietness_and_paired_ratios(tmp_
     assert "2.50x (2.00-3.00)" in out  # the printed headline is the paired median with its spread
 
 
+def test_a_floor_timed_in_each_repeat_pairs_every_systems_share_with_its_own_repeat(tmp_path, monkeypatch):
+    """With a floor, compare times it after each repeat's runs and divides each run by its own repeat's floor:
+    a machine that drifts between repeats moves the runs and their floor together."""
+    import argparse
+
+    from bench import harness
+    from bench.tables import render
+
+    c = harness.Comparison(name="fake", stage="sft", data="sft", data_columns=(), tuneforge_overrides=(),
+                           systems=("tf", "trl"), trl_systems=("trl",), counts={"tokens": "tok"},
+                           sizes={"steps": 4}, size_help={"steps": ""})
+    monkeypatch.setattr(harness, "measure_busy_cores", lambda: 0.0)
+    monkeypatch.setattr(harness, "machine_info", lambda threads, trl_python=None: {
+        "cpu": "fake", "logical_cores": 2, "torch": "x", "trl": "y"})
+    monkeypatch.setattr(harness, "code_version", lambda: {"commit": "abcdef0123", "clean": True, "changed_files": []})
+    slow = {0: 1.0, 1: 0.5}  # the machine runs at half speed in the second repeat
+    order = []
+
+    def run_system(system, run_dir):
+        order.append(run_dir.name)
+        per_s = {"tf": 18.0, "trl": 12.0}[system] * slow[int(run_dir.name[-1])]
+        return [{"step": s, "time": s * 100 / per_s, "tokens": 100, "loss": 1.0} for s in range(1, 5)], 1.0
+
+    def floor(run_dir):
+        order.append(run_dir.name)
+        return 20.0 * slow[int(run_dir.name[-1])]
+
+    args = argparse.Namespace(repeats=2, systems=["tf", "trl"], threads=2, steps=4, skip_steps=1, loss_window=2,
+                              profile=False, out=tmp_path / "results" / "fake.json")
+    setup = harness.Setup(tmp_path, tmp_path / "data.jsonl", 10, [], None, parameters=1234)
+    harness.compare(args, c, setup, run_system, recorded={}, argv=[], floor=floor)
+    assert order == ["tf-r0", "trl-r0", "floor-r0", "tf-r1", "trl-r1", "floor-r1"]
+    result = json.loads(args.out.read_text())
+    assert result["floor"]["per_repeat"] == [20.0, 10.0]
+    assert result["floor"]["shares"]["tf"]["per_repeat"] == pytest.approx([0.9, 0.9])
+    assert result["floor"]["shares"]["trl"]["median"] == pytest.approx(0.6)
+    result["command"] = "python -m bench.fake"
+    (tmp_path / "results" / "fake.json").write_text(json.dumps(result))
+    table = render("fake.json floor_shares", tmp_path / "results")
+    assert "| tf |" in table.replace("  ", "") and "0.90 (0.90-0.90)" in table and "20.00, 10.00" in table
+
+
 # ---------------------------------------------------------------------------------------------------- bench.tables
 
 
