@@ -97,6 +97,16 @@ def test_forming_the_cpu_process_group_compiles_nothing(tmp_path):
     assert not extensions.exists() or not any(extensions.iterdir())
 
 
+def gradient_buffer_ranks(tmp_path: Path, ranks: int) -> tuple[dict, str]:
+    """tests/gradient_buffer_ranks.py under `launch.torchrun` on `ranks` ranks: its results and its output."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "launch.torchrun", "--standalone", f"--nproc_per_node={ranks}",
+                           "tests/gradient_buffer_ranks.py", str(out)], cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
 @pytest.mark.distributed
 def test_two_unpartitioned_ranks_average_gradients_in_one_buffer_exactly_as_deepspeed_does(tmp_path):
     """`trainer.engine.gradients_in_one_buffer` and `clipping_that_keeps_its_norm`: two steps on 2 ranks at stage 0
@@ -105,12 +115,7 @@ def test_two_unpartitioned_ranks_average_gradients_in_one_buffer_exactly_as_deep
     averaged in the memory the two ranks share (`trainer.shared_rows`, as on one host) and by all-reduce (as where
     they share none), every gradient a view of the one buffer throughout, and the norm the clipping kept is the one
     reported."""
-    out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=2",
-                           "tests/gradient_buffer_ranks.py", str(out)], cwd=REPO, env=run_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    results, _ = gradient_buffer_ranks(tmp_path, 2)
     assert results.pop("left behind") == [] and len(results) == 4
     for case, result in results.items():
         assert result["buffered"] and result["bound"] and result["kept_norm"], case
@@ -128,12 +133,7 @@ def test_one_unpartitioned_rank_keeps_its_gradients_in_one_buffer_exactly_as_dee
     """One rank at stage 0 (a PPO critic, a single-process SFT run): the gradients live in one buffer made once
     (no flat copy and copy back per step, nothing freed and faulted in again) and the weights end bit for bit
     where DeepSpeed's own engine leaves them, with a clip that bites and one that does not."""
-    out = tmp_path / "result.json"
-    proc = subprocess.run([sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=1",
-                           "tests/gradient_buffer_ranks.py", str(out)], cwd=REPO, env=run_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    results, stdout = gradient_buffer_ranks(tmp_path, 1)
     assert results.pop("left behind") == [] and sorted(results) == ["0.05 one rank", "1000000.0 one rank"]
     for case, result in results.items():
         assert result["buffered"] and result["bound"] and result["rows"] == 1 and result["kept_norm"], case
@@ -141,7 +141,7 @@ def test_one_unpartitioned_rank_keeps_its_gradients_in_one_buffer_exactly_as_dee
         assert result["moved"] >= 4, "the trained weights moved"
         assert result["norms"] == pytest.approx(result["reference_norms"], rel=1e-5) and len(result["norms"]) == 2
     assert min(results["0.05 one rank"]["norms"]) > 0.05, "the small clip bites"
-    assert "gradients averaged" not in proc.stdout, "one rank has nothing to average, and says nothing of it"
+    assert "gradients averaged" not in stdout, "one rank has nothing to average, and says nothing of it"
 
 
 def test_shared_rows_are_allocated_up_front_or_say_why_not(tmp_path, monkeypatch):
