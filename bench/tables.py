@@ -79,7 +79,7 @@ def provenance(name: str, result: dict) -> str:
     elif result.get("busy_cores_before") is not None:  # one measurement (bench.ppo_floor)
         facts.append(f"{'busy' if result['loaded'] else 'quiet'} machine at the start "
                      f"({result['busy_cores_before']:.2f} cores used by others)")
-    if result.get("allocator"):  # bench.ppo_floor since trainer.malloc
+    if result.get("allocator"):  # bench.ppo_floor files since c7630b8
         facts.append(result["allocator"])
     command = f"`{result['command']}`" if result.get("command") else f"command {UNRECORDED}"
     return f"`bench/results/{name}`: " + "; ".join(facts) + f"; {command}"
