@@ -512,8 +512,10 @@ def floor_share_table(result: dict) -> str:
     rows = [[system, f"{share['median']:.2f} ({share['min']:.2f}-{share['max']:.2f})",
              ", ".join(f"{x:.2f}" for x in share["per_repeat"])]
             for system, share in result["floor"]["shares"].items()]
+    loaded = result["floor"].get("loaded")  # not in files written before the floor was flagged
     return (markdown_table(["system", "share of the floor, paired median (min-max)", "per repeat"], rows) + "\n\n"
-            + f"floor timed in each repeat ({result['floor']['unit']}): " + ", ".join(f"{x:.2f}" for x in floors))
+            + f"floor timed in each repeat ({result['floor']['unit']}): " + ", ".join(f"{x:.2f}" for x in floors)
+            + f"; floors timed on a busy machine: {UNRECORDED if loaded is None else f'{loaded} of {len(floors)}'}")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -580,7 +582,7 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
           f"trl {machine['trl']}; {setup.rows} rows; {args.steps} steps x {args.repeats} repeats; "
           f"{setup.parameters} parameters", flush=True)
 
-    runs, floors = [], []
+    runs, floors, floor_busy = [], [], []
     first_count, first_unit = next(iter(c.counts.items()))
     for repeat in range(args.repeats):
         for system in (s for s in c.systems + c.optional_systems if s in args.systems):
@@ -602,12 +604,18 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
             print(f"[{repeat + 1}/{args.repeats}] {system:<16} {rates}  {result['step_time_s']:.3f} s/step  "
                   f"{c.final} {result[f'final_{c.final}']:.4f}  wall {wall:.0f} s", flush=True)
         if floor is not None:
+            busy = measure_busy_cores()  # the floor is flagged as the runs are
+            floor_busy.append(busy)
+            if busy is not None and busy > BUSY_CORES_LIMIT:
+                print(f"warning: {busy:.2f} cores busy with other processes before floor-r{repeat} (limit "
+                      f"{BUSY_CORES_LIMIT}); the floor is flagged as loaded", flush=True)
             floors.append(floor(setup.work / "runs" / f"floor-r{repeat}"))
             print(f"[{repeat + 1}/{args.repeats}] floor            {floors[-1]:8.1f} {first_unit}/s", flush=True)
 
     summary = summarize(runs, c)
     if floor is not None:
-        summary["floor"] = {"unit": f"{first_unit}/s", "per_repeat": floors,
+        summary["floor"] = {"unit": f"{first_unit}/s", "per_repeat": floors, "busy_cores_before": floor_busy,
+                            "loaded": sum(1 for b in floor_busy if b is not None and b > BUSY_CORES_LIMIT),
                             "shares": shares_of_floor(runs, floors, first_count)}
     machine["load_average_at_end"] = os.getloadavg()
     result = {

@@ -248,6 +248,10 @@ def run_driver(overrides: list[str], run_dir: Path, threads: int, prompts: int) 
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = harness.parse_args(PPO, __doc__, argv, add_arguments)
+    if args.floor and args.ppo_epochs != 1:  # before minutes of set-up
+        raise SystemExit("error: --floor: bench.ppo_floor times one pass over the rollouts (give --ppo-epochs 1)")
+    if args.floor and args.floor_repeats < 1:
+        raise SystemExit(f"error: --floor-repeats {args.floor_repeats}: the floor needs at least one timing per piece")
     if not PPO.trl_python.exists() and "trl" in args.systems:
         raise SystemExit(f"error: no {PPO.trl_python}; run `bash bench/setup_trl_ppo.sh` first (TRL's side runs "
                          f"in its own environment: PPOTrainer is gone from the TRL tuneforge uses)")
@@ -294,8 +298,6 @@ def main(argv: Optional[list[str]] = None) -> None:
             wall = run_driver([*overrides, *SYSTEM_OVERRIDES[system]], run_dir, args.threads, len(prompts))
             return tuneforge_records(run_dir, prompt_tokens, cfg.rollout_batch), wall
 
-        if args.floor and args.ppo_epochs != 1:
-            raise SystemExit("error: --floor: bench.ppo_floor times one pass over the rollouts (--ppo-epochs 1)")
         harness.compare(args, PPO, setup, run_system, argv=argv,
                         floor=(lambda run_dir: floor_rate(args, run_dir)) if args.floor else None, recorded={
             "trl_spec": {k: v for k, v in spec.items() if not k.endswith("_path")},

@@ -152,7 +152,8 @@ def test_a_floor_timed_in_each_repeat_pairs_every_systems_share_with_its_own_rep
     c = harness.Comparison(name="fake", stage="sft", data="sft", data_columns=(), tuneforge_overrides=(),
                            systems=("tf", "trl"), trl_systems=("trl",), counts={"tokens": "tok"},
                            sizes={"steps": 4}, size_help={"steps": ""})
-    monkeypatch.setattr(harness, "measure_busy_cores", lambda: 0.0)
+    busy = iter([0.0, 0.0, 0.0, 0.0, 0.0, 0.9])  # tf, trl, floor per repeat: the second floor finds the machine busy
+    monkeypatch.setattr(harness, "measure_busy_cores", lambda: next(busy))
     monkeypatch.setattr(harness, "machine_info", lambda threads, trl_python=None: {
         "cpu": "fake", "logical_cores": 2, "torch": "x", "trl": "y"})
     monkeypatch.setattr(harness, "code_version", lambda: {"commit": "abcdef0123", "clean": True, "changed_files": []})
@@ -175,12 +176,14 @@ def test_a_floor_timed_in_each_repeat_pairs_every_systems_share_with_its_own_rep
     assert order == ["tf-r0", "trl-r0", "floor-r0", "tf-r1", "trl-r1", "floor-r1"]
     result = json.loads(args.out.read_text())
     assert result["floor"]["per_repeat"] == [20.0, 10.0]
+    assert result["floor"]["busy_cores_before"] == [0.0, 0.9] and result["floor"]["loaded"] == 1
     assert result["floor"]["shares"]["tf"]["per_repeat"] == pytest.approx([0.9, 0.9])
     assert result["floor"]["shares"]["trl"]["median"] == pytest.approx(0.6)
     result["command"] = "python -m bench.fake"
     (tmp_path / "results" / "fake.json").write_text(json.dumps(result))
     table = render("fake.json floor_shares", tmp_path / "results")
-    assert "| tf |" in table.replace("  ", "") and "0.90 (0.90-0.90)" in table and "20.00, 10.00" in table
+    assert re.search(r"\|\s+tf \|\s+0\.90 \(0\.90-0\.90\) \|\s+0\.90, 0\.90 \|", table), table
+    assert "20.00, 10.00; floors timed on a busy machine: 1 of 2" in table
 
 
 # ---------------------------------------------------------------------------------------------------- bench.tables

@@ -425,12 +425,10 @@ def gradients_in_one_buffer(engine) -> None:
     ranks = dist.get_world_size(group)
     numel, dtype, dev = sum(p.numel() for p in params), params[0].dtype, params[0].device
     shared = shared_rows(numel, dtype, group) if dev.type == "cpu" and ranks > 1 else None
-    if isinstance(shared, SharedRows):
-        flat, how = shared.mine, f"in memory the {ranks} ranks share ({SHM_DIR})"
-    else:
-        flat = torch.zeros(numel, dtype=dtype, device=dev)
-        how = f"by {dist.get_backend(group)} all-reduce" + (f": {shared}" if shared else "")
+    flat = shared.mine if isinstance(shared, SharedRows) else torch.zeros(numel, dtype=dtype, device=dev)
     if dist.get_rank() == 0 and ranks > 1:
+        how = (f"in memory the {ranks} ranks share ({SHM_DIR})" if isinstance(shared, SharedRows)
+               else f"by {dist.get_backend(group)} all-reduce" + (f": {shared}" if shared else ""))
         print(f"gradients averaged {how}", flush=True)
     views, offset = [], 0
     for p in params:
