@@ -119,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         def run_system(system: str, run_dir: Path):
             if system in DPO.trl_systems:
-                records, wall = harness.run_trl("trl_dpo", run_dir, spec, args.threads, args.profile)
+                records, wall = harness.run_runner("trl_dpo", run_dir, spec, args.threads, args.profile)
                 trained_on = json.loads((run_dir / "data.json").read_text())
                 if trained_on["longest"] > job.data.max_length:
                     raise SystemExit(f"error: {run_dir}: TRL would truncate sequences of {trained_on['longest']} "

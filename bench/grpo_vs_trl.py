@@ -179,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         def run_system(system: str, run_dir: Path):
             if system in GRPO.trl_systems:
-                records, wall = harness.run_trl("trl_grpo", run_dir, spec, args.threads, False)
+                records, wall = harness.run_runner("trl_grpo", run_dir, spec, args.threads, False)
                 return check_trl_records(run_dir, records, cfg), wall
             wall = run_driver([*overrides, *SYSTEM_OVERRIDES[system]], run_dir, args.threads, len(prompts))
             roles = {line.split()[0] for line in (run_dir / "placement.txt").read_text().splitlines()[1:]}

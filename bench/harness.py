@@ -276,10 +276,10 @@ def run_tuneforge(stage: str, zero: str, run_dir: Path, overrides: list[str], st
     return records, wall
 
 
-def run_trl(runner: str, run_dir: Path, spec: dict, threads: int, profile: bool,
-            python: Optional[Path] = None) -> tuple[list[dict], float]:
-    """Run `python -m bench.<runner> spec.json` once (see bench/trl_harness.py for what it writes), under
-    `python` (default: this interpreter)."""
+def run_runner(runner: str, run_dir: Path, spec: dict, threads: int, profile: bool,
+               python: Optional[Path] = None) -> tuple[list[dict], float]:
+    """Run `python -m bench.<runner> spec.json` once (a TRL runner, see bench/trl_harness.py for what it writes,
+    or bench.sft_floor), under `python` (default: this interpreter)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps({**spec, "output_dir": str(run_dir)}, indent=2))
@@ -513,9 +513,16 @@ def floor_share_table(result: dict) -> str:
              ", ".join(f"{x:.2f}" for x in share["per_repeat"])]
             for system, share in result["floor"]["shares"].items()]
     loaded = result["floor"].get("loaded")  # not in files written before the floor was flagged
+    # The floor as a multiple of each TRL system, per repeat: how far above TRL any loop doing this arithmetic gets.
+    trl_systems = dict.fromkeys(trl for by_trl in result.get("paired", {}).values() for trl in by_trl)
+    multiples = []
+    for trl in (t for t in trl_systems if t in result["floor"]["shares"]):
+        per_repeat = [1 / share for share in result["floor"]["shares"][trl]["per_repeat"]]
+        multiples.append(f"{trl} {statistics.median(per_repeat):.2f}x ({min(per_repeat):.2f}-{max(per_repeat):.2f})")
     return (markdown_table(["system", "share of the floor, paired median (min-max)", "per repeat"], rows) + "\n\n"
             + f"floor timed in each repeat ({result['floor']['unit']}): " + ", ".join(f"{x:.2f}" for x in floors)
-            + f"; floors timed on a busy machine: {UNRECORDED if loaded is None else f'{loaded} of {len(floors)}'}")
+            + f"; floors timed on a busy machine: {UNRECORDED if loaded is None else f'{loaded} of {len(floors)}'}"
+            + (f"; the floor against {', '.join(multiples)}, paired median (min-max)" if multiples else ""))
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

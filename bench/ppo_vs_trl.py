@@ -294,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         def run_system(system: str, run_dir: Path):
             if system in PPO.trl_systems:
-                return harness.run_trl("trl_ppo", run_dir, spec, args.threads, False, PPO.trl_python)
+                return harness.run_runner("trl_ppo", run_dir, spec, args.threads, False, PPO.trl_python)
             wall = run_driver([*overrides, *SYSTEM_OVERRIDES[system]], run_dir, args.threads, len(prompts))
             return tuneforge_records(run_dir, prompt_tokens, cfg.rollout_batch), wall
 

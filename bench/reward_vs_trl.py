@@ -121,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         def run_system(system: str, run_dir: Path):
             if system in REWARD.trl_systems:
-                records, wall = harness.run_trl("trl_reward", run_dir, spec, args.threads, args.profile)
+                records, wall = harness.run_runner("trl_reward", run_dir, spec, args.threads, args.profile)
                 trained_on = json.loads((run_dir / "data.json").read_text())
             else:
                 zero, _, layout = system.removeprefix("tuneforge-").partition("-")

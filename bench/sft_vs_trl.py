@@ -1,7 +1,8 @@
 """tuneforge SFT vs TRL's SFTTrainer on the same computation, on CPU: trained tokens/s at matching loss.
 
     python -m bench.sft_vs_trl [--steps 30] [--repeats 3] [--micro-batch-size 16] [--max-length 128]
-                               [--model-size tiny|small] [--threads N] [--out bench/results/sft_vs_trl.json]
+                               [--model-size tiny|medium] [--threads N] [--floor]
+                               [--out bench/results/sft_vs_trl.json]
 
 Both sides train the same random-init Llama (tuneforge's `model.tiny`, same seed) with the shipped tokenizer on
 the same prompt/completion file (the synthetic suite's train split), packed to the same max length, with the same
@@ -18,6 +19,11 @@ tuneforge step holds on average, grouped by length as a careful CPU user sets it
 TRL's padding-free packed attention, which costs O((batch x length)^2) on CPU). Runs alternate, tuneforge and TRL
 in turn (`SFT.systems`), `--repeats` times; the tables show medians and the paired tuneforge/TRL ratios (per
 repeat; median, min-max).
+
+With --floor, `bench.sft_floor` trains the tuneforge run's steps again after each repeat's runs, as a plain
+PyTorch loop doing the same arithmetic and nothing else, and every system's trained tokens/s is reported as a share
+of that floor, and the floor as a multiple of each TRL system, paired per repeat: how far any loop around these
+kernels could go.
 """
 
 from __future__ import annotations
@@ -58,13 +64,25 @@ def tuneforge_step_counts(job) -> list[dict]:
             for picked in harness.replay_steps(rows, job)]
 
 
-def add_trl_unpacked_batch(p) -> None:
+def add_arguments(p) -> None:
     p.add_argument("--trl-unpacked-batch", type=int, default=None,
                    help="trl-unpacked examples per step (default: the mean of a tuneforge step's packed examples)")
+    p.add_argument("--floor", action="store_true",
+                   help="after each repeat's runs, train the same steps as a plain PyTorch loop (bench.sft_floor) "
+                        "and report every system's share of it per repeat")
+
+
+def floor_rate(args, setup, run_dir: Path) -> float:
+    """The floor's trained tokens/s: `bench.sft_floor` over the tuneforge run's steps, now, in a process of its own
+    with the runs' threads; its metrics stay in `run_dir`."""
+    records, _ = harness.run_runner("sft_floor", run_dir, {"overrides": setup.overrides}, args.threads, False)
+    measured = harness.steady_state(records, args.skip_steps, args.loss_window, SFT.counts)
+    print(f"floor final loss {measured['final_loss']:.4f}", flush=True)
+    return measured["trained_tokens_per_s"]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = harness.parse_args(SFT, __doc__, argv, add_trl_unpacked_batch)
+    args = harness.parse_args(SFT, __doc__, argv, add_arguments)
     with harness.prepared(args, SFT) as setup:
         step_counts = tuneforge_step_counts(setup.job)
         packed = {**harness.trl_spec(setup.job, setup.data_path, args.threads), "packing": setup.job.data.packing}
@@ -74,11 +92,12 @@ def main(argv: Optional[list[str]] = None) -> None:
 
         def run_system(system: str, run_dir: Path):
             if system in SFT.trl_systems:
-                return harness.run_trl("trl_sft", run_dir, specs[system], args.threads, args.profile)
+                return harness.run_runner("trl_sft", run_dir, specs[system], args.threads, args.profile)
             zero = system.removeprefix("tuneforge-")
             return harness.run_tuneforge("sft", zero, run_dir, setup.overrides, step_counts, args.threads, args.profile)
 
-        harness.compare(args, SFT, setup, run_system, argv=argv, recorded={
+        harness.compare(args, SFT, setup, run_system, argv=argv,
+                        floor=(lambda run_dir: floor_rate(args, setup, run_dir)) if args.floor else None, recorded={
             "trl_specs": {name: {k: v for k, v in spec.items() if k != "data_path"} for name, spec in specs.items()},
         })
 

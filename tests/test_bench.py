@@ -184,6 +184,33 @@ def test_a_floor_timed_in_each_repeat_pairs_every_systems_share_with_its_own_rep
     table = render("fake.json floor_shares", tmp_path / "results")
     assert re.search(r"\|\s+tf \|\s+0\.90 \(0\.90-0\.90\) \|\s+0\.90, 0\.90 \|", table), table
     assert "20.00, 10.00; floors timed on a busy machine: 1 of 2" in table
+    assert "the floor against trl 1.67x (1.67-1.67), paired median (min-max)" in table  # 20 / 12 and 10 / 6
+
+
+def test_the_sft_floor_replays_a_tuneforge_runs_steps_with_its_arithmetic(tmp_path):
+    """bench.sft_floor, a plain PyTorch loop, trains the steps of the tuneforge SFT run its overrides describe:
+    every step's tokens and loss are the run's (the same model, batches, loss, AdamW and clipping), so the floor
+    times the same arithmetic without tuneforge's loop around it. The rate tuneforge trains at is `optim.lr: auto`'s
+    here, which the floor resolves as the run does."""
+    from tests.runs import TINY, metric, run_env, run_stage, write_sft_jsonl
+
+    overrides = [*TINY, f"data.path={write_sft_jsonl(tmp_path / 'train.jsonl', 96)}", "data.eval_path=null",
+                 "train.max_steps=5", "train.micro_batch_size=4", "train.grad_accum=1", "optim.warmup_steps=0"]
+    run_stage(tmp_path / "run", *overrides)
+    floor_dir = tmp_path / "floor"
+    floor_dir.mkdir()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"overrides": overrides, "output_dir": str(floor_dir)}))
+    proc = subprocess.run([sys.executable, "-m", "bench.sft_floor", str(spec)], env=run_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    floor = [json.loads(line) for line in (floor_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in floor] == [1, 2, 3, 4, 5]
+    seen = metric(tmp_path / "run", "train/tokens_seen")
+    assert [r["tokens"] for r in floor] == [seen[s] - seen.get(s - 1, 0) for s in range(1, 6)]
+    losses = metric(tmp_path / "run", "train/loss")
+    assert [r["loss"] for r in floor] == pytest.approx([losses[s] for s in range(1, 6)], rel=1e-5)
+    assert losses[5] < losses[1] - 0.05  # the weights moved between steps: later losses test the update too
 
 
 # ---------------------------------------------------------------------------------------------------- bench.tables
