@@ -162,7 +162,7 @@ class PolicyWorker(RoleWorker):
     trains = True
 
     def setup(self) -> None:
-        self.build(build_causal_lm, total_steps=self.total_optimizer_steps(), grad_accum=self.grad_accum())
+        self.build(build_causal_lm, total_steps=self.cfg.optimizer_steps, grad_accum=self.grad_accum())
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.replica = None
         # A replica only pays under ZeRO-3: unpartitioned, the engine's own module generates as fast.

@@ -275,6 +275,11 @@ class PPOConfig:
     def rollout_batch(self) -> int:
         return self.rollout.prompts_per_iteration * self.rollout.samples_per_prompt
 
+    @property
+    def optimizer_steps(self) -> int:
+        """A trained role's optimizer steps over the whole run: its learning-rate schedule's length."""
+        return self.train.iterations * self.algo.ppo_epochs * (self.rollout_batch // self.algo.mini_batch_size)
+
     def zero_stage(self, role: str) -> tuple[DeepSpeedConfig, Optional[str]]:
         """The role's deepspeed config with `stage: auto` made a number for its world size and model, and the line
         that says what it became and why (None for an explicit stage): `trainer.engine.resolve_stage_for_model`,

@@ -20,7 +20,7 @@ class CriticWorker(RoleWorker):
     trains = True
 
     def setup(self) -> None:
-        self.build(build_reward_model, total_steps=self.total_optimizer_steps(), grad_accum=self.grad_accum())
+        self.build(build_reward_model, total_steps=self.cfg.optimizer_steps, grad_accum=self.grad_accum())
         stats = read_reward_stats(self.role_cfg.model.name_or_path) if self.cfg.algo.normalize_reward else None
         self.value_scale = (stats["mean"], stats["std"]) if stats else (0.0, 1.0)
 

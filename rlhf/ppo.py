@@ -168,16 +168,20 @@ def run_ppo(dcfg: DictConfig) -> tuple[int, dict]:
 
 def resolve_rates(cfg: PPOConfig) -> None:
     """What each trained role's `optim.lr: auto` becomes (by its peft method, and its size where the rate depends
-    on it), printed and set in `cfg`, so its workers train at the number said here (or exit 2 here)."""
+    on it) and its `optim.warmup_ratio` (in optimizer steps), printed and set in `cfg`, so its workers train at the
+    numbers said here (or exit 2 here)."""
     from dataclasses import replace
 
+    from trainer.config import resolve_warmup
     from trainer.model import resolve_lr_for_model
 
     for role in cfg.trained_roles:
         rc = cfg.role(role)
         optim, note = resolve_lr_for_model(rc.optim, rc.peft.method, rc.model, role == "critic", f"{role}.optim")
-        if note:
-            print(note, flush=True)
+        optim, warmup = resolve_warmup(optim, cfg.optimizer_steps, f"{role}.optim")
+        for line in (note, warmup):
+            if line:
+                print(line, flush=True)
         setattr(cfg, role, replace(rc, optim=optim))
 
 

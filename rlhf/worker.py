@@ -133,7 +133,8 @@ class RoleWorker:
         if self.trains and self.rank == 0:
             print(f"{self.role}: {parameter_summary(model, self.precision)}", flush=True)
         if self.trains:
-            self.engine = build_engine(model, rc.deepspeed, rc.optim, ds_config, total_steps)
+            # optim.decay_steps, where set, is the schedule's length (to extend a finished run on the same schedule).
+            self.engine = build_engine(model, rc.deepspeed, rc.optim, ds_config, rc.optim.decay_steps or total_steps)
             self.model = self.engine
         elif rc.deepspeed.stage == 3:
             self.engine = build_engine(model, rc.deepspeed, None, ds_config)
@@ -268,10 +269,6 @@ class RoleWorker:
         metrics["update_s"] = time.perf_counter() - t0
         metrics["memory_gb"] = peak_memory_gb()  # this rank's peak so far (rank 0's is what the driver logs)
         return metrics
-
-    def total_optimizer_steps(self) -> int:
-        a, t = self.cfg.algo, self.cfg.train
-        return t.iterations * a.ppo_epochs * (self.cfg.rollout_batch // a.mini_batch_size)
 
     def grad_accum(self) -> int:
         per_rank = self.cfg.algo.mini_batch_size // self.world_size

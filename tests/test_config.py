@@ -1,5 +1,6 @@
 """Every config in conf/ composes and validates; mistakes fail at start naming the key."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,40 @@ def test_a_warmup_that_outlasts_the_run_is_said():
     assert warmup_note(OptimConfig(lr=3e-3, warmup_steps=30), 30) == (
         "warning: optim.warmup_steps=30 is not shorter than the run's 30 steps: the rate rises the whole run and never "
         "reaches optim.lr=0.003; lower optim.warmup_steps")
+
+
+def test_a_warmup_ratio_becomes_steps_of_the_schedule_and_says_so():
+    from trainer.config import OptimConfig, resolve_warmup
+
+    o, note = resolve_warmup(OptimConfig(warmup_ratio=0.1), 45)
+    assert o.warmup_steps == 5 and note == "optim.warmup_steps: optim.warmup_ratio=0.1 -> 5 (of the schedule's 45 optimizer steps)"
+    o, note = resolve_warmup(OptimConfig(warmup_ratio=0.05, decay_steps=200), 45, "actor.optim")  # the schedule's
+    assert o.warmup_steps == 10 and note.startswith("actor.optim.warmup_steps: actor.optim.warmup_ratio=0.05 -> 10 ")
+    assert resolve_warmup(OptimConfig(warmup_steps=7), 45) == (OptimConfig(warmup_steps=7), None)
+
+
+def test_an_rl_roles_warmup_ratio_is_of_its_optimizer_steps_over_the_run_said_by_the_driver(capsys):
+    from rlhf.ppo import resolve_rates
+
+    random_init = [f"{role}.model.name_or_path=null" for role in ("actor", "critic", "reference", "reward")]
+    cfg = compose("ppo", [*random_init, "train.iterations=10", "rollout.prompts_per_iteration=8",
+                          "algo.mini_batch_size=4", "algo.ppo_epochs=2", "actor.optim.warmup_ratio=0.25"])
+    assert cfg.optimizer_steps == 10 * 2 * (8 * cfg.rollout.samples_per_prompt // 4)
+    resolve_rates(cfg)
+    assert cfg.actor.optim.warmup_steps == math.ceil(0.25 * cfg.optimizer_steps)
+    assert (f"actor.optim.warmup_steps: actor.optim.warmup_ratio=0.25 -> {cfg.actor.optim.warmup_steps} (of the "
+            f"schedule's {cfg.optimizer_steps} optimizer steps)") in capsys.readouterr().out
+    assert cfg.critic.optim.warmup_steps == 0  # the critic's own setting, untouched
+
+
+def test_a_warmup_ratio_beside_warmup_steps_or_out_of_range_is_an_error():
+    with pytest.raises(ConfigError, match=r"^optim\.warmup_steps and optim\.warmup_ratio are both set: give one"):
+        compose("sft", ["optim.warmup_ratio=0.1", "optim.warmup_steps=5"])
+    with pytest.raises(ConfigError, match=r"^critic\.optim\.warmup_steps and critic\.optim\.warmup_ratio are both"):
+        compose("ppo", ["critic.optim.warmup_ratio=0.1", "critic.optim.warmup_steps=5"])
+    compose("sft", ["optim.warmup_ratio=0.1"])  # the group's default warmup_steps is not the user's
+    with pytest.raises(ConfigError, match=r"optim\.warmup_ratio: must be in \[0, 1\) or null, got 1\.5"):
+        validate(_typed(_compose("sft", ["optim.warmup_ratio=1.5"])))
 
 
 def test_epochs_and_max_steps_typed_together_is_an_error_and_epochs_must_be_positive():

@@ -173,16 +173,20 @@ def test_gradient_accumulation_matches_a_bigger_micro_batch(tmp_path, small_data
         assert nb[step] > 0 and nb[step] == pytest.approx(na[step], rel=1e-4), (step, nb[step], na[step])
 
 
-def test_epochs_set_the_run_length_from_the_data_and_say_what_it_became(tmp_path):
+def test_epochs_and_a_warmup_ratio_set_the_run_length_and_warmup_from_the_data_and_say_what_they_became(tmp_path):
     data = write_sft_jsonl(tmp_path / "sft.jsonl", 40)
     run = tmp_path / "run"
-    proc = run_stage(run, *TINY, f"data.path={data}", "data.eval_path=null", "data.packing=false",
-                     "train.micro_batch_size=4", "train.epochs=1.5")
+    tiny = [o for o in TINY if not o.startswith("optim.warmup_steps=")]  # a ratio beside warmup_steps is an error
+    proc = run_stage(run, *tiny, f"data.path={data}", "data.eval_path=null", "data.packing=false",
+                     "train.micro_batch_size=4", "train.epochs=1.5", "optim.warmup_ratio=0.2")
     assert "train.max_steps: train.epochs=1.5 -> 15 (40 training sequences, global batch 4)" in proc.stdout
-    assert "warning: optim.warmup_steps=" not in proc.stdout  # TINY's 2 warmup steps fit
+    assert "optim.warmup_steps: optim.warmup_ratio=0.2 -> 3 (of the schedule's 15 optimizer steps)" in proc.stdout
+    assert "warning: optim.warmup_steps=" not in proc.stdout  # 3 warmup steps fit
     assert "warning: the longest training sequence" not in proc.stdout
     epochs = metric(run, "train/epoch")
     assert sorted(epochs) == list(range(1, 16)) and epochs[15] == pytest.approx(1.5)
+    lr = metric(run, "train/lr")  # the rate of the next step: 1/3, 2/3, then all of optim.lr's 3e-3 at step 3
+    assert lr[1] == pytest.approx(2e-3) and lr[2] == pytest.approx(3e-3) and max(lr.values()) == lr[2]
 
 
 def test_examples_longer_than_the_models_positions_are_warned_of(tmp_path):

@@ -108,6 +108,16 @@ def check_run_length(dcfg: DictConfig, overrides: list[str]) -> None:
                           "ceil(N x training sequences / global batch))")
 
 
+def check_warmup(dcfg: DictConfig, overrides: list[str]) -> None:
+    """`optim.warmup_ratio` sets warmup_steps: a `warmup_steps` typed beside it would lose without a word."""
+    given = {override_key(o) for o in overrides}
+    for key in ("optim", "actor.optim", "critic.optim"):
+        if (f"{key}.warmup_steps" in given
+                and OmegaConf.select(dcfg, f"{key}.warmup_ratio", default=None) is not None):
+            raise ConfigError(f"{key}.warmup_steps and {key}.warmup_ratio are both set: give one "
+                              f"({key}.warmup_ratio=R makes warmup_steps ceil(R x the schedule's optimizer steps))")
+
+
 def unknown_key_message(key: str, known: Iterable[str]) -> str:
     """The one-line error for a setting `key` that its section (whose settings are `known`) lacks."""
     parent, _, name = key.rpartition(".")
@@ -177,6 +187,7 @@ def to_typed(dcfg: DictConfig, overrides: list[str]) -> Any:
     """The typed config (TrainingJobConfig or PPOConfig) that `dcfg`, composed with `overrides`, stands for."""
     reject_unknown_keys(dcfg)
     check_run_length(dcfg, overrides)
+    check_warmup(dcfg, overrides)
     note = apply_user_data(dcfg, overrides)
     if "algo" in dcfg:  # an RL config: roles the algorithm does not run need no export
         from rlhf.config import leave_out_unused_roles
@@ -213,6 +224,7 @@ def compose(stage: str, overrides: list[str] = (), typed: bool = True, return_hy
     if not typed:
         reject_unknown_keys(dcfg)
         check_run_length(dcfg, overrides)
+        check_warmup(dcfg, overrides)
         apply_user_data(dcfg, overrides)
         return dcfg
     return to_typed(dcfg, overrides)

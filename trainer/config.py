@@ -119,6 +119,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_steps: int = 30
+    # The warmup as a fraction of the schedule (decay_steps, else the run's optimizer steps), as Transformers'
+    # warmup_ratio: set, it makes warmup_steps ceil(ratio x steps) once the run's length is known (printed at start).
+    warmup_ratio: Optional[float] = None
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     # Length of the warmup+cosine schedule; null means train.max_steps. Set it to
     # extend a finished run (resume with a larger max_steps) on the same schedule.
@@ -454,6 +457,8 @@ def validate_optim(o: OptimConfig, key: str = "optim") -> None:
             _require(lr > 0, f"{key}.{table}.{method}", f"must be > 0, got {lr}")
     _require(o.large_model_params > 0, f"{key}.large_model_params", f"must be > 0, got {o.large_model_params}")
     _require(o.warmup_steps >= 0, f"{key}.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.warmup_ratio is None or 0.0 <= o.warmup_ratio < 1.0, f"{key}.warmup_ratio",
+             f"must be in [0, 1) or null, got {o.warmup_ratio}")
     _require(o.decay_steps is None or o.decay_steps > 0, f"{key}.decay_steps", f"must be > 0 or null, got {o.decay_steps}")
     _require(0.0 <= o.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _require(o.max_grad_norm >= 0, f"{key}.max_grad_norm", f"must be >= 0 (0 disables), got {o.max_grad_norm}")
@@ -495,6 +500,17 @@ def resolve_max_steps(t: TrainConfig, sequences: int, global_batch: int) -> tupl
     steps = math.ceil(t.epochs * sequences / global_batch)
     return replace(t, max_steps=steps), (f"train.max_steps: train.epochs={t.epochs:g} -> {steps} ({sequences} "
                                          f"training sequences, global batch {global_batch})")
+
+
+def resolve_warmup(o: OptimConfig, steps: int, key: str = "optim") -> tuple[OptimConfig, Optional[str]]:
+    """`o` with `warmup_ratio` made `warmup_steps` for a schedule of `steps` optimizer steps (`decay_steps`, where
+    set, is the schedule), and the line that says what it became (None without a ratio)."""
+    if o.warmup_ratio is None:
+        return o, None
+    schedule = o.decay_steps or steps
+    warmup = math.ceil(o.warmup_ratio * schedule)
+    return replace(o, warmup_steps=warmup), (f"{key}.warmup_steps: {key}.warmup_ratio={o.warmup_ratio:g} -> {warmup} "
+                                             f"(of the schedule's {schedule} optimizer steps)")
 
 
 def warmup_note(o: OptimConfig, max_steps: int, key: str = "optim") -> Optional[str]:

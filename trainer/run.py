@@ -25,8 +25,8 @@ from trainer.checkpoint import (
 )
 from trainer.cli import exit_with_user_error, prepare_process, user_errors
 from trainer.compose import hydra_overrides, register_all, to_typed
-from trainer.config import (CONF_DIR, ConfigError, TrainingJobConfig, global_batch_size, resolve_max_steps, validate,
-                            warmup_note)
+from trainer.config import (CONF_DIR, ConfigError, TrainingJobConfig, global_batch_size, resolve_max_steps,
+                            resolve_warmup, validate, warmup_note)
 from trainer.engine import (
     all_reduce_sum,
     build_deepspeed_config,
@@ -97,6 +97,7 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
             f"{len(parts.train)} training rows"
         )
     cfg.train, note = resolve_max_steps(cfg.train, len(parts.train), global_batch_size(cfg, info.world_size))
+    cfg.optim, warmup = resolve_warmup(cfg.optim, cfg.train.max_steps)
     ds_config = build_deepspeed_config(cfg.deepspeed, cfg.train.micro_batch_size, cfg.train.grad_accum,
                                        info.world_size, cfg.optim.max_grad_norm)
     precision = resolve_precision(cfg.deepspeed.precision)
@@ -122,6 +123,8 @@ def _run(dcfg: DictConfig) -> tuple[int, dict]:
         (run_dir / "data_stats.json").write_text(json.dumps(parts.stats.as_dict(), indent=2))
         print(parts.stats.summary(), flush=True)
         print(note, flush=True)
+        if warmup:
+            print(warmup, flush=True)
         if warning := warmup_note(cfg.optim, cfg.train.max_steps):
             print(warning, flush=True)
         if warning := positions_warning(cfg.model, tokenizer, longest_sequence(parts.train)):
