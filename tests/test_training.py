@@ -352,18 +352,19 @@ def test_zero3_gathers_each_transformer_block_as_one_unit():
     assert leaves == ["model.layers.0", "model.layers.1"]
 
 
-@pytest.mark.parametrize("tokens", [[], [1, 2]])
-def test_the_loss_from_trained_positions_only_equals_the_full_logits_loss(tokens):
-    """CausalLMTask computes the output head only where a trained token is predicted: the same summed
-    cross-entropy and gradients as from every position's logits (`token_nll_sum`), also with peft's trained tokens
-    wrapping the tied head."""
+@pytest.mark.parametrize("tokens,checkpointing", [([], False), ([1, 2], False), ([], True)])
+def test_the_loss_from_trained_positions_only_equals_the_full_logits_loss(tokens, checkpointing):
+    """CausalLMTask computes the output head, and the last block's MLP, only where a trained token is predicted:
+    the same summed cross-entropy and gradients as from every position's logits (`token_nll_sum`), also with peft's
+    trained tokens wrapping the tied head. Under gradient checkpointing, which runs the block again in backward,
+    the MLP runs whole."""
     from trainer.adapters import add_adapters
     from trainer.compose import compose
     from trainer.config import PeftConfig
     from trainer.model import build_causal_lm, load_tokenizer
     from trainer.objectives import IGNORE_INDEX, CausalLMTask, token_nll_sum
 
-    cfg = compose("sft", TINY[:5])
+    cfg = compose("sft", [*TINY[:5], f"model.gradient_checkpointing={str(checkpointing).lower()}"])
     torch.manual_seed(0)
     model = build_causal_lm(cfg.model, load_tokenizer(cfg.model), torch.float32)
     if tokens:
@@ -373,8 +374,13 @@ def test_the_loss_from_trained_positions_only_equals_the_full_logits_loss(tokens
     labels[0, :5] = labels[1, :3] = labels[1, 9:] = IGNORE_INDEX  # prompts and a packed row's untrained tail
     batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(12).repeat(2, 1)}
     trained = [p for p in model.parameters() if p.requires_grad]
+    rows_seen = []  # by the last block's MLP, inside it (the hooks on the MLP itself change what it gets)
+    model.get_decoder().layers[-1].mlp.down_proj.register_forward_pre_hook(
+        lambda _module, args: rows_seen.append(args[0].shape[:-1].numel()))
 
     loss = CausalLMTask().loss(model, batch)
+    # 7 + 6 trained tokens (labels 5-11 and 3-8), each predicted from the position before it; 2 x 12 positions.
+    assert rows_seen == ([24] if checkpointing else [13])
     grads = torch.autograd.grad(loss, trained)
     reference = token_nll_sum(model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False).logits, labels)
     expected = torch.autograd.grad(reference, trained)

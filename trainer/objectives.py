@@ -85,19 +85,60 @@ def head_inputs_at(model, at: torch.Tensor):
     hidden states `at` selects, so the model's logits come out for those positions alone: with `at` a (B, T) bool
     mask, (N, V), N = at.sum(), in row-major order; with `at` (B, K) positions, (B, K, V), row b's k-th at
     position at[b, k]. The head's input is swapped by a forward pre-hook, so any model whose head is its output
-    embeddings works, under ZeRO-3 (whose own hooks gather the weight) too."""
-    head = getattr(model, "module", model).get_output_embeddings()
+    embeddings works, under ZeRO-3 (whose own hooks gather the weight) too.
+
+    The last block's MLP runs only there too (`last_block_mlp`, where that is safe): what it computes elsewhere only
+    reaches the head at positions nobody reads, so the logits are the same and the block costs a fraction of its
+    work where few positions are read (SFT's completions, RL's responses)."""
+    unwrapped = getattr(model, "module", model)
 
     def select(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H)
         if at.dtype == torch.bool:
             return hidden[at]  # (N, H)
         return hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, H)
 
-    handle = head.register_forward_pre_hook(lambda _module, args: (select(args[0]), *args[1:]))
+    def spread(picked: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # select's output -> like's (B, T, H)
+        zeros = picked.new_zeros(like.shape)  # (B, T, H): positions not selected get nothing from the block
+        if at.dtype == torch.bool:
+            return zeros.masked_scatter(at[..., None], picked)
+        return zeros.scatter(1, at[..., None].expand(-1, -1, picked.shape[-1]), picked)
+
+    handles = [unwrapped.get_output_embeddings().register_forward_pre_hook(
+        lambda _module, args: (select(args[0]), *args[1:]))]
+    mlp = last_block_mlp(unwrapped)
+    if mlp is not None:
+        inputs: list[torch.Tensor] = []  # the block's whole input, until its output is spread back to that shape
+
+        def mlp_in(_module, args):
+            inputs.append(args[0])
+            return (select(args[0]), *args[1:])
+
+        handles += [mlp.register_forward_pre_hook(mlp_in),
+                    mlp.register_forward_hook(lambda _module, _args, out: spread(out, inputs.pop()))]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def last_block_mlp(model) -> Optional[torch.nn.Module]:
+    """The MLP of the last decoder block of a Transformers causal LM, where running it at some positions only gives
+    the same result at those positions: a position-wise MLP (a class named `...MLP`; not a mixture of experts, whose
+    routing and balancing see every token) outside gradient checkpointing (which runs the block again in backward,
+    after the hooks are gone, and would find other shapes). None where there is none such."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        return None
+    # Transformers marks the checkpointed blocks (and, in older versions, the decoder that runs them).
+    if getattr(layers[-1], "gradient_checkpointing", False) or getattr(decoder, "gradient_checkpointing", False):
+        return None
+    mlp = getattr(layers[-1], "mlp", None)
+    return mlp if isinstance(mlp, torch.nn.Module) and type(mlp).__name__.endswith("MLP") else None
 
 
 def bradley_terry_loss_sum(
