@@ -505,3 +505,23 @@ def test_a_tiny_model_takes_a_larger_vocabulary_and_refuses_a_smaller_one():
     with pytest.raises(ConfigError, match=rf"model\.tiny\.vocab_size: 100 is smaller than the tokenizer's "
                                           rf"{len(tokenizer)} tokens"):
         tiny_llama_config(compose("sft", ["model.tiny.vocab_size=100"]).model, tokenizer)
+
+
+@pytest.mark.parametrize("module,groups,line", [
+    ("trainer.sft", ["data", "deepspeed", "logger", "model", "optim", "peft"],
+     "deepspeed: auto, zero0, zero2, zero3, zero3_offload"),
+    ("rlhf.ppo", ["actor", "algo", "cluster", "critic", "data", "logger", "reference", "reward_source", "rollout"],
+     "algo: grpo, ppo, ppo_kl_loss, reinforce_pp, rloo"),
+])
+def test_help_lists_the_groups_of_the_stage_it_runs(module, groups, line):
+    """`--help` lists the config groups the stage composes from, with their options, not every group under conf/
+    (a supervised stage's help had the RL roles' groups), then the config."""
+    from tests.runs import run_env
+
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=run_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed, config = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")
+    assert [row.split(":")[0] for row in listed.strip().splitlines()[1:] if row.strip()] == groups
+    assert line in listed.splitlines()
+    assert f"stage: {module.split('.')[-1]}" in config.splitlines()

@@ -44,6 +44,22 @@ def register_all() -> None:
     register_ppo_config()
     if not OmegaConf.has_resolver("tf_run_id"):
         OmegaConf.register_new_resolver("tf_run_id", run_id, use_cache=True)
+    if not OmegaConf.has_resolver("tf_help_groups"):
+        OmegaConf.register_new_resolver("tf_help_groups", stage_groups_help)
+
+
+def stage_groups_help(stage: str) -> str:
+    """`--help`'s list of the config groups `conf/<stage>.yaml` composes from, one `group: option, ...` line each,
+    as Hydra lists them (which is every group under conf/, the RL roles' in a supervised stage's help too)."""
+    defaults = OmegaConf.load(CONF_DIR / f"{stage}.yaml").get("defaults", [])
+    groups = set()
+    for entry in defaults:
+        for key in (entry.keys() if isinstance(entry, DictConfig) else ()):
+            group = str(key).removeprefix("override ").removeprefix("optional ").strip("/")
+            if (CONF_DIR / group).is_dir():
+                groups.add(group)
+    return "\n".join(f"{group}: {', '.join(sorted(p.stem for p in (CONF_DIR / group).glob('*.yaml')))}"
+                     for group in sorted(groups))
 
 
 def override_key(override: str) -> str:
