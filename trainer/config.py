@@ -123,8 +123,8 @@ class OptimConfig:
     # warmup_ratio: set, it makes warmup_steps ceil(ratio x steps) once the run's length is known (printed at start).
     warmup_ratio: Optional[float] = None
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    # Length of the warmup+cosine schedule; null means train.max_steps. Set it to
-    # extend a finished run (resume with a larger max_steps) on the same schedule.
+    # Length of the warmup+cosine schedule; null means the run's optimizer steps (train.max_steps; in RL, every
+    # iteration's updates). Set it to extend a finished run (resume with more steps) on the same schedule.
     decay_steps: Optional[int] = None
     max_grad_norm: float = 1.0
 
