@@ -16,14 +16,14 @@ model; no critic; and the old log-probs are the sampler's, which tuneforge keeps
   with the KV cache, counted once per rank; every response runs to --response-length (no stop token), so every
   pass below reads full-length rollouts;
 - reference log-probs, reward scores, critic values: one forward pass each over every rollout, in micro-batches
-  of 32 (the reference with logits only where responses are, as `RoleWorker.response_logprobs` asks);
+  of 32; every pass is the role's own (`RoleWorker.response_logprobs`, `sequence_scores`, `response_values`: the
+  head and the last block's MLP only where their output is read: where a response token is scored, at each
+  rollout's last token, at each response token's position);
 - policy update, critic update: forward + backward + AdamW step per mini-batch over every rollout (no gradient
   clipping: about a millisecond here, which the ZeRO-3 piece below does pay);
 - GRPO's rollouts come in groups of --samples-per-prompt (G) rows per prompt, as its bench samples them, and with
   --share-prompt (the default, as tuneforge's `rollout.share_prompt`) a group's prompt is prefilled once when
-  sampling and laid out once in the update's log-prob pass, which is the policy's own
-  (`RoleWorker.response_logprobs`: the head only where a response token is scored); --no-share-prompt runs every
-  row whole, the work TRL does;
+  sampling and laid out once in the log-prob pass; --no-share-prompt runs every row whole, the work TRL does;
 - the policy update again as tuneforge runs it under ZeRO-3 (its default until 2026-12-06, and now for models whose
   training state is over `deepspeed.auto_partition_above_gb`): a ZeRO-3 engine (`trainer.engine`) over --policy-ranks
   processes started by torchrun, each mini-batch split over them, counted as ranks x its median wall time;
@@ -86,6 +86,15 @@ def median_s(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
+def role_pass(method: str, model, rollouts) -> torch.Tensor:
+    """A `RoleWorker` pass (`sequence_scores`, `response_values`) of `model` over `rollouts`, as the roles run it."""
+    from types import SimpleNamespace
+
+    from rlhf.worker import RoleWorker
+
+    return getattr(RoleWorker, method)(SimpleNamespace(model=model), rollouts)
+
+
 def response_logprobs(model, rollouts, share_prompt: bool) -> torch.Tensor:
     """(b, t) the rollouts' response log-probs as the policy computes them (`RoleWorker.response_logprobs`: the
     head at the positions that score a response token; with `share_prompt` each group's prompt once)."""
@@ -113,7 +122,6 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
     from trainer.data import build_prompts
     from trainer.evaluate import left_pad
     from trainer.model import load_tokenizer
-    from trainer.objectives import per_token_scores
 
     policy_dir, reward_dir = save_models(work, args.model_size, args.seed)
     cfg = compose_ppo([*(f"{role}.model.name_or_path={policy_dir}" for role in ("actor", "reference")),
@@ -142,16 +150,16 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
         sequences = generate(slice(None))  # (B, prompt width + response length): what every pass below reads
     attention = torch.cat([mask, torch.ones(len(sequences), args.response_length, dtype=mask.dtype)], dim=1)
     rollouts = build_rollout(prompt_ids, [row[ids.shape[1]:].tolist() for row in sequences], tokenizer.pad_token_id)
-    keep = args.response_length + 1  # logits from the last prompt position on
     micros = micro_batches(len(sequences), 32)
 
-    def lm_forward(rows: slice):
-        if args.algo == "grpo":  # the policy's own log-prob pass (`RoleWorker.response_logprobs`), shared or not
-            return response_logprobs(policy, rollouts.select(rows), args.share_prompt)
-        return policy(input_ids=sequences[rows], attention_mask=attention[rows], logits_to_keep=keep).logits
+    def lm_forward(rows: slice):  # the policy's own log-prob pass (`RoleWorker.response_logprobs`), shared or not
+        return response_logprobs(policy, rollouts.select(rows), args.share_prompt)
 
-    def scalar_forward(rows: slice):  # the head at every position, as the critic and reward model read it
-        return per_token_scores(reward, input_ids=sequences[rows], attention_mask=attention[rows])
+    def scores(rows: slice):  # the reward model's pass: a score at each rollout's last token
+        return role_pass("sequence_scores", reward, rollouts.select(rows))
+
+    def values(rows: slice):  # the critic's: a value at each response token's position
+        return role_pass("response_values", reward, rollouts.select(rows))
 
     def update(model: torch.nn.Module, forward: Callable[[slice], torch.Tensor]) -> Callable[[], None]:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=True)
@@ -180,11 +188,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, float]:
     pieces = {"generate": median_s(generate_share, args.repeats) * args.policy_ranks}
     if args.algo == "ppo":
         pieces["reference log-probs"] = median_s(frozen(lm_forward), args.repeats)
-        pieces["reward scores"] = median_s(frozen(scalar_forward), args.repeats)
-        pieces["critic values"] = median_s(frozen(scalar_forward), args.repeats)
+        pieces["reward scores"] = median_s(frozen(scores), args.repeats)
+        pieces["critic values"] = median_s(frozen(values), args.repeats)
     pieces["policy update"] = median_s(update(policy, lm_forward), args.repeats)
     if args.algo == "ppo":
-        pieces["critic update"] = median_s(update(reward, scalar_forward), args.repeats)
+        pieces["critic update"] = median_s(update(reward, values), args.repeats)
     return pieces
 
 
@@ -231,17 +239,13 @@ def zero3_child(args: argparse.Namespace) -> None:
     with zero3_init_context(config):
         model = AutoModelForCausalLM.from_pretrained(args.work / "policy")
     engine = build_engine(model, ds, OptimConfig(lr=1e-7, warmup_steps=0, min_lr_ratio=1.0), config, 10**6)
-    keep = args.response_length + 1
 
     exp = Experience(sequences, attention, rollouts["prompt_lengths"], rollouts["responses"], rollouts["response_mask"])
 
     def run() -> None:
         for start in range(0, len(sequences), args.mini_batch_size):
             rows = slice(start + info.rank * per_rank, start + (info.rank + 1) * per_rank)
-            if args.algo == "grpo":
-                out = response_logprobs(engine, exp.select(rows), args.share_prompt)
-            else:
-                out = engine(input_ids=sequences[rows], attention_mask=attention[rows], logits_to_keep=keep).logits
+            out = response_logprobs(engine, exp.select(rows), args.share_prompt)
             engine.backward(out.float().square().mean(), scale_wrt_gas=False)
             optimizer_step(engine)
 

@@ -134,13 +134,6 @@ def response_positions(prompt_lengths: torch.Tensor, width_t: int, width_l: int)
     return (prompt_lengths[:, None] + t[None, :] - 1).clamp(max=width_l - 1)
 
 
-def gather_response(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(B, L) or (B, L, V) per-position outputs -> (B, T) or (B, T, V) at `positions` (B, T)."""
-    if x.dim() == 2:
-        return x.gather(1, positions)
-    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
-
-
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) index of each right-padded row's last real token (where a reward model reads its score)."""
     return attention_mask.sum(1) - 1

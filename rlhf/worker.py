@@ -20,7 +20,6 @@ from rlhf.config import PPOConfig, RoleConfig
 from trainer.config import resolve_lr
 from rlhf.experience import (
     Experience,
-    gather_response,
     last_token_positions,
     prompt_groups,
     response_positions,
@@ -43,7 +42,7 @@ from trainer.engine import (
     zero3_init_context,
 )
 from trainer.model import load_tokenizer
-from trainer.objectives import head_inputs_at, logits_at, per_token_scores
+from trainer.objectives import head_inputs_at, logits_at, scores_at
 from trainer.sampling import derive_seed, seed_everything
 from trainer.step import count_skip, optimizer_step_over
 
@@ -192,14 +191,13 @@ class RoleWorker:
 
     def response_values(self, micro: Experience) -> torch.Tensor:
         """(b, t) scalar-head outputs at the positions before each response token (critic values)."""
-        per_token = per_token_scores(self.model, input_ids=micro.sequences, attention_mask=micro.attention_mask)
-        pos = response_positions(micro.prompt_lengths, micro.responses.shape[1], micro.sequences.shape[1])
-        return gather_response(per_token, pos)
+        pos = response_positions(micro.prompt_lengths, micro.responses.shape[1], micro.sequences.shape[1])  # (b, t)
+        return scores_at(self.model, {"input_ids": micro.sequences, "attention_mask": micro.attention_mask}, pos)
 
     def sequence_scores(self, micro: Experience) -> torch.Tensor:
         """(b,) scalar-head output at each sequence's last token (a reward model's score)."""
-        per_token = per_token_scores(self.model, input_ids=micro.sequences, attention_mask=micro.attention_mask)
-        return per_token.gather(1, last_token_positions(micro.attention_mask)[:, None]).squeeze(1)
+        last = last_token_positions(micro.attention_mask)[:, None]  # (b, 1)
+        return scores_at(self.model, {"input_ids": micro.sequences, "attention_mask": micro.attention_mask}, last)[:, 0]
 
     def _stack(self, parts: list[torch.Tensor], width: int) -> torch.Tensor:
         from rlhf.experience import pad_right

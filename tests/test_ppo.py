@@ -23,6 +23,7 @@ from rlhf.config import PPOConfig
 from rlhf.experience import (
     build_rollout,
     cut_at_stop,
+    last_token_positions,
     pad_right,
     prompt_groups,
     response_positions,
@@ -132,6 +133,42 @@ def test_response_logprobs_are_aligned_and_padding_invariant():
             expected = torch.log_softmax(logits.float(), -1)[len(p) - 1 : len(p) + len(r) - 1].gather(
                 1, torch.tensor(r)[:, None]).squeeze(1)
             assert torch.allclose(batched[i, : len(r)], expected, atol=1e-5)
+
+
+def test_critic_values_and_reward_scores_read_the_head_and_last_block_only_where_they_are_used():
+    """A scalar-head role's values (one per response token) and scores (one per rollout's last token) equal the
+    head's output at every position read there, with the same gradients, while the last block's MLP runs only at
+    the positions read."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_labels=1, pad_token_id=0))
+    exp = build_rollout([[1, 5, 6, 7], [1, 8, 3]], [[9, 10, 2], [11, 2]], pad_id=0)
+    worker = SimpleNamespace(model=model)
+    rows_seen = []
+    model.model.layers[-1].mlp.down_proj.register_forward_pre_hook(
+        lambda _module, args: rows_seen.append(args[0].shape[:-1].numel()))
+
+    def every_position():  # (B, L): the head at every position, the block run whole
+        hidden = model.model(input_ids=exp.sequences, attention_mask=exp.attention_mask).last_hidden_state
+        return model.score(hidden).squeeze(-1)
+
+    for read, at in (("response_values", response_positions(exp.prompt_lengths, exp.responses.shape[1],
+                                                            exp.sequences.shape[1])),
+                     ("sequence_scores", last_token_positions(exp.attention_mask)[:, None])):
+        model.zero_grad()
+        got = getattr(RoleWorker, read)(worker, exp).reshape(at.shape)
+        (got * exp.response_mask[:, : at.shape[1]]).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        expected = every_position().gather(1, at)
+        (expected * exp.response_mask[:, : at.shape[1]]).sum().backward()
+        assert torch.allclose(got, expected, atol=1e-5), read
+        for g, e in zip(grads, (p.grad for p in model.parameters())):
+            assert torch.allclose(g, e, atol=1e-5), read
+    assert rows_seen == [2 * 3, 2 * 7, 2, 2 * 7]  # trimmed, whole, trimmed, whole
 
 
 def test_a_groups_rollouts_scored_with_their_prompt_once_equal_each_rollout_scored_alone():

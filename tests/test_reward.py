@@ -140,16 +140,21 @@ def test_packed_and_prompt_sharing_pairs_score_exactly_like_padded_pairs():
     shared = collate_pairs(rows, tokenizer.pad_token_id, pack_length=64, share_prompt=True)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # really several per row
     assert (shared["input_ids"] != tokenizer.pad_token_id).sum() < (packed["input_ids"] != tokenizer.pad_token_id).sum()
-    results = []
+    results, rows_seen = [], []  # rows the last block's MLP computes, seen inside it
+    model.model.layers[-1].mlp.down_proj.register_forward_pre_hook(
+        lambda _module, args: rows_seen.append(args[0].shape[:-1].numel()))
     for batch in (padded, packed, shared):
         model.zero_grad()
         chosen, rejected = pair_scores(model, batch)
         bradley_terry_loss_sum(chosen, rejected, batch["margin"]).backward()
         results.append((chosen.detach(), rejected.detach(), model.score.weight.grad.clone(),
-                        model.model.embed_tokens.weight.grad.clone()))
+                        model.model.embed_tokens.weight.grad.clone(),
+                        model.model.layers[-1].mlp.down_proj.weight.grad.clone()))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.allclose(a, b, atol=1e-5), (a, b)
+    # Padded, the model pools after running the block at every position; packed, only each sequence's last token.
+    assert rows_seen == [padded["input_ids"].numel(), 2 * len(rows), 2 * len(rows)]
 
 
 # ------------------------------------------------------------------------------------------- real runs

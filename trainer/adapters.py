@@ -37,7 +37,7 @@ def check_adapter_source(p: PeftConfig, key: str = "peft") -> None:
 
 
 def _has_scalar_head(model) -> bool:
-    # AutoModelForSequenceClassification of a decoder: the head is `score` (trainer.objectives.per_token_scores).
+    # AutoModelForSequenceClassification of a decoder: the head is `score` (trainer.objectives.scores_at).
     return isinstance(getattr(model, "score", None), torch.nn.Module)
 
 

@@ -85,36 +85,70 @@ def head_inputs_at(model, at: torch.Tensor):
     hidden states `at` selects, so the model's logits come out for those positions alone: with `at` a (B, T) bool
     mask, (N, V), N = at.sum(), in row-major order; with `at` (B, K) positions, (B, K, V), row b's k-th at
     position at[b, k]. The head's input is swapped by a forward pre-hook, so any model whose head is its output
-    embeddings works, under ZeRO-3 (whose own hooks gather the weight) too.
-
-    The last block's MLP runs only there too (`last_block_mlp`, where that is safe): what it computes elsewhere only
-    reaches the head at positions nobody reads, so the logits are the same and the block costs a fraction of its
-    work where few positions are read (SFT's completions, RL's responses)."""
+    embeddings works, under ZeRO-3 (whose own hooks gather the weight) too. The last block's MLP runs only there
+    too (`final_layers_only_at`)."""
     unwrapped = getattr(model, "module", model)
+    with final_layers_only_at(unwrapped, at, unwrapped.get_output_embeddings()):
+        yield
+
+
+def scores_at(model, inputs: dict[str, torch.Tensor], at: torch.Tensor) -> torch.Tensor:
+    """The float scores of a scalar-head model (`AutoModelForSequenceClassification` of a decoder, head `score`)
+    only at the positions `at` selects, as `head_inputs_at` selects them: (N,) for a (B, T) bool mask, (B, K) for
+    positions. A packed reward batch reads one per sequence, a PPO critic one per response token, a reward model one
+    per rollout. The head's output is caught on its way out, and spread back to every position (zeros elsewhere)
+    for the model's own pooling, which nobody reads here; any model with a `score` layer works, under ZeRO-3 too."""
+    unwrapped = getattr(model, "module", model)
+    head = getattr(unwrapped, "score", None)
+    if head is None:
+        raise ConfigError("this needs a model with a `score` head (AutoModelForSequenceClassification of a "
+                          "decoder): packed preference batches (set data.packing=false) and PPO critics/rewards")
+    caught: list[torch.Tensor] = []
+    with final_layers_only_at(unwrapped, at, head, caught=caught):
+        model(**inputs, use_cache=False)
+    return caught[0].squeeze(-1).float()
+
+
+@contextmanager
+def final_layers_only_at(model, at: torch.Tensor, head: torch.nn.Module, caught: Optional[list] = None):
+    """Inside, `head` (the module `model` applies to its final hidden states) and the last block's MLP
+    (`last_block_mlp`, where that is safe) run only at the positions `at` selects ((B, T) bool mask, or (B, K)
+    positions): what the block computes elsewhere only reaches the head at positions nobody reads, so the head's
+    output there is the same, and the block costs a fraction of its work where few positions are read (SFT's
+    completions, RL's responses, a reward model's last tokens). The MLP's output is spread back to every position;
+    the head's is left as the selection gives it, or with `caught` appended to it and spread back (a model that
+    reads the head's output by position, a sequence classifier's pooling)."""
 
     def select(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H)
         if at.dtype == torch.bool:
             return hidden[at]  # (N, H)
         return hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, H)
 
-    def spread(picked: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # select's output -> like's (B, T, H)
-        zeros = picked.new_zeros(like.shape)  # (B, T, H): positions not selected get nothing from the block
+    def spread(picked: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # select's output -> (B, T, picked's last)
+        zeros = picked.new_zeros((*like.shape[:-1], picked.shape[-1]))  # positions not selected get zeros
         if at.dtype == torch.bool:
             return zeros.masked_scatter(at[..., None], picked)
         return zeros.scatter(1, at[..., None].expand(-1, -1, picked.shape[-1]), picked)
 
-    handles = [unwrapped.get_output_embeddings().register_forward_pre_hook(
-        lambda _module, args: (select(args[0]), *args[1:]))]
-    mlp = last_block_mlp(unwrapped)
-    if mlp is not None:
-        inputs: list[torch.Tensor] = []  # the block's whole input, until its output is spread back to that shape
+    def only_at(module: torch.nn.Module, spread_back: bool, catch: Optional[list] = None) -> list:
+        whole: list[torch.Tensor] = []  # the module's whole input, until its output is handled
 
-        def mlp_in(_module, args):
-            inputs.append(args[0])
+        def before(_module, args):
+            whole.append(args[0])
             return (select(args[0]), *args[1:])
 
-        handles += [mlp.register_forward_pre_hook(mlp_in),
-                    mlp.register_forward_hook(lambda _module, _args, out: spread(out, inputs.pop()))]
+        def after(_module, _args, out):
+            like = whole.pop()
+            if catch is not None:
+                catch.append(out)
+            return spread(out, like) if spread_back else None
+
+        return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+    handles = only_at(head, spread_back=caught is not None, catch=caught)
+    mlp = last_block_mlp(model)
+    if mlp is not None:
+        handles += only_at(mlp, spread_back=True)
     try:
         yield
     finally:
@@ -169,29 +203,9 @@ def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
         return scores.squeeze(-1).chunk(2)  # (2B, 1) -> 2 x (B,)
     # attention_mask is None (sequences isolated by restarting position_ids) or, with a shared
     # prompt, a (R, 1, T, T) mask that transformers passes to attention as it is.
-    per_token = per_token_scores(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                 attention_mask=batch.get("attention_mask"))
-    return per_token.reshape(-1)[batch["score_index"]].chunk(2)  # (R * T,) -> 2 x (B,)
-
-
-def per_token_scores(model, **inputs) -> torch.Tensor:
-    """(R, T) float scores of a scalar-head model (`AutoModelForSequenceClassification` of a
-    decoder, head `score`) at every position, not only the one the model pools at: a packed
-    reward batch reads one per sequence, a PPO critic reads one per response token.
-
-    The head's output is caught on its way out by a forward hook, so any model with a
-    `score` layer works, under ZeRO-3 too."""
-    head = getattr(getattr(model, "module", model), "score", None)
-    if head is None:
-        raise ConfigError("this needs a model with a `score` head (AutoModelForSequenceClassification of a "
-                          "decoder): packed preference batches (set data.packing=false) and PPO critics/rewards")
-    caught = []
-    handle = head.register_forward_hook(lambda _module, _inputs, out: caught.append(out))
-    try:
-        model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-    return caught[0].squeeze(-1).float()
+    inputs = {k: batch.get(k) for k in ("input_ids", "position_ids", "attention_mask")}
+    at, rows = flat_positions(batch["score_index"], batch["input_ids"].shape)
+    return scores_at(model, inputs, at)[rows].chunk(2)  # (M,) -> 2 x (B,)
 
 
 class RewardTask:
@@ -208,14 +222,20 @@ class RewardTask:
         return bradley_terry_loss_sum(chosen, rejected, batch["margin"], self.center_coef)
 
 
+def flat_positions(index: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """`index`, flat positions into (R, T) = `shape` (any shape, repeats allowed), as the (R, T) bool mask of the M
+    distinct positions and, shaped like `index`, each entry's row among them in row-major order."""
+    at = torch.zeros(shape.numel(), dtype=torch.bool, device=index.device)  # (R * T,)
+    at[index] = True
+    return at.view(shape), (torch.cumsum(at, 0) - 1)[index]
+
+
 def logits_at(model, inputs: dict[str, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's logits only where `index` points: `index` holds flat positions into (rows, T) of
     `inputs["input_ids"]`, any shape, repeats allowed. Returns (M, V) logits at the M distinct positions (the head
     runs once per position, however often it is asked for) and, shaped like `index`, each entry's row in them."""
-    at = torch.zeros(inputs["input_ids"].numel(), dtype=torch.bool, device=index.device)  # (R * T,)
-    at[index] = True
-    rows = (torch.cumsum(at, 0) - 1)[index]  # a kept position's row in the head's row-major (M, V) output
-    with head_inputs_at(model, at.view_as(inputs["input_ids"])):
+    at, rows = flat_positions(index, inputs["input_ids"].shape)
+    with head_inputs_at(model, at):
         logits = model(**inputs, use_cache=False).logits  # (M, V)
     return logits, rows
 
