@@ -171,6 +171,46 @@ def test_critic_values_and_reward_scores_read_the_head_and_last_block_only_where
     assert rows_seen == [2 * 3, 2 * 7, 2, 2 * 7]  # trimmed, whole, trimmed, whole
 
 
+def test_positions_asked_for_twice_read_the_same_output_and_count_once_in_the_gradient():
+    """Padding entries clamped onto a real position ask for it again: each copy reads the head's output there, and
+    the gradients are the whole model's (the last block runs at each position once, so a repeat is not counted
+    twice), for the log-prob head and the scalar head alike."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from trainer.objectives import head_inputs_at, scores_at
+
+    torch.manual_seed(0)
+    scorer = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_labels=1, pad_token_id=0))
+    ids = torch.randint(3, 32, (2, 6))
+    pos = torch.tensor([[1, 3, 5, 5, 5], [0, 2, 2, 4, 5]])  # (B, K) with repeats
+    for model in (toy_policy(), scorer):
+        width = 32 if model is not scorer else 1
+        weights = torch.randn(2, 5, width)
+
+        def trimmed():
+            if model is scorer:
+                return scores_at(model, {"input_ids": ids}, pos)[..., None]
+            with head_inputs_at(model, pos):
+                return model(input_ids=ids, use_cache=False).logits  # (B, K, V)
+
+        def whole():
+            hidden = model.model(input_ids=ids).last_hidden_state
+            out = model.score(hidden) if model is scorer else model.lm_head(hidden)
+            return out.gather(1, pos[..., None].expand(-1, -1, width))
+
+        results = []
+        for forward in (trimmed, whole):
+            model.zero_grad()
+            out = forward()
+            (out * weights).sum().backward()
+            results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+        for a, b in zip(results[0][1], results[1][1]):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_a_groups_rollouts_scored_with_their_prompt_once_equal_each_rollout_scored_alone():
     """rollout.share_prompt: rollouts of one prompt (a group, in any order in the batch) are scored in one row
     holding the prompt once; their log-probs, entropies and the gradient of a loss over them equal the plain

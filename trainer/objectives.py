@@ -119,36 +119,45 @@ def final_layers_only_at(model, at: torch.Tensor, head: torch.nn.Module, caught:
     the head's is left as the selection gives it, or with `caught` appended to it and spread back (a model that
     reads the head's output by position, a sequence classifier's pooling)."""
 
-    def select(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H)
+    def select(hidden: torch.Tensor, at: torch.Tensor) -> torch.Tensor:  # (B, T, H)
         if at.dtype == torch.bool:
             return hidden[at]  # (N, H)
         return hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, H)
 
-    def spread(picked: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # select's output -> (B, T, picked's last)
+    def spread(picked: torch.Tensor, like: torch.Tensor, at: torch.Tensor) -> torch.Tensor:  # -> (B, T, picked's last)
         zeros = picked.new_zeros((*like.shape[:-1], picked.shape[-1]))  # positions not selected get zeros
         if at.dtype == torch.bool:
             return zeros.masked_scatter(at[..., None], picked)
         return zeros.scatter(1, at[..., None].expand(-1, -1, picked.shape[-1]), picked)
 
-    def only_at(module: torch.nn.Module, spread_back: bool, catch: Optional[list] = None) -> list:
+    def only_at(module: torch.nn.Module, distinct: bool, spread_back: bool, catch: Optional[list] = None) -> list:
         whole: list[torch.Tensor] = []  # the module's whole input, until its output is handled
+        where: list[torch.Tensor] = []
 
         def before(_module, args):
-            whole.append(args[0])
-            return (select(args[0]), *args[1:])
+            hidden = args[0]  # (B, T, H)
+            # Positions may repeat (padding entries point at a real one). Spread back, a repeat would count that
+            # position's gradient once per copy, so a module whose output is spread back runs at each one once.
+            mask = at if at.dtype == torch.bool or not distinct else torch.zeros(
+                hidden.shape[:2], dtype=torch.bool, device=at.device).scatter_(1, at, True)
+            whole.append(hidden)
+            where.append(mask)
+            return (select(hidden, mask), *args[1:])
 
         def after(_module, _args, out):
-            like = whole.pop()
+            like, mask = whole.pop(), where.pop()
             if catch is not None:
                 catch.append(out)
-            return spread(out, like) if spread_back else None
+            return spread(out, like, mask) if spread_back else None
 
         return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
-    handles = only_at(head, spread_back=caught is not None, catch=caught)
+    # The head's output, read at every position asked for (repeats too), is what callers use; spread back, it only
+    # feeds a pooling nobody reads.
+    handles = only_at(head, distinct=False, spread_back=caught is not None, catch=caught)
     mlp = last_block_mlp(model)
     if mlp is not None:
-        handles += only_at(mlp, spread_back=True)
+        handles += only_at(mlp, distinct=True, spread_back=True)
     try:
         yield
     finally:
