@@ -74,4 +74,8 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_file():
+        print("usage: python -m bench.sft_floor SPEC.json (written by `python -m bench.sft_vs_trl --floor`)",
+              file=sys.stderr)
+        raise SystemExit(2)
     main(sys.argv[1])

@@ -131,8 +131,7 @@ def final_layers_only_at(model, at: torch.Tensor, head: torch.nn.Module, caught:
         return zeros.scatter(1, at[..., None].expand(-1, -1, picked.shape[-1]), picked)
 
     def only_at(module: torch.nn.Module, distinct: bool, spread_back: bool, catch: Optional[list] = None) -> list:
-        whole: list[torch.Tensor] = []  # the module's whole input, until its output is handled
-        where: list[torch.Tensor] = []
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (whole input, where), until the output is handled
 
         def before(_module, args):
             hidden = args[0]  # (B, T, H)
@@ -140,12 +139,11 @@ def final_layers_only_at(model, at: torch.Tensor, head: torch.nn.Module, caught:
             # position's gradient once per copy, so a module whose output is spread back runs at each one once.
             mask = at if at.dtype == torch.bool or not distinct else torch.zeros(
                 hidden.shape[:2], dtype=torch.bool, device=at.device).scatter_(1, at, True)
-            whole.append(hidden)
-            where.append(mask)
+            pending.append((hidden, mask))
             return (select(hidden, mask), *args[1:])
 
         def after(_module, _args, out):
-            like, mask = whole.pop(), where.pop()
+            like, mask = pending.pop()
             if catch is not None:
                 catch.append(out)
             return spread(out, like, mask) if spread_back else None
