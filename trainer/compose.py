@@ -126,10 +126,9 @@ def check_run_length(dcfg: DictConfig, overrides: list[str]) -> None:
 
 def check_warmup(dcfg: DictConfig, overrides: list[str]) -> None:
     """`optim.warmup_ratio` sets warmup_steps: a `warmup_steps` typed beside it would lose without a word."""
-    given = {override_key(o) for o in overrides}
-    for key in ("optim", "actor.optim", "critic.optim"):
-        if (f"{key}.warmup_steps" in given
-                and OmegaConf.select(dcfg, f"{key}.warmup_ratio", default=None) is not None):
+    for typed in {override_key(o) for o in overrides}:
+        key, _, name = typed.rpartition(".")  # optim, actor.optim, critic.optim: wherever an optimizer is set
+        if name == "warmup_steps" and OmegaConf.select(dcfg, f"{key}.warmup_ratio", default=None) is not None:
             raise ConfigError(f"{key}.warmup_steps and {key}.warmup_ratio are both set: give one "
                               f"({key}.warmup_ratio=R makes warmup_steps ceil(R x the schedule's optimizer steps))")
 
