@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
+from trainer import packed_attention
 from trainer.config import ConfigError, ModelConfig, OptimConfig, lr_note, needs_parameter_count, resolve_lr
 
 SHIPPED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer"
@@ -145,8 +146,11 @@ def _build(auto_class, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dty
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         what = f"model {cfg.name_or_path} loaded"
+    per_sequence = (cfg.attn_implementation == "sdpa" and cfg.per_sequence_attention
+                    and packed_attention.use_for(model))
     if announce:
-        print(f"{what} in {time.perf_counter() - start:.1f} s", flush=True)
+        how = " (attention: sdpa per packed sequence, trainer/packed_attention.py)" if per_sequence else ""
+        print(f"{what} in {time.perf_counter() - start:.1f} s{how}", flush=True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

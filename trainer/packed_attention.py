@@ -1,0 +1,166 @@
+"""SDPA one packed sequence at a time: attention that costs what the sequences need, not what their row does.
+
+A packed row holds several sequences, each isolated by position ids that restart at 0. Under transformers' own
+`sdpa`, such a row gets a dense block-diagonal mask and costs attention over the whole row (B x T x T), most of it
+masked away; on a GPU the mask also rules out SDPA's flash kernel. Here, where the rows are packed, the sequences
+are gathered into padded batches of similar length (the longest at most twice the shortest) and each batch runs
+SDPA's causal kernel with no mask: the arithmetic is sum(n x L^2) over those batches. A sequence's padding lies
+after its last token, so causality alone keeps every real query off it. Rows of one sequence each run causal SDPA
+as they are; where gathering would not halve the arithmetic (few, long sequences per row) the row runs with the
+block-diagonal mask built here, as transformers would. Everything else (a padding mask, a 4D mask such as the
+shared-prompt layouts', a KV cache) goes to transformers' `sdpa` unchanged.
+
+`use_for(model)` switches a model to it where its attention is plain causal SDPA of a known architecture (no
+sliding window, no soft-capping); `trainer.model` calls it for `model.attn_implementation=sdpa`. The result
+equals transformers' `sdpa` (tests/test_packed_attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tuneforge_sdpa"
+# Causal decoders whose attention forwards `position_ids` to the attention function and adds nothing to SDPA but
+# an optional sliding window (refused in `use_for`).
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Sequences of similar length, gathered into one padded batch."""
+    index: torch.Tensor  # (n, L) each token's row in the flattened (B*T) batch; B*T (a zero row) where padding
+    real: torch.Tensor  # (n, L) bool, False where padding
+    targets: torch.Tensor  # (k,) = index[real]: where the bucket's real outputs go back
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one forward's rows run: `buckets` (sequences gathered), else `mask` (B, 1, T, T) bool, else neither
+    (a sequence per row: causal SDPA on the rows as they are)."""
+    buckets: tuple[Bucket, ...] = ()
+    mask: Optional[torch.Tensor] = None
+
+
+def sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T) bool: True where a sequence begins (each row's first token, and wherever the position is not
+    the previous one plus 1), as transformers' `find_packed_sequence_indices` separates packed sequences."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def layout(position_ids: torch.Tensor) -> Layout:
+    """The layout of rows with these (B, T) position ids; see `Layout`."""
+    B, T = position_ids.shape
+    starts = sequence_starts(position_ids)
+    if not starts[:, 1:].any():
+        return Layout()
+    first = starts.reshape(-1).nonzero().squeeze(1)  # (S,) flat index of each sequence's first token
+    lengths = torch.diff(first, append=first.new_tensor([B * T]))  # (S,) sequences never cross rows
+    by_length = torch.sort(lengths, descending=True)
+    lengths_sorted, first_sorted = by_length.values.tolist(), first[by_length.indices]
+    groups, i = [], 0
+    while i < len(lengths_sorted):  # the longest left, with every sequence more than half its length
+        j = i
+        while j < len(lengths_sorted) and 2 * lengths_sorted[j] > lengths_sorted[i]:
+            j += 1
+        groups.append((i, j))
+        i = j
+    if 2 * sum((j - i) * lengths_sorted[i] ** 2 for i, j in groups) > B * T * T:
+        seq = starts.cumsum(1)  # (B, T) sequence number within the row
+        causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+        return Layout(mask=((seq[:, :, None] == seq[:, None, :]) & causal)[:, None])
+    buckets = []
+    for i, j in groups:
+        steps = torch.arange(lengths_sorted[i], device=position_ids.device)  # (L,)
+        real = steps < by_length.values[i:j, None]  # (n, L)
+        index = torch.where(real, first_sorted[i:j, None] + steps, B * T)  # (n, L)
+        buckets.append(Bucket(index=index, real=real, targets=index[real]))
+    return Layout(buckets=tuple(buckets))
+
+
+# The layout of the last position ids seen: every layer of one forward (and its recompute under gradient
+# checkpointing) receives the same tensor, so the layout is worked out once per forward.
+_last: list = [None, None]
+
+
+def _layout_of(position_ids: torch.Tensor, batch_size: int) -> Layout:
+    if _last[0] is not position_ids:  # (1, T) position ids shared by the rows are expanded to (B, T)
+        _last[0], _last[1] = position_ids, layout(position_ids.expand(batch_size, -1))
+    return _last[1]
+
+
+def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+              is_causal: Optional[bool] = None, **kwargs):
+    """transformers' attention-function interface. query (B, H, T, D), key/value (B, Hkv, S, D) ->
+    ((B, T, H, D), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or kwargs.get("sliding_window") is not None:
+        # `_mask` built no mask, so rows can only be told apart here: never attend across sequences silently
+        raise RuntimeError(f"{NAME} needs the position ids and no sliding window (got sliding_window="
+                           f"{kwargs.get('sliding_window')!r}); set model.attn_implementation=eager")
+    B, H, T, D = query.shape
+    gqa = {"enable_gqa": True} if key.shape[1] != H else {}
+    plan = _layout_of(position_ids, B)
+    if not plan.buckets:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=plan.mask, dropout_p=dropout,
+                                             is_causal=plan.mask is None, scale=scaling, **gqa)
+        return out.transpose(1, 2).contiguous(), None
+
+    def flat(x):  # (B, h, T, D) -> (B*T + 1, h, D), a zero row last for the buckets' padding
+        x = x.transpose(1, 2).reshape(B * T, x.shape[1], D)
+        return torch.cat([x, x.new_zeros(1, x.shape[1], D)])
+
+    q, k, v = flat(query), flat(key), flat(value)
+    out = query.new_zeros(B * T, H, D)
+    for b in plan.buckets:
+        o = F.scaled_dot_product_attention(q[b.index].transpose(1, 2), k[b.index].transpose(1, 2),
+                                           v[b.index].transpose(1, 2), dropout_p=dropout, is_causal=True, scale=scaling,
+                                           **gqa)  # (n, H, L, D)
+        out = out.index_put((b.targets,), o.transpose(1, 2)[b.real])
+    return out.view(B, T, H, D), None
+
+
+def _mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+          attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """transformers' mask interface: no mask for a fresh pass over unpadded rows (`attention` isolates the packed
+    sequences itself); anything else gets `sdpa`'s own mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    fresh = q_length == kv_length and not (torch.is_tensor(q_offset) or q_offset) and not (
+        torch.is_tensor(kv_offset) or kv_offset)
+    if fresh and (attention_mask is None or bool(attention_mask.all())):
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, _mask)
+
+
+def use_for(model) -> bool:
+    """Switch `model` (loaded with `sdpa`) to per-sequence SDPA where its attention allows it; True if it did."""
+    config = model.config
+    plain = (getattr(config, "model_type", None) in ARCHITECTURES
+             and getattr(config, "_attn_implementation", None) == "sdpa"
+             and getattr(config, "sliding_window", None) is None
+             and all(kind == "full_attention" for kind in (getattr(config, "layer_types", None) or ())))
+    if plain:
+        _register()
+        model.set_attn_implementation(NAME)
+    return plain
