@@ -74,6 +74,8 @@ class Comparison:
     trl_python: Optional[Path] = None
     profiled: bool = True  # offers --profile (py-spy on each run's one training process)
     optional_systems: tuple[str, ...] = ()  # run only when --systems names them (after the default ones)
+    # tuneforge systems that the others are paired against too, as against TRL: one with a feature switched off
+    reference_systems: tuple[str, ...] = ()
     model_size: str = "tiny"  # --model-size's default
     scalar_head: bool = False  # the benchmarked model is a reward model (one-label head), not a causal LM
 
@@ -460,24 +462,27 @@ def summarize(runs: list[dict], c: Comparison) -> dict:
         medians[name]["repeats"] = len(mine)
     ratios = {}
     for tf in (n for n in medians if n not in c.trl_systems):
-        for trl in (n for n in medians if n in c.trl_systems):
+        for trl in (n for n in medians if n in (*c.trl_systems, *c.reference_systems) and n != tf):
             a, b, final = medians[tf], medians[trl], f"final_{c.final}"
             ratios.setdefault(tf, {})[trl] = {
                 **{f"{k}_per_s": a[f"{k}_per_s"] / b[f"{k}_per_s"] for k in c.counts},
                 f"{final}_rel_diff": (a[final] - b[final]) / b[final],
             }
-    return {"medians": medians, "vs_trl": ratios, "paired": paired_ratios(runs, c.counts, c.trl_systems),
+    return {"medians": medians, "vs_trl": ratios,
+            "paired": paired_ratios(runs, c.counts, c.trl_systems, c.reference_systems),
             "loaded_runs": sum(1 for r in runs if r.get("loaded"))}
 
 
-def paired_ratios(runs: list[dict], counts: Iterable[str], trl_systems: Iterable[str]) -> dict:
-    """Every tuneforge/TRL ratio of each count per second, per repeat from the two runs of that repeat (neighbours
-    in time, so load drift hits both alike), with their median, min and max."""
+def paired_ratios(runs: list[dict], counts: Iterable[str], trl_systems: Iterable[str],
+                  reference_systems: Iterable[str] = ()) -> dict:
+    """Every tuneforge/TRL ratio (and tuneforge/reference system ratio) of each count per second, per repeat from
+    the two runs of that repeat (neighbours in time, so load drift hits both alike), with their median, min and
+    max."""
     out = {}
     systems = list(dict.fromkeys(r["system"] for r in runs))
-    trl_systems = tuple(trl_systems)
+    trl_systems, baselines = tuple(trl_systems), (*trl_systems, *reference_systems)
     for tf in (s for s in systems if s not in trl_systems):
-        for trl in (s for s in systems if s in trl_systems):
+        for trl in (s for s in systems if s in baselines and s != tf):
             per_count = {}
             for key in counts:
                 ratios = []
@@ -505,16 +510,15 @@ def shares_of_floor(runs: list[dict], floors: list[float], key: str) -> dict:
     return out
 
 
-def floor_share_table(result: dict) -> str:
+def floor_share_table(result: dict, trl_systems: Iterable[str]) -> str:
     """Per system: its share of the floor timed in each repeat, paired (median, min-max, every repeat), beside
-    the floors themselves."""
+    the floors themselves and the floor's multiple of each TRL system."""
     floors = result["floor"]["per_repeat"]
     rows = [[system, f"{share['median']:.2f} ({share['min']:.2f}-{share['max']:.2f})",
              ", ".join(f"{x:.2f}" for x in share["per_repeat"])]
             for system, share in result["floor"]["shares"].items()]
     loaded = result["floor"].get("loaded")  # not in files written before the floor was flagged
     # The floor as a multiple of each TRL system, per repeat: how far above TRL any loop doing this arithmetic gets.
-    trl_systems = dict.fromkeys(trl for by_trl in result.get("paired", {}).values() for trl in by_trl)
     multiples = []
     for trl in (t for t in trl_systems if t in result["floor"]["shares"]):
         per_repeat = [1 / share for share in result["floor"]["shares"][trl]["per_repeat"]]
@@ -553,8 +557,9 @@ def paired_cell(r: dict) -> str:
 
 
 def paired_table(summary: dict, c: Comparison) -> str:
-    """Per tuneforge system and TRL system: the paired ratio of each count per second, the headline count's
-    medians on each side, and the final value's difference (of the medians)."""
+    """Per tuneforge system and each system it is paired against (TRL's, and `reference_systems`): the paired
+    ratio of each count per second, the headline count's medians on each side, and the final value's difference
+    (of the medians)."""
     (first, unit), final = next(iter(c.counts.items())), f"final_{c.final}"
     rows = []
     for tf, by_trl in summary["paired"].items():
@@ -565,7 +570,7 @@ def paired_table(summary: dict, c: Comparison) -> str:
                          UNRECORDED if diff is None else f"{diff:+.2%}"])
     return markdown_table(
         ["tuneforge", "vs", *(f"{u}/s, paired median (min-max)" for u in c.counts.values()),
-         f"tuneforge {unit}/s", f"TRL {unit}/s", f"final {c.final}, difference"], rows)
+         f"tuneforge {unit}/s", f"vs {unit}/s", f"final {c.final}, difference"], rows)
 
 
 def format_tables(summary: dict, c: Comparison) -> str:
@@ -640,7 +645,7 @@ def compare(args: argparse.Namespace, c: Comparison, setup: Setup,
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_tables(summary, c))
     if floor is not None:
-        print("\n" + floor_share_table(summary))
+        print("\n" + floor_share_table(summary, c.trl_systems))
     for tf, by_trl in summary["paired"].items():
         for trl, per_count in by_trl.items():
             for key, r in per_count.items():

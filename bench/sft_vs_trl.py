@@ -14,7 +14,9 @@ wall-clock step ends after the first `--skip-steps` steps, plus the mean loss of
 
 Systems (`--systems`): tuneforge-auto (the default `deepspeed=auto`: unpartitioned on one process),
 tuneforge-zero3 (the default until 2026-11-26), tuneforge-zero0 (the same DeepSpeed config as auto here),
-trl-packed (TRL with packing=True) and trl-unpacked (TRL without packing, padded batches of as many examples as a
+tuneforge-auto-masked (only with `--systems`: auto with `model.per_sequence_attention=false`, packed rows
+attending under transformers' block-diagonal mask instead of one sequence at a time), trl-packed (TRL with
+packing=True) and trl-unpacked (TRL without packing, padded batches of as many examples as a
 tuneforge step holds on average, grouped by length as a careful CPU user sets it: the same work per step without
 TRL's padding-free packed attention, which costs O((batch x length)^2) on CPU). Runs alternate, tuneforge and TRL
 in turn (`SFT.systems`), `--repeats` times; the tables show medians and the paired tuneforge/TRL ratios (per
@@ -41,12 +43,18 @@ from bench import harness  # noqa: E402  (after the sys.path fix above)
 SFT = harness.Comparison(
     name="sft_vs_trl", stage="sft", data="sft", data_columns=("prompt", "completion"), tuneforge_overrides=(),
     systems=("tuneforge-auto", "trl-packed", "tuneforge-zero3", "trl-unpacked", "tuneforge-zero0"),
+    optional_systems=("tuneforge-auto-masked",), reference_systems=("tuneforge-auto-masked",),
     trl_systems=("trl-packed", "trl-unpacked"),
     counts={"trained_tokens": "trained tok", "tokens": "tok"},
     sizes={"steps": 30, "micro_batch_size": 16, "max_length": 128, "warmup_steps": 0},
     size_help={**harness.SUPERVISED_SIZE_HELP, "micro_batch_size": "packed sequences per step (= global batch)",
                "max_length": "packed sequence length"},
 )
+
+
+# tuneforge-auto-masked: packed rows attend under transformers' sdpa with its block-diagonal mask, as before
+# trainer/packed_attention.py, instead of one sequence at a time.
+MASKED = ("model.per_sequence_attention=false",)
 
 
 def tuneforge_step_counts(job) -> list[dict]:
@@ -93,8 +101,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         def run_system(system: str, run_dir: Path):
             if system in SFT.trl_systems:
                 return harness.run_runner("trl_sft", run_dir, specs[system], args.threads, args.profile)
-            zero = system.removeprefix("tuneforge-")
-            return harness.run_tuneforge("sft", zero, run_dir, setup.overrides, step_counts, args.threads, args.profile)
+            zero = system.removeprefix("tuneforge-").removesuffix("-masked")
+            overrides = [*setup.overrides, *(MASKED if system.endswith("-masked") else ())]
+            return harness.run_tuneforge("sft", zero, run_dir, overrides, step_counts, args.threads, args.profile)
 
         harness.compare(args, SFT, setup, run_system, argv=argv,
                         floor=(lambda run_dir: floor_rate(args, setup, run_dir)) if args.floor else None, recorded={

@@ -102,7 +102,7 @@ def with_paired(result: dict, c: Comparison) -> dict:
     into later files)."""
     if result.get("paired"):
         return result
-    return {**result, "paired": paired_ratios(result["runs"], c.counts, c.trl_systems)}
+    return {**result, "paired": paired_ratios(result["runs"], c.counts, c.trl_systems, c.reference_systems)}
 
 
 def ratios_view(name: str, result: dict) -> str:
@@ -129,7 +129,7 @@ def summary_view(name: str, result: dict) -> str:
 def floor_share_view(name: str, result: dict) -> str:
     from bench.harness import floor_share_table
 
-    return provenance(name, result) + "\n\n" + floor_share_table(result)
+    return provenance(name, result) + "\n\n" + floor_share_table(result, comparison_of(result).trl_systems)
 
 
 def floor_view(name: str, result: dict) -> str:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -180,6 +181,7 @@ def test_a_floor_timed_in_each_repeat_pairs_every_systems_share_with_its_own_rep
     assert result["floor"]["shares"]["tf"]["per_repeat"] == pytest.approx([0.9, 0.9])
     assert result["floor"]["shares"]["trl"]["median"] == pytest.approx(0.6)
     result["command"] = "python -m bench.fake"
+    monkeypatch.setitem(sys.modules, "bench.fake", SimpleNamespace(FAKE=c))  # where bench.tables finds `c`
     (tmp_path / "results" / "fake.json").write_text(json.dumps(result))
     table = render("fake.json floor_shares", tmp_path / "results")
     assert re.search(r"\|\s+tf \|\s+0\.90 \(0\.90-0\.90\) \|\s+0\.90, 0\.90 \|", table), table
@@ -244,6 +246,19 @@ def test_the_ratios_view_shows_paired_ratios_and_unrecorded_for_what_an_old_file
     chained = ratios_view("reward_vs_trl.json", fake_result(code={
         "commit": "0123456789abc", "clean": False, "changed_files": ["bench/results/sft_vs_trl.json"]}))
     assert "commit 0123456 (clean tree)" in chained
+
+
+def test_a_reference_system_is_paired_against_as_trl_is_and_never_against_itself():
+    from bench.harness import paired_ratios
+
+    runs = [{"system": system, "repeat": repeat, "tok_per_s": rate}
+            for repeat, rates in enumerate([(30.0, 20.0, 10.0), (36.0, 18.0, 12.0)])
+            for system, rate in zip(("tuneforge-auto", "tuneforge-auto-masked", "trl"), rates)]
+    paired = paired_ratios(runs, ["tok"], ["trl"], ["tuneforge-auto-masked"])
+    assert paired["tuneforge-auto"]["tuneforge-auto-masked"]["tok_per_s"]["per_repeat"] == [1.5, 2.0]
+    assert paired["tuneforge-auto"]["trl"]["tok_per_s"]["per_repeat"] == [3.0, 3.0]
+    assert list(paired["tuneforge-auto-masked"]) == ["trl"]
+    assert "trl" not in paired
 
 
 def test_a_tree_changed_only_in_results_and_docs_measures_its_commit():
