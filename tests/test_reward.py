@@ -249,7 +249,7 @@ def test_reward_run_reports_its_plots_and_announces_its_export(reward_run, pairs
     assert {c.metric for p in plots if p.name == "reward_stats" for c in p.curves} == {"eval/reward_mean",
                                                                                         "eval/reward_std"}
     assert "pairwise accuracy per split and kind" in (run_dir / "report.html").read_text().lower()
-    assert re.search(r"model \(model.tiny\) built in \d+\.\d s\n", stdout)
+    assert re.search(r"model \(model.tiny\) built in \d+\.\d s \(attention: sdpa per packed sequence\)\n", stdout)
     assert f"exporting to {run_dir / 'hf_model'}: gathering the weights ..." in stdout
     assert re.search(rf"exported to {re.escape(str(run_dir / 'hf_model'))} in \d+\.\d s \(gather \d+\.\d s, "
                      rf"save \d+\.\d s\)", stdout), stdout

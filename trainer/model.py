@@ -149,7 +149,7 @@ def _build(auto_class, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dty
     per_sequence = (cfg.attn_implementation == "sdpa" and cfg.per_sequence_attention
                     and packed_attention.use_for(model))
     if announce:
-        how = " (attention: sdpa per packed sequence, trainer/packed_attention.py)" if per_sequence else ""
+        how = " (attention: sdpa per packed sequence)" if per_sequence else ""
         print(f"{what} in {time.perf_counter() - start:.1f} s{how}", flush=True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
