@@ -13,7 +13,7 @@ from trainer import packed_attention
 def _pair(heads=4, kv_heads=4, checkpointing=False):
     """A tiny Llama under transformers' sdpa and its copy switched to per-sequence SDPA."""
     config = LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=256,
+                         num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=512,
                          attn_implementation="sdpa")
     torch.manual_seed(0)
     reference = LlamaForCausalLM(config)
@@ -56,9 +56,9 @@ def _assert_same(reference, ours, input_ids, **inputs):
         torch.testing.assert_close(q.grad, p.grad, atol=2e-5, rtol=1e-4, msg=name)
 
 
-# rows of 64 tokens: many short sequences (gathered: buckets), two long ones (the block mask), one each (plain)
-SHORT = [[5, 9, 1, 20, 3, 26], [17, 17, 17, 13], [8] * 8]
-LONG = [[30, 34], [40, 24], [33, 31]]
+# rows of 384 tokens: many short sequences (gathered: buckets), two long ones (the block mask), one each (plain)
+SHORT = [[5, 9, 1, 20, 3, 26] * 6, [17, 17, 17, 13] * 6, [8] * 48]
+LONG = [[180, 204], [240, 144], [193, 191]]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -67,9 +67,9 @@ def test_packed_rows_equal_transformers_sdpa_in_outputs_and_gradients(monkeypatc
     reference, ours = _pair(kv_heads=kv_heads, checkpointing=checkpointing)
     positions = _positions(SHORT)
     plan = packed_attention.layout(positions)
-    # 18 sequences, each bucket's longest at most twice its shortest: 17-26 tokens, 8-13, 3-5, 1
-    assert [tuple(b.index.shape) for b in plan.buckets] == [(5, 26), (10, 13), (2, 5), (1, 1)]
-    assert torch.equal(torch.cat([b.targets for b in plan.buckets]).sort().values, torch.arange(3 * 64))
+    # 108 sequences, each bucket's longest at most twice its shortest: 17-26 tokens, 8-13, 3-5, 1
+    assert [tuple(b.index.shape) for b in plan.buckets] == [(30, 26), (60, 13), (12, 5), (6, 1)]
+    assert torch.equal(torch.cat([b.targets for b in plan.buckets]).sort().values, torch.arange(3 * 384))
     calls = _sdpa_calls(monkeypatch)
     torch.manual_seed(1)
     _assert_same(reference, ours, torch.randint(0, 97, positions.shape), position_ids=positions)
@@ -83,11 +83,14 @@ def test_rows_of_few_long_sequences_run_with_the_block_mask_and_rows_of_one_as_t
     calls = _sdpa_calls(monkeypatch)
     long = _positions(LONG)
     assert packed_attention.layout(long).mask is not None and not packed_attention.layout(long).buckets
+    # short rows save too few keys per query to pay for gathering, however short their sequences
+    short_rows = packed_attention.layout(_positions([[8] * 16] * 3))
+    assert short_rows.mask is not None and not short_rows.buckets
     _assert_same(reference, ours, torch.randint(0, 97, long.shape), position_ids=long)
     assert calls and all(masked and not causal and shape[0] == 3 for shape, causal, masked in calls)
     calls.clear()
     reference.zero_grad(), ours.zero_grad()
-    _assert_same(reference, ours, torch.randint(0, 97, (3, 64)))  # no position ids: one sequence per row
+    _assert_same(reference, ours, torch.randint(0, 97, (3, 384)))  # no position ids: one sequence per row
     assert calls and all(causal and not masked and shape[0] == 3 for shape, causal, masked in calls)
 
 

@@ -5,10 +5,11 @@ A packed row holds several sequences, each isolated by position ids that restart
 masked away; on a GPU the mask also rules out SDPA's flash kernel. Here, where the rows are packed, the sequences
 are gathered into padded batches of similar length (the longest at most twice the shortest) and each batch runs
 SDPA's causal kernel with no mask: the arithmetic is sum(n x L^2) over those batches. A sequence's padding lies
-after its last token, so causality alone keeps every real query off it. Rows of one sequence each run causal SDPA
-as they are; where gathering would not halve the arithmetic (few, long sequences per row) the row runs with the
-block-diagonal mask built here, as transformers would. Everything else (a padding mask, a 4D mask such as the
-shared-prompt layouts', a KV cache) goes to transformers' `sdpa` unchanged.
+after its last token, so causality alone keeps every real query off it. Gathering costs copies and a kernel call
+per batch, so it pays only where it saves each query many keys: where it would save fewer than `MIN_SAVED_KEYS`
+on average (short rows, or few long sequences per row), the rows run with the block-diagonal mask built here, as
+transformers would. Rows of one sequence each run causal SDPA as they are. Everything else (a padding mask, a 4D
+mask such as the shared-prompt layouts', a KV cache) goes to transformers' `sdpa` unchanged.
 
 `use_for(model)` switches a model to it where its attention is plain causal SDPA of a known architecture (no
 sliding window, no soft-capping); `trainer.model` calls it for `model.attn_implementation=sdpa`. The result
@@ -27,6 +28,10 @@ NAME = "tuneforge_sdpa"
 # Causal decoders whose attention forwards `position_ids` to the attention function and adds nothing to SDPA but
 # an optional sliding window (refused in `use_for`).
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# Keys per query that gathering must save on average to be used. On a 2-core CPU, the tiny model's SFT step with
+# per-sequence attention broke even near 250 saved keys (docs/benchmarks.md, "Packed rows attending one sequence
+# at a time").
+MIN_SAVED_KEYS = 256
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,8 @@ def layout(position_ids: torch.Tensor) -> Layout:
             j += 1
         groups.append((i, j))
         i = j
-    if 2 * sum((j - i) * lengths_sorted[i] ** 2 for i, j in groups) > B * T * T:
+    saved_per_query = (B * T * T - sum((j - i) * lengths_sorted[i] ** 2 for i, j in groups)) / (B * T)
+    if saved_per_query < MIN_SAVED_KEYS:
         seq = starts.cumsum(1)  # (B, T) sequence number within the row
         causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
         return Layout(mask=((seq[:, :, None] == seq[:, None, :]) & causal)[:, None])
