@@ -68,14 +68,16 @@ def test_packed_rows_equal_transformers_sdpa_in_outputs_and_gradients(monkeypatc
     positions = _positions(SHORT)
     plan = packed_attention.layout(positions)
     # 108 sequences, each bucket's longest at most twice its shortest: 17-26 tokens, 8-13, 3-5, 1
-    assert [tuple(b.index.shape) for b in plan.buckets] == [(30, 26), (60, 13), (12, 5), (6, 1)]
-    assert torch.equal(torch.cat([b.targets for b in plan.buckets]).sort().values, torch.arange(3 * 384))
+    assert [tuple(index.shape) for index in plan.buckets] == [(30, 26), (60, 13), (12, 5), (6, 1)]
+    # every token's output is read from the slot that computed it
+    flat = torch.cat([index.reshape(-1) for index in plan.buckets])
+    assert torch.equal(flat[plan.slots], torch.arange(3 * 384))
     calls = _sdpa_calls(monkeypatch)
     torch.manual_seed(1)
     _assert_same(reference, ours, torch.randint(0, 97, positions.shape), position_ids=positions)
     # every call is the unmasked causal kernel over one bucket, in each layer's forward (and its recompute)
     assert calls and all(causal and not masked for _, causal, masked in calls)
-    assert {shape[0] for shape, _, _ in calls} == {b.index.shape[0] for b in plan.buckets}
+    assert {shape[0] for shape, _, _ in calls} == {index.shape[0] for index in plan.buckets}
 
 
 def test_rows_of_few_long_sequences_run_with_the_block_mask_and_rows_of_one_as_they_are(monkeypatch):

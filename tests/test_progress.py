@@ -73,11 +73,10 @@ def test_model_loading_is_announced_with_its_time_and_keeps_transformers_bar(tmp
     tok.save_pretrained(tmp_path)
     out = capsys.readouterr().out
     # a Llama under sdpa attends one packed sequence at a time (trainer/packed_attention.py), and says so
-    assert re.match(r"tiny random-init model \(model.tiny\) built in \d+\.\d s \(attention: sdpa per packed sequence\)\n",
-                    out), out
+    per_sequence = r" \(attention: sdpa per packed sequence\)\n"
+    assert re.match(r"tiny random-init model \(model.tiny\) built in \d+\.\d s" + per_sequence, out), out
     build_causal_lm(ModelConfig(name_or_path=str(tmp_path)), tok, torch.float32)
     out, err = capsys.readouterr()
     assert out.startswith(f"loading model {tmp_path} (AutoModelForCausalLM, torch.float32) ...\n"), out
-    assert re.search(rf"model {re.escape(str(tmp_path))} loaded in \d+\.\d s \(attention: sdpa per packed sequence\)\n$",
-                     out), out
+    assert re.search(rf"model {re.escape(str(tmp_path))} loaded in \d+\.\d s{per_sequence}$", out), out
     assert "Loading weights" in err  # transformers' own bar, left on

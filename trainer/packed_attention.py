@@ -11,9 +11,9 @@ on average (short rows, or few long sequences per row), the rows run with the bl
 transformers would. Rows of one sequence each run causal SDPA as they are. Everything else (a padding mask, a 4D
 mask such as the shared-prompt layouts', a KV cache) goes to transformers' `sdpa` unchanged.
 
-`use_for(model)` switches a model to it where its attention is plain causal SDPA of a known architecture (no
-sliding window, no soft-capping); `trainer.model` calls it for `model.attn_implementation=sdpa`. The result
-equals transformers' `sdpa` (tests/test_packed_attention.py).
+`use_for(model)` switches a model to it where its attention is plain causal SDPA (`ARCHITECTURES`, without a
+sliding window); `trainer.model` calls it for `model.attn_implementation=sdpa` unless
+`model.per_sequence_attention=false`. The result equals transformers' `sdpa` (tests/test_packed_attention.py).
 """
 
 from __future__ import annotations
@@ -35,18 +35,15 @@ MIN_SAVED_KEYS = 256
 
 
 @dataclass(frozen=True)
-class Bucket:
-    """Sequences of similar length, gathered into one padded batch."""
-    index: torch.Tensor  # (n, L) each token's row in the flattened (B*T) batch; B*T (a zero row) where padding
-    real: torch.Tensor  # (n, L) bool, False where padding
-    targets: torch.Tensor  # (k,) = index[real]: where the bucket's real outputs go back
-
-
-@dataclass(frozen=True)
 class Layout:
     """How one forward's rows run: `buckets` (sequences gathered), else `mask` (B, 1, T, T) bool, else neither
-    (a sequence per row: causal SDPA on the rows as they are)."""
-    buckets: tuple[Bucket, ...] = ()
+    (a sequence per row: causal SDPA on the rows as they are).
+
+    Each bucket is (n, L): the flat (B*T) row of each token of n sequences, padded to the longest (L) with the
+    sequence's own first token, a key no real query reaches, since padding follows the sequence under a causal
+    mask. `slots` (B*T,): where each token's output lies in the buckets' outputs flattened one after another."""
+    buckets: tuple[torch.Tensor, ...] = ()
+    slots: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
 
 
@@ -80,24 +77,31 @@ def layout(position_ids: torch.Tensor) -> Layout:
         seq = starts.cumsum(1)  # (B, T) sequence number within the row
         causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
         return Layout(mask=((seq[:, :, None] == seq[:, None, :]) & causal)[:, None])
-    buckets = []
+    buckets, real_rows = [], []
     for i, j in groups:
         steps = torch.arange(lengths_sorted[i], device=position_ids.device)  # (L,)
         real = steps < by_length.values[i:j, None]  # (n, L)
-        index = torch.where(real, first_sorted[i:j, None] + steps, B * T)  # (n, L)
-        buckets.append(Bucket(index=index, real=real, targets=index[real]))
-    return Layout(buckets=tuple(buckets))
+        index = first_sorted[i:j, None] + torch.where(real, steps, 0)  # (n, L)
+        buckets.append(index)
+        real_rows.append(torch.where(real.reshape(-1), index.reshape(-1), -1))  # (n*L,) -1 where padding
+    found = torch.cat(real_rows)  # (sum n*L,) the flat row whose output each slot holds
+    real_slots = (found >= 0).nonzero().squeeze(1)
+    slots = torch.empty(B * T, dtype=torch.long, device=position_ids.device)
+    slots[found[real_slots]] = real_slots
+    return Layout(buckets=tuple(buckets), slots=slots)
 
 
 # The layout of the last position ids seen: every layer of one forward (and its recompute under gradient
-# checkpointing) receives the same tensor, so the layout is worked out once per forward.
-_last: list = [None, None]
+# checkpointing) receives the same tensor, so the layout is worked out once per forward. Kept with the tensor
+# (so its identity stays its own), its version (bumped by any in-place change) and the batch size.
+_last: list = [None, None, None]
 
 
 def _layout_of(position_ids: torch.Tensor, batch_size: int) -> Layout:
-    if _last[0] is not position_ids:  # (1, T) position ids shared by the rows are expanded to (B, T)
-        _last[0], _last[1] = position_ids, layout(position_ids.expand(batch_size, -1))
-    return _last[1]
+    key = (position_ids._version, batch_size)
+    if _last[0] is not position_ids or _last[1] != key:  # (1, T) ids shared by the rows are expanded to (B, T)
+        _last[:] = position_ids, key, layout(position_ids.expand(batch_size, -1))
+    return _last[2]
 
 
 def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -114,7 +118,7 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if position_ids is None or kwargs.get("sliding_window") is not None:
         # `_mask` built no mask, so rows can only be told apart here: never attend across sequences silently
         raise RuntimeError(f"{NAME} needs the position ids and no sliding window (got sliding_window="
-                           f"{kwargs.get('sliding_window')!r}); set model.attn_implementation=eager")
+                           f"{kwargs.get('sliding_window')!r}); set model.per_sequence_attention=false")
     B, H, T, D = query.shape
     gqa = {"enable_gqa": True} if key.shape[1] != H else {}
     plan = _layout_of(position_ids, B)
@@ -123,18 +127,15 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                                              is_causal=plan.mask is None, scale=scaling, **gqa)
         return out.transpose(1, 2).contiguous(), None
 
-    def flat(x):  # (B, h, T, D) -> (B*T + 1, h, D), a zero row last for the buckets' padding
-        x = x.transpose(1, 2).reshape(B * T, x.shape[1], D)
-        return torch.cat([x, x.new_zeros(1, x.shape[1], D)])
-
-    q, k, v = flat(query), flat(key), flat(value)
-    out = query.new_zeros(B * T, H, D)
-    for b in plan.buckets:
-        o = F.scaled_dot_product_attention(q[b.index].transpose(1, 2), k[b.index].transpose(1, 2),
-                                           v[b.index].transpose(1, 2), dropout_p=dropout, is_causal=True, scale=scaling,
-                                           **gqa)  # (n, H, L, D)
-        out = out.index_put((b.targets,), o.transpose(1, 2)[b.real])
-    return out.view(B, T, H, D), None
+    # (B, h, T, D) -> (B*T, h, D): a view, the projections' own (B, T, h, D) layout
+    q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value))
+    outs = []
+    for index in plan.buckets:
+        o = F.scaled_dot_product_attention(q[index].transpose(1, 2), k[index].transpose(1, 2),
+                                           v[index].transpose(1, 2), dropout_p=dropout, is_causal=True,
+                                           scale=scaling, **gqa)  # (n, H, L, D)
+        outs.append(o.transpose(1, 2).flatten(0, 1))  # (n*L, H, D)
+    return torch.cat(outs)[plan.slots].view(B, T, H, D), None
 
 
 def _mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
