@@ -62,8 +62,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
-    # With sdpa: packed rows attend one sequence at a time (trainer/packed_attention.py); false: transformers' sdpa
-    # over each whole row with its block-diagonal mask.
+    # With sdpa: packed rows attend one sequence at a time where that saves enough (trainer/packed_attention.py);
+    # false: transformers' sdpa over each whole row with its block-diagonal mask.
     per_sequence_attention: bool = True
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
