@@ -462,9 +462,9 @@ def summarize(runs: list[dict], c: Comparison) -> dict:
         medians[name]["repeats"] = len(mine)
     ratios = {}
     for tf in (n for n in medians if n not in c.trl_systems):
-        for trl in (n for n in medians if n in (*c.trl_systems, *c.reference_systems) and n != tf):
-            a, b, final = medians[tf], medians[trl], f"final_{c.final}"
-            ratios.setdefault(tf, {})[trl] = {
+        for base in (n for n in medians if n in (*c.trl_systems, *c.reference_systems) and n != tf):
+            a, b, final = medians[tf], medians[base], f"final_{c.final}"
+            ratios.setdefault(tf, {})[base] = {
                 **{f"{k}_per_s": a[f"{k}_per_s"] / b[f"{k}_per_s"] for k in c.counts},
                 f"{final}_rel_diff": (a[final] - b[final]) / b[final],
             }
@@ -482,19 +482,19 @@ def paired_ratios(runs: list[dict], counts: Iterable[str], trl_systems: Iterable
     systems = list(dict.fromkeys(r["system"] for r in runs))
     trl_systems, baselines = tuple(trl_systems), (*trl_systems, *reference_systems)
     for tf in (s for s in systems if s not in trl_systems):
-        for trl in (s for s in systems if s in baselines and s != tf):
+        for base in (s for s in systems if s in baselines and s != tf):
             per_count = {}
             for key in counts:
                 ratios = []
                 for repeat in sorted({r["repeat"] for r in runs}):
                     a = [r for r in runs if r["system"] == tf and r["repeat"] == repeat]
-                    b = [r for r in runs if r["system"] == trl and r["repeat"] == repeat]
+                    b = [r for r in runs if r["system"] == base and r["repeat"] == repeat]
                     if a and b:
                         ratios.append(a[0][f"{key}_per_s"] / b[0][f"{key}_per_s"])
                 if ratios:
                     per_count[f"{key}_per_s"] = {"per_repeat": ratios, "median": statistics.median(ratios),
                                                  "min": min(ratios), "max": max(ratios)}
-            out.setdefault(tf, {})[trl] = per_count
+            out.setdefault(tf, {})[base] = per_count
     return out
 
 

@@ -116,6 +116,7 @@ def test_attention_with_a_sliding_window_stays_on_transformers_sdpa():
     model = MistralForCausalLM(config)
     assert not packed_attention.use_for(model)
     assert model.config._attn_implementation == "sdpa"
+    assert packed_attention.unsupported(model.config) == "it has a sliding window"  # what the load line says
 
 
 def test_tuneforge_models_use_it_unless_switched_off(capsys):

@@ -146,10 +146,12 @@ def _build(auto_class, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dty
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         what = f"model {cfg.name_or_path} loaded"
-    per_sequence = (cfg.attn_implementation == "sdpa" and cfg.per_sequence_attention
-                    and packed_attention.use_for(model))
+    how = ""
+    if cfg.attn_implementation == "sdpa" and cfg.per_sequence_attention:
+        # said either way: a packed row's attention costs T x T under the mask, which a user may not expect
+        how = (" (attention: sdpa per packed sequence)" if packed_attention.use_for(model) else
+               f" (attention: sdpa, packed rows under one mask: {packed_attention.unsupported(model.config)})")
     if announce:
-        how = " (attention: sdpa per packed sequence)" if per_sequence else ""
         print(f"{what} in {time.perf_counter() - start:.1f} s{how}", flush=True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -23,6 +23,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, find_packed_sequence_indices, sdpa_mask
 
 NAME = "tuneforge_sdpa"
 # Causal decoders whose attention forwards `position_ids` to the attention function and adds nothing to SDPA but
@@ -47,20 +50,15 @@ class Layout:
     mask: Optional[torch.Tensor] = None
 
 
-def sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> (B, T) bool: True where a sequence begins (each row's first token, and wherever the position is not
-    the previous one plus 1), as transformers' `find_packed_sequence_indices` separates packed sequences."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return starts
-
-
 def layout(position_ids: torch.Tensor) -> Layout:
-    """The layout of rows with these (B, T) position ids; see `Layout`."""
+    """The layout of rows with these (B, T) position ids; see `Layout`. Sequences are told apart as transformers'
+    `sdpa` tells them apart (`find_packed_sequence_indices`: wherever a position is not the previous one plus 1)."""
     B, T = position_ids.shape
-    starts = sequence_starts(position_ids)
-    if not starts[:, 1:].any():
+    seq = find_packed_sequence_indices(position_ids)  # (B, T) sequence number within the row; None: one per row
+    if seq is None:
         return Layout()
+    starts = torch.ones_like(seq, dtype=torch.bool)  # (B, T) True at each sequence's first token
+    starts[:, 1:] = seq[:, 1:] != seq[:, :-1]
     first = starts.reshape(-1).nonzero().squeeze(1)  # (S,) flat index of each sequence's first token
     lengths = torch.diff(first, append=first.new_tensor([B * T]))  # (S,) sequences never cross rows
     by_length = torch.sort(lengths, descending=True)
@@ -74,7 +72,6 @@ def layout(position_ids: torch.Tensor) -> Layout:
         i = j
     saved_per_query = (B * T * T - sum((j - i) * lengths_sorted[i] ** 2 for i, j in groups)) / (B * T)
     if saved_per_query < MIN_SAVED_KEYS:
-        seq = starts.cumsum(1)  # (B, T) sequence number within the row
         causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
         return Layout(mask=((seq[:, :, None] == seq[:, None, :]) & causal)[:, None])
     buckets, real_rows = [], []
@@ -109,8 +106,6 @@ def attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
               is_causal: Optional[bool] = None, **kwargs):
     """transformers' attention-function interface. query (B, H, T, D), key/value (B, Hkv, S, D) ->
     ((B, T, H, D), None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if attention_mask is not None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -142,32 +137,34 @@ def _mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=
           attention_mask: Optional[torch.Tensor] = None, **kwargs):
     """transformers' mask interface: no mask for a fresh pass over unpadded rows (`attention` isolates the packed
     sequences itself); anything else gets `sdpa`'s own mask."""
-    from transformers.masking_utils import sdpa_mask
-
-    fresh = q_length == kv_length and not (torch.is_tensor(q_offset) or q_offset) and not (
-        torch.is_tensor(kv_offset) or kv_offset)
+    # offsets are tensors, or nonzero, only with a cache
+    fresh = q_length == kv_length and isinstance(q_offset, int) and isinstance(kv_offset, int) and (
+        q_offset == kv_offset == 0)
     if fresh and (attention_mask is None or bool(attention_mask.all())):
         return None
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+AttentionInterface.register(NAME, attention)
+AttentionMaskInterface.register(NAME, _mask)
 
-    AttentionInterface.register(NAME, attention)
-    AttentionMaskInterface.register(NAME, _mask)
+
+def unsupported(config) -> Optional[str]:
+    """Why a model with this config keeps transformers' `sdpa` (None: it can attend per sequence)."""
+    if getattr(config, "model_type", None) not in ARCHITECTURES:
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(ARCHITECTURES)}"
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return f"attention is {getattr(config, '_attn_implementation', None)!r}, not sdpa"
+    if getattr(config, "sliding_window", None) is not None or any(
+            kind != "full_attention" for kind in (getattr(config, "layer_types", None) or ())):
+        return "it has a sliding window"
+    return None
 
 
 def use_for(model) -> bool:
     """Switch `model` (loaded with `sdpa`) to per-sequence SDPA where its attention allows it; True if it did."""
-    config = model.config
-    plain = (getattr(config, "model_type", None) in ARCHITECTURES
-             and getattr(config, "_attn_implementation", None) == "sdpa"
-             and getattr(config, "sliding_window", None) is None
-             and all(kind == "full_attention" for kind in (getattr(config, "layer_types", None) or ())))
-    if plain:
-        _register()
-        model.set_attn_implementation(NAME)
-    return plain
+    if unsupported(model.config) is not None:
+        return False
+    model.set_attn_implementation(NAME)
+    return True
